@@ -1,0 +1,86 @@
+"""Test setup: the repo root on sys.path, markers, and a tiny random SD model written in diffusers layout."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
+
+
+def byte_alphabet():
+    """CLIP's reversible byte → printable-character table (the 256 base symbols of its BPE vocabulary)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tokenizer(folder, words=()):
+    """A minimal CLIP BPE tokenizer: bytes, bytes + '</w>', merges that spell `words`, and the two specials."""
+    os.makedirs(folder, exist_ok=True)
+    base = byte_alphabet()
+    vocab = base + [c + "</w>" for c in base]
+    merges = []
+    for word in words:
+        cur = word[0]
+        for i, ch in enumerate(word[1:]):
+            last = i == len(word) - 2
+            merges.append(f"{cur} {ch + '</w>' if last else ch}")
+            cur = cur + ch + ("</w>" if last else "")
+            vocab.append(cur)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
+    return len(vocab)
+
+
+def write_tiny_model(folder, seed=0):
+    """Random tiny SD v1-style model saved by diffusers and transformers themselves (independent of unet.py)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    import unet
+
+    torch.manual_seed(seed)
+    preset = unet.PRESETS["tiny"]
+    n_vocab = write_tokenizer(os.path.join(folder, "tokenizer"), ["photo", "red", "blue", "star"])
+    te = CLIPTextModel(CLIPTextConfig(**dict(preset["text_encoder"], vocab_size=n_vocab, bos_token_id=n_vocab - 2,
+                                             eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)))
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+    UNet2DConditionModel(**preset["unet"]).save_pretrained(os.path.join(folder, "unet"))
+    vcfg = {k: v for k, v in preset["vae"].items()}
+    n = len(vcfg["block_out_channels"])
+    vae = AutoencoderKL(**vcfg, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    DDIMScheduler(**{k: v for k, v in preset["scheduler"].items()}, clip_sample=False).save_pretrained(
+        os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+                   "safety_checker": [None, None], "feature_extractor": [None, None],
+                   "requires_safety_checker": False}, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path of a random tiny SD model in diffusers folder layout (built once per test session)."""
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))

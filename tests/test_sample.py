@@ -1,0 +1,55 @@
+"""DDIM sampler with classifier-free guidance: determinism, the guidance formula, output format, CLI."""
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+import sample
+import unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_same_seed_same_images(tiny_model_dir):
+    model = unet.load_model(tiny_model_dir)
+    a = sample.sample(model, ["a red star", "a blue star"], steps=4, guidance=3.0, seed=7)
+    b = sample.sample(model, ["a red star", "a blue star"], steps=4, guidance=3.0, seed=7)
+    c = sample.sample(model, ["a red star", "a blue star"], steps=4, guidance=3.0, seed=8)
+    assert a.shape == (2, 3, 16, 16) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_guidance_one_is_the_conditional_prediction(tiny_model_dir):
+    model = unet.load_model(tiny_model_dir)
+    x = torch.randn(2, 4, 8, 8)
+    cond, uncond = model.encode_text(["a red star", "a blue star"]), model.encode_text(["", ""])
+    with torch.no_grad():
+        guided = sample.guided_eps(model.unet, x, 500, cond, uncond, 1.0)
+        plain = model.unet(x, 500, cond)
+        assert torch.allclose(guided, plain, atol=1e-5)
+        strong = sample.guided_eps(model.unet, x, 500, cond, uncond, 3.0)
+        e_u = model.unet(x, 500, uncond)
+        assert torch.allclose(strong, e_u + 3.0 * (plain - e_u), atol=1e-4)
+
+
+def test_ddim_timesteps_match_leading_spacing():
+    steps, ratio = sample.ddim_timesteps(50, {"num_train_timesteps": 1000, "steps_offset": 1})
+    assert ratio == 20 and steps[0] == 981 and steps[-1] == 1 and len(steps) == 50
+
+
+def test_grid_size_and_mode():
+    grid = sample.to_grid(torch.rand(5, 3, 16, 16))
+    assert grid.size == (48, 32) and grid.mode == "RGB"
+
+
+def test_cli_writes_png(tiny_model_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    r = subprocess.run([sys.executable, "sample.py", "--model", tiny_model_dir, "--prompt", "a red star", "-n", "2",
+                        "--steps", "3", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (32, 16)
+    bad = subprocess.run([sys.executable, "sample.py", "--model", str(tmp_path), "--prompt", "x"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "not a diffusers model folder" in bad.stderr and "Traceback" not in bad.stderr
