@@ -4,15 +4,19 @@ DDIM (Song et al. 2021, eq. 12 with η = 0): from the noise prediction ε̂ at s
     x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t,    x_{t'} = √ᾱ_{t'}·x̂₀ + √(1−ᾱ_{t'})·ε̂.
 Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε_∅ + s·(ε_c − ε_∅), one UNet batch for both halves.
 
-    python sample.py --model toy/model --prompt "a photo of a red star on a blue background" -n 4 --out grid.png
+    python sample.py --prompt "a photo of a red star on a blue background" -n 4 --out grid.png   # toy/model
+    python sample.py --state runs/default --prompt "a photo of a <ringdot> next to a <checkheart>"
 """
 import argparse
 import math
+import os
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
 
 
 def ddim_timesteps(steps, scheduler_config):
@@ -70,7 +74,9 @@ def to_grid(images, ncols=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a PNG grid with DDIM + classifier-free guidance.")
-    p.add_argument("--model", default="toy/model", help="diffusers folder or single-file checkpoint")
+    p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the "
+                   "state's model, else toy/model)")
+    p.add_argument("--state", help="a train.py state directory: its learned tokens and LoRA are applied")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("-n", type=int, default=4, help="number of images")
@@ -81,12 +87,18 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
+    import cp
+    import lora
     import unet
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
-        model = unet.load_model(args.model, device, dtype)
-    except unet.LoadError as e:
+        if args.state:
+            model, _ = cp.load_with_state(args.state, args.model, device, dtype)
+            lora.merge(model.unet)  # fold the LoRA(s) into the weights: plain-speed sampling
+        else:
+            model = unet.load_model(args.model or DEFAULT_MODEL, device, dtype)
+    except (unet.LoadError, cp.CPError) as e:
         sys.exit(f"error: {e}")
     images = sample(model, [args.prompt] * args.n, args.negative_prompt, args.steps, args.guidance, args.seed,
                     progress=True)

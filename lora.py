@@ -1,0 +1,339 @@
+"""
+LoRA for the UNet's Linear layers (DESIGN.md section 4).
+
+A wrapped Linear computes  y = W x + b + sum_n (alpha_n / r_n) * B_n A_n x  over its enabled adapters n, with
+A_n in R^{r x in} (kaiming-uniform init, as nn.Linear) and B_n in R^{out x r} (zero init), so a fresh adapter does not
+change the output. Several named adapters can sit on one layer (C-LoRA keeps one per task and sums them).
+
+The wrapper is a subclass of nn.Linear that keeps the original weight and bias Parameters, so the base keys of
+`unet.state_dict()` stay `...to_k.weight` / `...to_k.bias`; each adapter adds `...to_k.lora_A.<name>` and
+`...to_k.lora_B.<name>`.
+
+Files (safetensors, LoRA tensors only):
+  diffusers/PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight`, and the header entry
+                  `lora_adapter_metadata` = JSON {"unet.r", "unet.lora_alpha", "unet.target_modules",
+                  "unet.rank_pattern", "unet.alpha_pattern"}, which diffusers turns into a peft LoraConfig.
+                  Without that entry diffusers uses alpha = r, so does `load_lora`.
+  kohya:          `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+"""
+import json
+import math
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+KV = ("attn2.to_k", "attn2.to_v")  # cross-attention keys and values (C-LoRA / Custom Diffusion)
+ATTN = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
+PRESETS = {"kv": KV, "attn": ATTN}
+METADATA_KEY = "lora_adapter_metadata"
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus named low-rank adapters; built from an existing Linear, sharing its Parameters."""
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.alpha = {}       # name -> alpha (scale = alpha / rank)
+        self.disabled = set()
+        self.merged = []      # names whose delta is currently folded into self.weight (functions that change
+                              # adapters unmerge first, so a merged delta is always the one that was added)
+
+    def add(self, name, rank, alpha):
+        w = self.weight
+        A = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.alpha[name] = float(alpha)
+
+    def scale(self, name):
+        return self.alpha[name] / self.lora_A[name].shape[0]
+
+    def delta(self, name):
+        """ΔW = (alpha / r) B A, shape [out, in]."""
+        return self.scale(name) * (self.lora_B[name] @ self.lora_A[name])
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        for n in self.lora_A:
+            if n not in self.disabled and n not in self.merged:
+                y = y + self.scale(n) * F.linear(F.linear(x, self.lora_A[n]), self.lora_B[n])
+        return y
+
+    def extra_repr(self):
+        return super().extra_repr() + ", adapters=" + ",".join(f"{n}(r={self.lora_A[n].shape[0]})" for n in self.lora_A)
+
+
+def _layers(unet):
+    return [(p, m) for p, m in unet.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _set_module(unet, path, module):
+    parent, _, leaf = path.rpartition(".")
+    setattr(unet.get_submodule(parent) if parent else unet, leaf, module)
+
+
+def _check_name(name):
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
+
+
+def _wrap(unet, path, name, rank, alpha):
+    m = unet.get_submodule(path)
+    if not isinstance(m, LoRALinear):
+        m = LoRALinear(m)
+        _set_module(unet, path, m)
+    if name in m.lora_A:
+        raise ValueError(f"{path}: adapter {name!r} already exists")
+    m.add(name, rank, alpha)
+    return m
+
+
+def inject(unet, targets=KV, rank=4, alpha=4.0, name="task0"):
+    """Add adapter `name` to every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn")."""
+    targets = PRESETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
+    _check_name(name)
+    paths = [p for p, m in unet.named_modules()
+             if isinstance(m, nn.Linear) and any(p == t or p.endswith("." + t) for t in targets)]
+    if not paths:
+        raise ValueError(f"no nn.Linear module matches {targets}")
+    for p in paths:
+        _wrap(unet, p, name, rank, alpha)
+    return paths
+
+
+def adapter_names(unet):
+    names = {}
+    for _, m in _layers(unet):
+        names.update(dict.fromkeys(m.lora_A))
+    return list(names)
+
+
+def lora_parameters(unet, names=None):
+    """The A and B Parameters of the given adapters (all when None), in module order."""
+    return [d[n] for _, m in _layers(unet) for d in (m.lora_A, m.lora_B) for n in d if names is None or n in names]
+
+
+def set_trainable(unet, names):
+    """Train exactly the adapters in `names`: every other parameter of `unet` is frozen. Returns their parameters."""
+    names = [names] if isinstance(names, str) else list(names)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    params = lora_parameters(unet, names)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def set_enabled(unet, name, enabled=True):
+    unmerge(unet)
+    for _, m in _layers(unet):
+        if name in m.lora_A:
+            (m.disabled.discard if enabled else m.disabled.add)(name)
+
+
+@torch.no_grad()
+def merge(unet):
+    """Fold every enabled adapter into W (for fast inference); `unmerge` takes them out again."""
+    for _, m in _layers(unet):
+        for n in m.lora_A:
+            if n not in m.disabled and n not in m.merged:
+                m.weight += m.delta(n).to(m.weight.dtype)
+                m.merged.append(n)
+
+
+@torch.no_grad()
+def unmerge(unet):
+    for _, m in _layers(unet):
+        while m.merged:
+            m.weight -= m.delta(m.merged.pop()).to(m.weight.dtype)
+
+
+def remove(unet, name=None):
+    """Delete adapter `name` (all when None); a layer left without adapters becomes a plain nn.Linear again."""
+    unmerge(unet)
+    for p, m in _layers(unet):
+        for n in [n for n in m.lora_A if name is None or n == name]:
+            del m.lora_A[n], m.lora_B[n], m.alpha[n]
+            m.disabled.discard(n)
+        if not m.lora_A:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.weight, plain.bias = m.weight, m.bias
+            _set_module(unet, p, plain)
+
+
+def get_adapter(unet, name):
+    """{module path: (A, B)} of adapter `name`: the live Parameters (A [r, in], B [out, r]), not copies."""
+    return {p: (m.lora_A[name], m.lora_B[name]) for p, m in _layers(unet) if name in m.lora_A}
+
+
+def get_alpha(unet, name):
+    return {p: m.alpha[name] for p, m in _layers(unet) if name in m.lora_A}
+
+
+@torch.no_grad()
+def set_adapter(unet, name, weights):
+    """Copy {path: (A, B)} (e.g. from `get_adapter`) into the existing adapter `name`; paths and shapes must match."""
+    unmerge(unet)
+    have = get_adapter(unet, name)
+    if not have:
+        raise ValueError(f"no adapter named {name!r}")
+    if set(weights) != set(have):
+        diff = sorted(set(weights) ^ set(have))
+        raise ValueError(f"adapter {name!r}: module sets differ, e.g. {diff[0]}")
+    for p, (A, B) in weights.items():
+        if A.shape != have[p][0].shape or B.shape != have[p][1].shape:
+            raise ValueError(f"{p}: shapes {tuple(A.shape)}, {tuple(B.shape)} do not match adapter {name!r} "
+                             f"({tuple(have[p][0].shape)}, {tuple(have[p][1].shape)})")
+    for p, (A, B) in weights.items():
+        have[p][0].copy_(A)
+        have[p][1].copy_(B)
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+
+def _kohya(path):
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def _common(values):
+    """diffusers/peft style: the most common value, and {"^path": value} for the modules that differ."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {"^" + p: v for p, v in values.items() if v != common}
+
+
+def save_lora(unet, path, name, format="diffusers"):
+    """Write adapter `name` to a .safetensors file in diffusers (peft) or kohya format."""
+    layers = get_adapter(unet, name)
+    if not layers:
+        raise ValueError(f"no adapter named {name!r}")
+    write_lora_file(layers, get_alpha(unet, name), path, format)
+
+
+def write_lora_file(layers, alphas, path, format="diffusers"):
+    """Write {module path: (A, B)} with {module path: alpha} to a .safetensors file (no UNet needed)."""
+    t = lambda x: x.detach().to("cpu").contiguous().clone()
+    out, meta = {}, None
+    for p, (A, B) in layers.items():
+        if format == "diffusers":
+            out[f"unet.{p}.lora_A.weight"], out[f"unet.{p}.lora_B.weight"] = t(A), t(B)
+        elif format == "kohya":
+            k = _kohya(p)
+            out[k + ".lora_down.weight"], out[k + ".lora_up.weight"] = t(A), t(B)
+            out[k + ".alpha"] = torch.tensor(alphas[p], dtype=torch.float32)
+        else:
+            raise ValueError(f"unknown LoRA format {format!r} (diffusers or kohya)")
+    if format == "diffusers":
+        r, rank_pattern = _common({p: A.shape[0] for p, (A, _) in layers.items()})
+        alpha, alpha_pattern = _common(alphas)
+        cfg = dict(target_modules=sorted(layers), r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern)
+        meta = {METADATA_KEY: json.dumps({"unet." + k: v for k, v in cfg.items()}, sort_keys=True)}
+    save_file(out, str(path), metadata=meta)
+
+
+def read_lora_file(path):
+    """A diffusers-format file written by `write_lora_file` as {module path: (A, B, alpha)} (no UNet needed)."""
+    sd, header = _read(path)
+    mods = _parse(sd, header)
+    if any(p.startswith("lora_unet_") for p in mods):
+        raise ValueError(f"{path}: kohya files need the UNet to map names; use load_lora")
+    return {p: (A, B, alpha) for p, (A, B, alpha, _) in mods.items()}
+
+
+def stack(adapters):
+    """Several adapters of equal rank and alpha as one: Σ_m B_m A_m = [B_1 … B_n][A_1; …; A_n] (rank n·r)."""
+    return {p: (torch.cat([a[p][0] for a in adapters]), torch.cat([a[p][1] for a in adapters], dim=1))
+            for p in adapters[0]}
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+def _pattern_value(pattern, path, default):
+    for k, v in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({k})$", path):
+            return v
+    return default
+
+
+def _parse(sd, header):
+    """File tensors -> {module path (kohya: its stem): (A, B, alpha, key of A)}; the key is for error messages."""
+    kohya = any(k.startswith("lora_unet_") for k in sd)
+    down, up = ("lora_down", "lora_up") if kohya else ("lora_A", "lora_B")
+    pattern = (r"(lora_unet_\w+)\.(lora_down|lora_up|alpha)(\.weight)?" if kohya else
+               r"(?:unet\.)?([\w.]+)\.(lora_A|lora_B)(\.weight)")
+    groups = {}
+    for k in sd:
+        m = re.fullmatch(pattern, k)
+        if not m or k.startswith(("text_encoder", "lora_te")) or (m.group(2) == "alpha") == bool(m.group(3)):
+            raise ValueError(f"{k}: not a UNet LoRA key of the {'kohya' if kohya else 'diffusers'} format")
+        groups.setdefault(m.group(1), {})[m.group(2)] = k
+    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+    meta = {k.removeprefix("unet."): v for k, v in meta.items()}
+    for flag in ("use_dora", "use_rslora"):
+        if meta.get(flag):
+            raise ValueError(f"LoRA metadata sets {flag}, which is not supported")
+    mods = {}
+    for stem, g in groups.items():
+        if down not in g or up not in g:
+            raise ValueError(f"{next(iter(g.values()))}: no matching {up if down in g else down} tensor")
+        A, B = sd[g[down]], sd[g[up]]
+        if kohya:  # kohya's convention: no alpha tensor means alpha = rank
+            alpha = sd[g["alpha"]].item() if "alpha" in g else A.shape[0]
+        else:
+            alpha = _pattern_value(meta.get("alpha_pattern"), stem, meta.get("lora_alpha", A.shape[0]))
+        mods[stem] = (A, B, float(alpha), g[down])
+    return mods
+
+
+def load_lora(unet, path, name):
+    """Load a diffusers or kohya LoRA file (format detected from the keys) into adapter `name`.
+
+    If `name` already exists it must cover the same modules with the same ranks (its weights and alpha are
+    replaced); otherwise it is created. Everything is checked before the UNet is touched. Returns the module paths.
+    """
+    _check_name(name)
+    unmerge(unet)
+    sd, header = _read(path)
+    if not sd:
+        raise ValueError(f"{path}: no tensors")
+    mods = _parse(sd, header)
+    linears = {p: m for p, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    if next(iter(mods)).startswith("lora_unet_"):
+        by_kohya = {_kohya(p): p for p in linears}
+        mods = {by_kohya.get(s, s): v for s, v in mods.items()}
+    existing = get_adapter(unet, name)
+    for p, (A, B, _, key) in mods.items():
+        if p not in linears:
+            raise ValueError(f"{key}: module {p!r} is not a Linear layer of this UNet (LoRA made for another model?)")
+        m = linears[p]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"{key}: bad LoRA shapes {tuple(A.shape)}, {tuple(B.shape)}")
+        if A.shape[1] != m.in_features or B.shape[0] != m.out_features:
+            raise ValueError(f"{key}: LoRA is {B.shape[0]}x{A.shape[1]} but {p} is {m.out_features}x{m.in_features} "
+                             "(LoRA made for another model?)")
+        if p in existing and existing[p][0].shape[0] != A.shape[0]:
+            raise ValueError(f"{key}: rank {A.shape[0]} in file but adapter {name!r} has rank "
+                             f"{existing[p][0].shape[0]}")
+    if existing and set(existing) != set(mods):
+        diff = sorted(set(existing) ^ set(mods))
+        raise ValueError(f"adapter {name!r} covers other modules than {path}, e.g. {diff[0]}")
+    with torch.no_grad():
+        for p, (A, B, alpha, _) in mods.items():
+            m = linears[p] if existing else _wrap(unet, p, name, A.shape[0], alpha)
+            m.alpha[name] = alpha
+            m.lora_A[name].copy_(A)
+            m.lora_B[name].copy_(B)
+    return sorted(mods)

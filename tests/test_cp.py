@@ -1,0 +1,188 @@
+"""Continual personalization: every method end to end on a tiny model, the penalties by hand, the state on disk."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cp
+import lora
+import unet
+
+FAST = dict(steps=3, batch_size=2, fisher_samples=2, dsc_steps=2)
+
+
+def write_concept(folder, seed, n=3, size=(20, 24)):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def concepts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    return [write_concept(str(root / name), i) for i, name in enumerate(["alpha", "beta"])]
+
+
+def fresh(tiny_model_dir, method, **kw):
+    model = unet.load_model(tiny_model_dir)
+    return model, cp.new_state(model, cp.Hparams(method=method, **FAST, **kw))
+
+
+def state_tensors(state):
+    out = {f"tokens.{k}": v for k, v in state.tokens.items()}
+    out.update({f"fisher.{k}": v for k, v in state.fisher.items()})
+    out.update({f"anchor.{k}": v for k, v in state.anchor.items()})
+    for i, w in enumerate(state.pool + ([state.lora] if state.lora else [])):
+        out.update({f"lora{i}.{k}": v for k, v in cp.flat(w).items()})
+    return out
+
+
+@pytest.mark.parametrize("method", cp.METHODS)
+def test_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, method):
+    model, state = fresh(tiny_model_dir, method)
+    for folder in concepts:
+        state = cp.learn_concept(model, state, folder, log=False)
+        cp.save_state(state, str(tmp_path))
+        loaded = cp.load_state(str(tmp_path))
+        a, b = state_tensors(state), state_tensors(loaded)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert loaded.concepts == state.concepts
+    assert [c["token"] for c in state.concepts] == ["<alpha>", "<beta>"]
+    assert len(state.pool) == (0 if method == "ti" else 2) and (state.lora is None) == (method in ("ti", "clora"))
+    assert bool(state.fisher) == ("ewc" in method)
+    # a fresh model with the loaded state gives the same UNet output as the trained one
+    again = unet.load_model(tiny_model_dir)
+    cp.apply_state(again, cp.load_state(str(tmp_path)))
+    x, ctx = torch.randn(1, 4, 8, 8), model.encode_text(["a photo of a <alpha>"])
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, 10, ctx), again.unet(x, 10, again.encode_text(["a photo of a <alpha>"])),
+                              atol=1e-5)
+
+
+def test_ewc_penalty_zero_at_anchor_positive_away(tiny_model_dir, concepts):
+    model, state = fresh(tiny_model_dir, "ewc")
+    state = cp.learn_concept(model, state, concepts[0], log=False)
+    cp.apply_state(model := unet.load_model(tiny_model_dir), state)
+    hp = cp.Hparams(**state.hparams)
+    assert cp.ewc_penalty(model.unet, "current", state, hp).item() == 0.0
+    with torch.no_grad():
+        for A, B in lora.get_adapter(model.unet, "current").values():
+            B += 0.01
+    assert cp.ewc_penalty(model.unet, "current", state, hp).item() > 0.0
+
+
+def test_fisher_nonnegative_and_shaped_like_lora(tiny_model_dir, concepts):
+    for method in ("ewc", "ewc-dc"):
+        model, state = fresh(tiny_model_dir, method)
+        state = cp.learn_concept(model, state, concepts[0], log=False)
+        live = cp.flat(lora.get_adapter(model.unet, "current"))
+        assert state.fisher.keys() == live.keys()
+        assert all(state.fisher[k].shape == live[k].shape and (state.fisher[k] >= 0).all() for k in live)
+        assert sum(f.sum() for f in state.fisher.values()) > 0
+
+
+def test_dc_fisher_differs_from_plain_fisher(tiny_model_dir, concepts):
+    fishers = []
+    for method in ("ewc", "ewc-dc"):
+        model, state = fresh(tiny_model_dir, method, dc_weight=10.0)
+        fishers.append(cp.learn_concept(model, state, concepts[0], log=False).fisher)
+    assert any(not torch.allclose(fishers[0][k], fishers[1][k]) for k in fishers[0])
+
+
+def test_clora_penalty_by_hand():
+    layer = lora.LoRALinear(torch.nn.Linear(3, 2, bias=False))
+    layer.add("task0", 1, 2.0)
+    layer.add("task1", 1, 1.0)
+    with torch.no_grad():
+        layer.lora_A["task0"].copy_(torch.tensor([[1.0, 0.0, 2.0]]))
+        layer.lora_B["task0"].copy_(torch.tensor([[1.0], [3.0]]))
+        layer.lora_A["task1"].copy_(torch.tensor([[0.5, 1.0, 1.0]]))
+        layer.lora_B["task1"].copy_(torch.tensor([[2.0], [0.0]]))
+    net = torch.nn.Sequential(layer)
+    # old = 2·B0A0 = [[2,0,4],[6,0,12]]; new = 1·B1A1 = [[1,2,2],[0,0,0]]; old⊙new = [[2,0,8],[0,0,0]] → 4+64 = 68
+    hp = cp.Hparams(clora_lambda=0.5)
+    assert cp.clora_penalty(net, "task1", hp).item() == pytest.approx(0.5 * 68.0)
+
+
+def test_dsc_loss_zero_iff_student_matches_teachers(tiny_model_dir):
+    model = unet.load_model(tiny_model_dir)
+    hp = cp.Hparams(method="dsc")
+    for name in ("current", "teacher1", "teacher2"):
+        cp.install_adapter(model.unet, name, None, hp)
+    with torch.no_grad():  # all three adapters equal and non-zero
+        for A, B in lora.get_adapter(model.unet, "current").values():
+            B.copy_(torch.randn_like(B) * 0.1)
+    for n in ("teacher1", "teacher2"):
+        lora.set_adapter(model.unet, n, cp.snapshot(model.unet, "current"))
+    x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
+    same = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
+    # H(p, p) is the entropy of p, not zero: compare with it
+    t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
+    e, _ = cp.teacher_outputs(model, "current", x0, model.encode_text(prompts), t, eps)
+    p = torch.softmax(-e / hp.dc_temp, -1)
+    entropy = -(p * torch.log(p)).sum(-1).mean()
+    assert same["dsc_n"].item() == pytest.approx(0.0, abs=1e-10)
+    assert same["dsc_h"].item() == pytest.approx(2 * entropy.item(), rel=1e-5)
+    with torch.no_grad():
+        for A, B in lora.get_adapter(model.unet, "current").values():
+            B += 0.05
+    moved = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
+    assert moved["dsc_n"].item() > 1e-8 and moved["dsc_h"].item() > same["dsc_h"].item() - 1e-6
+
+
+def test_ti_changes_only_the_token_row(tiny_model_dir, concepts):
+    model, state = fresh(tiny_model_dir, "ti")
+    before_unet = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    before_emb = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    state = cp.learn_concept(model, state, concepts[0], log=False)
+    after_emb = model.text_encoder.get_input_embeddings().weight.detach()
+    assert all(torch.equal(before_unet[k], v) for k, v in model.unet.state_dict().items())
+    token_id = model.tokenizer.convert_tokens_to_ids("<alpha>")
+    assert torch.equal(after_emb[:before_emb.shape[0]], before_emb)
+    assert not torch.allclose(after_emb[token_id], before_emb.mean(0))
+
+
+def test_state_holds_no_image_or_latent(tiny_model_dir, concepts, tmp_path):
+    model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
+    for folder in concepts:
+        state = cp.learn_concept(model, state, folder, log=False)
+    cp.save_state(state, str(tmp_path))
+    for root, _, files in os.walk(tmp_path):
+        for f in files:
+            assert f.endswith((".json", ".safetensors")), f
+            if f.endswith(".safetensors"):
+                for k, v in load_file(os.path.join(root, f)).items():
+                    assert v.dim() <= 2, f"{f}:{k} has shape {tuple(v.shape)}"  # images/latents are 3-4-D
+
+
+def test_interrupted_save_leaves_previous_state(tiny_model_dir, concepts, tmp_path, monkeypatch):
+    model, state = fresh(tiny_model_dir, "ewc")
+    state = cp.learn_concept(model, state, concepts[0], log=False)
+    cp.save_state(state, str(tmp_path))
+    snapshot = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(tmp_path) for f in fs}
+    state2 = cp.learn_concept(model, state, concepts[1], log=False)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(lora, "write_lora_file", crash)
+    with pytest.raises(OSError):
+        cp.save_state(state2, str(tmp_path))
+    loaded = cp.load_state(str(tmp_path))
+    assert [c["name"] for c in loaded.concepts] == ["alpha"]
+    manifest = open(os.path.join(tmp_path, cp.MANIFEST), "rb").read()
+    assert manifest == snapshot[cp.MANIFEST]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
+def test_any_image_mode_and_size(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    im = Image.fromarray((rng.random((37, 23, 3)) * 255).astype(np.uint8))
+    im = im.convert(mode) if mode != "I;16" else im.convert("L").convert("I;16")
+    im.save(tmp_path / ("a.tif" if mode in ("CMYK", "I;16") else "a.png"))
+    x, notes = cp.load_images(str(tmp_path), 16)
+    assert x.shape == (1, 3, 16, 16) and -1 <= x.min() and x.max() <= 1 and notes == []

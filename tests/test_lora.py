@@ -1,0 +1,207 @@
+"""LoRA (lora.py): diffusers reads our files and gives the same UNet output; merge, stacking, trainability, errors."""
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+import unet as U
+
+CFG = U.PRESETS["tiny"]["unet"]
+KV_PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def make(seed=0, cfg=CFG):
+    torch.manual_seed(seed)
+    return U.UNet(cfg).eval()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+            torch.randn(2, 5, CFG["cross_attention_dim"], generator=g))
+
+
+def randomize(net, name, std=0.3, seed=2):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for A, B in lora.get_adapter(net, name).values():
+            B.normal_(0, std)
+
+
+@torch.no_grad()
+def run(net):
+    return net(*inputs())
+
+
+def diffusers_pipeline(state_dict):
+    """A StableDiffusionPipeline around diffusers' UNet with the given weights; only the UNet is needed for LoRA."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    ref = diffusers.UNet2DConditionModel(**CFG).eval()
+    ref.load_state_dict(state_dict, strict=True)
+    return diffusers.StableDiffusionPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=ref,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def add_mixed(net, name):
+    """One adapter whose rank and alpha differ between modules (alpha != rank everywhere)."""
+    lora.inject(net, "kv", rank=4, alpha=2.5, name=name)
+    lora.inject(net, ("attn1.to_q",), rank=2, alpha=7.0, name=name)
+    lora.inject(net, ("attn1.to_out.0",), rank=3, alpha=1.0, name=name)
+
+
+@pytest.mark.parametrize("fmt,targets", [("diffusers", "kv"), ("diffusers", "attn"), ("diffusers", "mixed"),
+                                         ("kohya", "kv"), ("kohya", "attn")])
+def test_diffusers_loads_our_file(tmp_path, fmt, targets):
+    net = make()
+    pipe = diffusers_pipeline(net.state_dict())
+    base = run(net)
+    if targets == "mixed":
+        add_mixed(net, "task0")
+    else:
+        lora.inject(net, targets, rank=4, alpha=2.5, name="task0")
+    randomize(net, "task0")
+    ours = run(net)
+    assert (ours - base).abs().max() > 1e-2  # the LoRA matters, so equality below means something
+    f = tmp_path / "lora.safetensors"
+    lora.save_lora(net, f, "task0", format=fmt)
+    with safe_open(str(f), framework="pt") as h:
+        keys = list(h.keys())
+    assert all(".lora_" in k or k.endswith(".alpha") for k in keys)
+    assert len([k for k in keys if "lora_A" in k or "lora_down" in k]) == len(lora.get_adapter(net, "task0"))
+    pipe.load_lora_weights(str(f))
+    with torch.no_grad():
+        theirs = pipe.unet(*inputs()).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_save_load_roundtrip(tmp_path, fmt):
+    net = make()
+    add_mixed(net, "a")
+    randomize(net, "a")
+    f = tmp_path / "a.safetensors"
+    lora.save_lora(net, f, "a", format=fmt)
+    other = make()
+    assert lora.load_lora(other, f, "b") == sorted(lora.get_adapter(net, "a"))
+    torch.testing.assert_close(run(other), run(net), atol=0, rtol=0)
+    assert lora.get_alpha(other, "b") == lora.get_alpha(net, "a")
+    # loading into an existing adapter replaces its weights
+    randomize(other, "b", seed=9)
+    assert not torch.equal(run(other), run(net))
+    lora.load_lora(other, f, "b")
+    torch.testing.assert_close(run(other), run(net), atol=0, rtol=0)
+
+
+def test_zero_B_is_base_and_state_dict_keys():
+    net = make()
+    keys, base = set(net.state_dict()), run(net)
+    paths = lora.inject(net, "attn", rank=4, alpha=8.0, name="task0")
+    assert len(paths) == 32 and all(isinstance(net.get_submodule(p), nn.Linear) for p in paths)
+    A, B = lora.get_adapter(net, "task0")[KV_PATH]
+    assert A.abs().sum() > 0 and B.abs().sum() == 0
+    assert torch.equal(run(net), base)
+    sd = net.state_dict()
+    assert {k for k in sd if ".lora_" not in k} == keys
+    assert f"{KV_PATH}.lora_A.task0" in sd and f"{KV_PATH}.lora_B.task0" in sd
+    lora.remove(net)
+    assert set(net.state_dict()) == keys and lora.adapter_names(net) == []
+    assert type(net.get_submodule(KV_PATH)) is nn.Linear
+
+
+def test_merge_unmerge():
+    net = make()
+    lora.inject(net, "attn", rank=4, alpha=3.0, name="a")
+    lora.inject(net, "kv", rank=2, alpha=1.0, name="b")
+    randomize(net, "a")
+    randomize(net, "b", seed=3)
+    W0 = {p: m.weight.detach().clone() for p, m in net.named_modules() if isinstance(m, lora.LoRALinear)}
+    out = run(net)
+    lora.merge(net)
+    m = net.get_submodule(KV_PATH)
+    assert (m.weight - W0[KV_PATH]).abs().max() > 1e-3
+    torch.testing.assert_close(run(net), out, atol=1e-5, rtol=1e-5)
+    lora.unmerge(net)
+    for p, w in W0.items():
+        torch.testing.assert_close(net.get_submodule(p).weight, w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(net), out, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_adapters_sum_and_disable():
+    net = make()
+    lora.inject(net, "kv", rank=4, alpha=4.0, name="a")
+    lora.inject(net, "kv", rank=2, alpha=6.0, name="b")
+    randomize(net, "a")
+    randomize(net, "b", seed=3)
+    m = net.get_submodule(KV_PATH)
+    x = torch.randn(3, 5, m.in_features)
+    with torch.no_grad():
+        base = F.linear(x, m.weight, m.bias)
+        da, db = (x @ m.delta(n).T for n in ("a", "b"))
+        torch.testing.assert_close(m(x), base + da + db, atol=1e-5, rtol=1e-5)
+        lora.set_enabled(net, "b", False)
+        torch.testing.assert_close(m(x), base + da, atol=1e-5, rtol=1e-5)
+    only_a = copy.deepcopy(net)
+    lora.remove(only_a, "b")
+    assert lora.adapter_names(only_a) == ["a"]
+    torch.testing.assert_close(run(net), run(only_a), atol=0, rtol=0)
+    lora.set_enabled(net, "b", True)
+    assert (run(net) - run(only_a)).abs().max() > 1e-3
+
+
+def test_only_lora_trainable():
+    net = make()
+    pa = lora.inject(net, "kv", rank=4, alpha=4.0, name="a")
+    lora.inject(net, "attn", rank=4, alpha=4.0, name="b")
+    params = lora.set_trainable(net, "b")
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(params) == 2 * 32
+    assert all(n.endswith((".lora_A.b", ".lora_B.b")) for n in trainable)
+    lora.set_trainable(net, ["a", "b"])
+    assert sum(p.requires_grad for p in net.parameters()) == 2 * 32 + 2 * len(pa)
+    lora.set_trainable(net, "a")
+    net(*inputs()).square().mean().backward()
+    _, B = lora.get_adapter(net, "a")[KV_PATH]
+    assert B.grad is not None and B.grad.abs().sum() > 0  # B = 0 at init, so only B gets a gradient first
+    assert all(p.grad is None for n, p in net.named_parameters() if ".lora_" not in n)
+
+
+def test_load_errors(tmp_path):
+    net = make()
+    lora.inject(net, "kv", rank=4, alpha=4.0, name="a")
+    # another rank into an existing adapter
+    big = make()
+    lora.inject(big, "kv", rank=8, alpha=4.0, name="a")
+    for fmt in ("diffusers", "kohya"):
+        lora.save_lora(big, tmp_path / f"r8_{fmt}.safetensors", "a", format=fmt)
+        with pytest.raises(ValueError, match=r"(lora_A|lora_down)\.weight: rank 8 in file but adapter 'a' has rank 4"):
+            lora.load_lora(net, tmp_path / f"r8_{fmt}.safetensors", "a")
+    # another architecture: a module this UNet lacks, and a layer of another width
+    deeper = make(cfg=dict(CFG, layers_per_block=2))
+    wider = make(cfg=dict(CFG, cross_attention_dim=48))
+    for other, msg in ((deeper, r"attentions[._]1.*not a Linear layer of this UNet"), (wider, r"attn2.*32x48")):
+        lora.inject(other, "kv", rank=4, alpha=4.0, name="x")
+        for fmt in ("diffusers", "kohya"):
+            f = tmp_path / f"other_{fmt}.safetensors"
+            lora.save_lora(other, f, "x", format=fmt)
+            fresh = make()
+            with pytest.raises(ValueError, match=msg):
+                lora.load_lora(fresh, f, "x")
+            assert lora.adapter_names(fresh) == []  # nothing was half-loaded
+    # files with non-LoRA or non-UNet tensors, or half a pair
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"
+    kv = f"lora_unet_{KV_PATH.replace('.', '_')}.lora_down.weight"
+    for bad, key in (({"unet.conv_in.weight": torch.zeros(1)}, "unet.conv_in.weight"),
+                     ({kv: torch.zeros(4, 32), te: torch.zeros(1)}, te),
+                     ({f"unet.{KV_PATH}.lora_A.weight": torch.zeros(4, 32)}, f"unet.{KV_PATH}.lora_A.weight")):
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=re.escape(key)):
+            lora.load_lora(make(), tmp_path / "bad.safetensors", "x")

@@ -1,0 +1,126 @@
+"""train.py and sample.py as a user runs them: the happy path, export, interruption, and every bad input."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from test_cp import write_concept
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--steps", "3", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--no-preview"]
+
+
+def run(*args, check=True):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_model_dir, tmp_path_factory):
+    """A state with one concept learned through the CLI (ewc-dc), and a second concept folder."""
+    root = tmp_path_factory.mktemp("cli")
+    a, b = write_concept(str(root / "alpha"), 0), write_concept(str(root / "beta"), 1)
+    state = str(root / "state")
+    r = run("train.py", "--concept", a, "--state", state, "--model", tiny_model_dir, *FAST)
+    assert "learned <alpha>" in r.stdout and os.path.exists(os.path.join(state, "manifest.json"))
+    return dict(root=root, state=state, second=b, model=tiny_model_dir)
+
+
+def test_second_concept_sample_and_export(learned, tmp_path):
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    r = run("train.py", "--concept", learned["second"], "--state", state, *FAST, "--export", str(tmp_path / "export"))
+    assert "learned <beta>" in r.stdout and "2 concepts" in r.stdout
+    exported = sorted(os.listdir(tmp_path / "export"))
+    assert exported == ["alpha.safetensors", "beta.safetensors", "lora_kohya.safetensors",
+                        "pytorch_lora_weights.safetensors"]
+    assert list(load_file(str(tmp_path / "export" / "beta.safetensors"))) == ["<beta>"]
+    out = tmp_path / "both.png"
+    run("sample.py", "--state", state, "--prompt", "a photo of a <alpha> and a <beta>", "-n", "2", "--steps", "3",
+        "--out", str(out))
+    assert Image.open(out).size == (32, 16)
+
+
+def test_killed_during_training_leaves_state_unchanged(learned, tmp_path):
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    before = digest(state)
+    p = subprocess.Popen([sys.executable, "train.py", "--concept", learned["second"], "--state", state,
+                          "--steps", "100000", "--no-preview"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "train " not in (line := p.stderr.read(64) or ""):
+        pass
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert digest(state) == before
+    r = run("sample.py", "--state", state, "--prompt", "a photo of a <alpha>", "-n", "1", "--steps", "2",
+            "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0
+
+
+def test_bad_inputs_one_line_error_state_unchanged(learned, tmp_path):
+    state, model = learned["state"], learned["model"]
+    before = digest(state)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    write_concept(str(corrupt), 3)
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cases = [
+        (["--concept", str(tmp_path / "missing")], ["does not exist"]),
+        (["--concept", str(empty)], ["has no images"]),
+        (["--concept", str(corrupt)], ["broken.png"]),
+        (["--concept", learned["second"], "--model", str(tmp_path)], ["not a diffusers model folder"]),
+        (["--concept", learned["second"], "--name", "alpha"], ["already learned"]),
+        (["--concept", learned["second"], "--method", "seq"], ["method='ewc-dc'"]),
+        (["--concept", learned["second"], "--lr", "1e30", "--token-lr", "1e30", "--steps", "20"], ["non-finite loss"]),
+    ]
+    for extra, fragments in cases:
+        r = run("train.py", "--state", state, *FAST, *extra, check=False)
+        assert_one_line_error(r, *fragments)
+    assert digest(state) == before
+
+
+def test_state_from_another_model_is_refused(learned, tmp_path):
+    from conftest import write_tiny_model
+    other = write_tiny_model(str(tmp_path / "other"), seed=1)
+    before = digest(learned["state"])
+    r = run("train.py", "--state", learned["state"], "--model", other, "--concept", learned["second"], *FAST,
+            check=False)
+    assert_one_line_error(r, "another base model")
+    assert digest(learned["state"]) == before
+
+
+def test_non_image_files_are_skipped_with_a_note(learned, tmp_path):
+    folder = tmp_path / "gamma"
+    write_concept(str(folder), 4)
+    (folder / "notes.txt").write_text("my dog")
+    state = str(tmp_path / "state")
+    r = run("train.py", "--concept", str(folder), "--state", state, "--model", learned["model"], *FAST)
+    assert "skipped non-image file notes.txt" in r.stderr

@@ -1,0 +1,120 @@
+"""Learn one concept, continuing a continual-personalization state (the methods and losses live in cp.py).
+
+    python train.py --concept examples/concepts/ringdot                 # tiny default model, method ewc-dc
+    python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
+    python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
+
+Each run adds one concept to the state directory (default runs/default) and writes a preview grid beside it.
+Bad input ends with a one-line error and exit status 1; the state is then left as it was.
+"""
+import argparse
+import os
+import sys
+from dataclasses import asdict, fields
+
+import torch
+
+import cp
+import lora
+import unet
+
+FIXED = ("method", "rank", "alpha", "targets")  # a state's LoRA layout cannot change between tasks
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Learn one concept with continual personalization.")
+    p.add_argument("--concept", help="folder of images of the new concept")
+    p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
+    p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: toy/model)")
+    p.add_argument("--name", help="concept name; its token is <name> (default: the folder name)")
+    p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya) and the token embeddings")
+    p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
+    defaults = cp.Hparams()
+    for f in fields(cp.Hparams):  # every hyperparameter is a flag; None means "state's value, else the default"
+        kind = f.type if isinstance(f.type, type) else type(getattr(defaults, f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       choices=cp.METHODS if f.name == "method" else None,
+                       help=f"default {getattr(defaults, f.name)}")
+    return p.parse_args(argv)
+
+
+def resolve_hparams(args, state):
+    given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams) if getattr(args, f.name) is not None}
+    if state is None:
+        return asdict(cp.Hparams(**given))
+    for k in FIXED:
+        if k in given and given[k] != state.hparams[k]:
+            raise cp.CPError(f"this state uses {k}={state.hparams[k]!r}; start a new --state to use {given[k]!r}")
+    return {**state.hparams, **given}
+
+
+def export(model, state, folder):
+    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA) and the tokens."""
+    os.makedirs(folder, exist_ok=True)
+    hp = cp.Hparams(**state.hparams)
+    weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
+    written = []
+    if weights:
+        ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
+        alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
+        for fmt, name in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "lora_kohya.safetensors")):
+            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt)
+            written.append(name)
+    from safetensors.torch import save_file
+    for token, row in state.tokens.items():  # one file per token, the layout diffusers' load_textual_inversion reads
+        name = token.strip("<>") + ".safetensors"
+        save_file({token: row.contiguous()}, os.path.join(folder, name))
+        written.append(name)
+    return written
+
+
+def run(args):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    state = cp.load_state(args.state) if os.path.exists(os.path.join(args.state, cp.MANIFEST)) else None
+    model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "toy", "model"))
+    if not args.concept and not args.export:
+        raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
+    if args.concept and not os.path.isdir(args.concept):
+        raise cp.CPError(f"concept folder {args.concept} does not exist")
+    model = unet.load_model(model_path, device)
+    if state is not None:
+        cp.check_model(state, model)
+    hparams = resolve_hparams(args, state)
+    if state is None:
+        state = cp.new_state(model, cp.Hparams(**hparams))
+    state.hparams = hparams
+    cp.apply_state(model, state)
+
+    if args.concept:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            state = cp.learn_concept(model, state, args.concept, args.name, args.class_word)
+        cp.save_state(state, args.state)
+        last = state.history[-1]
+        print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
+              f"({len(state.concepts)} concepts)")
+        if not args.no_preview:
+            import sample
+            preview = os.path.normpath(args.state) + f"-preview-{state.concepts[-1]['name']}.png"
+            images = sample.sample(model, [state.concepts[-1]["prompt"]] * 4, steps=25, guidance=5.0, seed=0)
+            sample.to_grid(images).save(preview)
+            print(f"preview: {preview}  (prompt: \"{state.concepts[-1]['prompt']}\")")
+    if args.export:
+        written = export(model, state, args.export)
+        print(f"exported to {args.export}: {', '.join(written)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (cp.CPError, unet.LoadError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted; the state directory still holds the previous task")
+
+
+if __name__ == "__main__":
+    main()
