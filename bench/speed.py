@@ -16,8 +16,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import unet  # noqa: E402
+from kernels import dc_errors, dc_errors_impl  # noqa: E402
 
 
 def sync(device):
@@ -91,7 +93,106 @@ def bench_unet(device, dtype, repeats):
     return rows
 
 
-SECTIONS = {"unet": bench_unet}
+def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
+    """Fused DC-error kernel vs the eager PyTorch reference at SD latent size, B*K in {4, 16, 64}.
+
+    Effective GB/s counts the bytes an ideal implementation moves: forward reads pred and noise once
+    ((B*K + B) * D elements); forward+backward adds a read of both and a write of dpred ((3 B*K + 2 B) * D).
+    On CPU the 'kernel' column is the reference unless TRITON_INTERPRET=1 (then it is the interpreter, and slow);
+    the path column says which ran.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    dtypes = [torch.float32, torch.float16 if cuda else torch.bfloat16]
+    D = 1
+    for s in latent:
+        D *= s
+    rows = []
+    for dtype in dtypes:
+        for BK in (4, 16, 64):
+            B = max(1, BK // K)
+            pred = torch.randn(B, BK // B, *latent, device=device, dtype=dtype, requires_grad=True)
+            noise = torch.randn(B, *latent, device=device, dtype=dtype)
+            g = torch.ones(B, BK // B, device=device)
+            path = dc_errors_impl(pred)
+            n_rep = 50 if cuda else 3 if path == "triton-interpret" else repeats
+            es = pred.element_size()
+            row = dict(device=name, path=path, dtype=str(dtype).replace("torch.", ""), BK=BK, D=D)
+            for label, impl in (("kernel", "auto"), ("ref", "reference")):
+                with torch.no_grad():
+                    t_f = median_time(lambda: dc_errors(pred, noise, impl=impl), n_rep, device.type)
+                t_fb = median_time(lambda: torch.autograd.grad(dc_errors(pred, noise, impl=impl), pred, g),
+                                   n_rep, device.type)
+                row[f"fwd_ms_{label}"] = 1e3 * t_f
+                row[f"fwdbwd_ms_{label}"] = 1e3 * t_fb
+                row[f"fwd_GBs_{label}"] = (BK + B) * D * es / t_f / 1e9
+                row[f"fwdbwd_GBs_{label}"] = (3 * BK + 2 * B) * D * es / t_fb / 1e9
+            row["speedup_fwdbwd"] = row["fwdbwd_ms_ref"] / row["fwdbwd_ms_kernel"]
+            rows.append(row)
+    print(f"\nDC-error kernel on {name} (latent {'x'.join(map(str, latent))}, K={K}); ms and effective GB/s")
+    print(f"{'path':>16} {'dtype':>8} {'B*K':>4} | {'fwd':>8} {'GB/s':>6} {'ref fwd':>8} {'GB/s':>6} | "
+          f"{'fwd+bwd':>8} {'GB/s':>6} {'ref f+b':>8} {'GB/s':>6} | {'speedup':>7}")
+    for r in rows:
+        print(f"{r['path']:>16} {r['dtype']:>8} {r['BK']:>4} | {r['fwd_ms_kernel']:8.3f} {r['fwd_GBs_kernel']:6.1f} "
+              f"{r['fwd_ms_ref']:8.3f} {r['fwd_GBs_ref']:6.1f} | {r['fwdbwd_ms_kernel']:8.3f} "
+              f"{r['fwdbwd_GBs_kernel']:6.1f} {r['fwdbwd_ms_ref']:8.3f} {r['fwdbwd_GBs_ref']:6.1f} | "
+              f"{r['speedup_fwdbwd']:7.2f}")
+    return rows
+
+
+def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
+    """Per-step cost of each method relative to `seq` on the second task (EWC needs a Fisher from the first).
+
+    A step's cost is (time of n2 steps − time of n1 steps) / (n2 − n1): fixed costs (Fisher, setup) cancel.
+    DSC's consolidation step is timed the same way through dsc_steps.
+    """
+    import tempfile
+    import cp
+    from PIL import Image
+    model_path = model_path or os.path.join(ROOT, "toy", "model")
+    folders = sorted(os.path.join(ROOT, "examples", "concepts", d) for d in os.listdir(os.path.join(ROOT, "examples", "concepts")))[:2]
+    rows, per_step = [], {}
+    for method in cp.METHODS:
+        def task_seconds(n, dsc_n=0):
+            model = unet.load_model(model_path, device)
+            state = cp.new_state(model, cp.Hparams(method=method, steps=2, dsc_steps=2, fisher_samples=2))
+            state = cp.learn_concept(model, state, folders[0], log=False)
+            state.hparams = dict(state.hparams, steps=n, dsc_steps=dsc_n, fisher_samples=2)
+            t0 = time.perf_counter()
+            cp.learn_concept(model, state, folders[1], log=False)
+            sync(device)
+            return time.perf_counter() - t0
+        n1, n2 = steps
+        per_step[method] = statistics.median((task_seconds(n2) - task_seconds(n1)) / (n2 - n1) for _ in range(repeats))
+        row = dict(section="methods", method=method, step_s=per_step[method], vs_seq=per_step[method] / per_step["seq"])
+        if method.startswith("dsc"):
+            row["consolidation_step_s"] = statistics.median(
+                (task_seconds(n1, n2) - task_seconds(n1, n1)) / (n2 - n1) for _ in range(repeats))
+        rows.append(row)
+        extra = f"  consolidation step {row['consolidation_step_s'] * 1e3:7.1f} ms" if "consolidation_step_s" in row else ""
+        print(f"method {method:11s} step {row['step_s'] * 1e3:8.1f} ms  vs seq {row['vs_seq']:.2f}x{extra}", flush=True)
+    return rows
+
+
+def bench_train(device, dtype, repeats, model_path=None):
+    """End-to-end `python train.py --concept ...` with defaults: wall time and peak resident memory of the process."""
+    import resource
+    import subprocess
+    import tempfile
+    concept = os.path.join(ROOT, "examples", "concepts", sorted(os.listdir(os.path.join(ROOT, "examples", "concepts")))[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--concept", concept, "--state", os.path.join(tmp, "state"),
+               "--device", device] + (["--model", model_path] if model_path else [])
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(f"train.py end to end: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB ({' '.join(cmd[1:])})", flush=True)
+    return [dict(section="train", command=" ".join(cmd[1:]), seconds=seconds, peak_rss_bytes=peak)]
+
+
+SECTIONS = {"unet": bench_unet, "kernel": bench_kernel, "methods": bench_methods, "train": bench_train}
 
 
 def main(argv=None):

@@ -124,3 +124,29 @@ def test_non_image_files_are_skipped_with_a_note(learned, tmp_path):
     state = str(tmp_path / "state")
     r = run("train.py", "--concept", str(folder), "--state", state, "--model", learned["model"], *FAST)
     assert "skipped non-image file notes.txt" in r.stderr
+
+
+def test_export_loads_in_diffusers(learned, tmp_path):
+    """The exported LoRA and token embedding, loaded by diffusers' own loaders, reproduce our conditioned UNet."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import cp
+    import lora
+    export = tmp_path / "export"
+    run("train.py", "--state", learned["state"], "--export", str(export))
+    ours, _ = cp.load_with_state(learned["state"])
+    pipe = StableDiffusionPipeline.from_pretrained(learned["model"], local_files_only=True, safety_checker=None)
+    pipe.load_textual_inversion(str(export / "alpha.safetensors"))
+    pipe.load_lora_weights(str(export / "pytorch_lora_weights.safetensors"))
+    prompt = "a photo of a <alpha>"
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    with torch.no_grad():
+        context = pipe.text_encoder(ids)[0]
+        assert torch.allclose(context, ours.encode_text([prompt]), atol=1e-5)
+        theirs = pipe.unet(x, t, context).sample
+        mine = ours.unet(x, t, ours.encode_text([prompt]))
+        lora.set_enabled(ours.unet, "current", False)
+        base = ours.unet(x, t, ours.encode_text([prompt]))
+    assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item()  # the LoRA mattered
