@@ -5,7 +5,7 @@ DDIM (Song et al. 2021, eq. 12 with η = 0): from the noise prediction ε̂ at s
 Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε_∅ + s·(ε_c − ε_∅), one UNet batch for both halves.
 
     python sample.py --prompt "a photo of a red star on a blue background" -n 4 --out grid.png   # toy/model
-    python sample.py --state runs/default --prompt "a photo of a <ringdot> next to a <checkheart>"
+    python sample.py --state runs/default --prompt "a photo of a <striped_ring> next to a <checkered_heart>"
 """
 import argparse
 import math

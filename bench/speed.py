@@ -81,8 +81,10 @@ def bench_unet(device, dtype, repeats):
                     times[k].append(median_time(lambda: run(f), 1, device, warmup=0))
             med = {k: statistics.median(v) for k, v in times.items()}
             mem = {k: peak_memory(lambda: run(f), device) for k, f in nets.items()}
+            # the median of paired ratios: each pair ran back to back, so slow drifts of machine load cancel
+            ratio = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))
             rows.append(dict(section="unet", config=name, shape=f"{batch}x4x{side}x{side}", mode=mode,
-                             ours_s=med["ours"], diffusers_s=med["diffusers"], ratio=med["ours"] / med["diffusers"],
+                             ours_s=med["ours"], diffusers_s=med["diffusers"], ratio=ratio,
                              ours_peak_bytes=mem["ours"], diffusers_peak_bytes=mem["diffusers"]))
             r = rows[-1]
             print(f"unet {name:8s} {r['shape']:12s} {mode:17s} ours {r['ours_s'] * 1e3:9.1f} ms  "
