@@ -42,7 +42,7 @@ class CPError(Exception):
 
 @dataclass
 class Hparams:
-    """Every knob of a task. Defaults are those chosen on the toy benchmark (README: "Defaults")."""
+    """Every knob of a task (each one a train.py flag). README "Defaults" says how each value was chosen."""
     method: str = "ewc-dc"
     steps: int = 300               # optimizer steps on the new concept
     batch_size: int = 4
@@ -55,7 +55,7 @@ class Hparams:
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_samples: int = 16       # per-sample gradients averaged into F̂
     dc_weight: float = 0.1         # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
-    dc_temp: float = 1.0           # τ: temperature of the DC posterior, with errors as means over latent dims
+    dc_temp: float = 0.01          # τ of the DC posterior over mean-over-dims errors (the paper's τ=1 on sums is 1/D)
     dc_k: int = 5                  # k: most prompts in the DC subset S
     clora_lambda: float = 1e3      # λ_c: C-LoRA self-regularization
     dsc_steps: int = 100           # consolidation steps after training (dsc*)

@@ -164,13 +164,10 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Conv2d(c, c, 1)
 
     def forward(self, x, context):
-        # the 1×1 convolutions run as matrix products on the token layout: same weights, faster than a conv
         b, c, h, w = x.shape
-        y = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        y = F.linear(y, self.proj_in.weight.view(c, c), self.proj_in.bias)
+        y = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         y = self.transformer_blocks[0](y, context)
-        y = F.linear(y, self.proj_out.weight.view(c, c), self.proj_out.bias)
-        return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
+        return x + self.proj_out(y.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 def timestep_embedding(t, dim):

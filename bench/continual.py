@@ -1,0 +1,518 @@
+"""The continual-personalization benchmark (DESIGN.md section 9): concepts learned one after another with each
+method, replay-free, through the same code path as train.py (fresh model, load_state, apply_state, learn_concept,
+save_state); after every task, every concept learned so far is generated (fixed noise per concept) and scored.
+
+With acc_i(m) the share of images generated for concept i after task m that the judge assigns to concept i
+(tasks and concepts numbered 1..N, acc_i(m) defined for m >= i):
+
+    A = mean_i acc_i(N)                                    final average accuracy
+    P = mean_i acc_i(i)                                    plasticity: accuracy right after learning
+    F = mean_{i<N} (max_{i<=m<N} acc_i(m) - acc_i(N))      forgetting
+
+Also, after the last task: DC accuracy (dc_score.classify among the learned concepts' prompts) on real images of
+each concept that were never trained on; feature similarity cos(mean f(generated), mean f(real)); and
+KID = unbiased MMD² (Bińkowski et al. 2018) with the polynomial kernel k(a, b) = (a·b/d + 1)³ on the same features:
+
+    KID = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_{i,j} k(x_i, y_j) / (mn)
+
+Per task: parameters and bytes that grow with the tasks (LoRA pool, Fisher, tokens, the state on disk), wall
+time, and the LoRA norm ‖ΔW‖ (C-LoRA's self-regularization can drive it toward zero).
+
+The judge: on the toy world, the oracle (toy/oracle.py: its concept head assigns, its penultimate layer gives the
+features) with fresh renders as the real images. With --clip, a local CLIP model: an image is assigned to the
+concept whose real photos have the nearest mean embedding (cosine), the features are CLIP image embeddings, and
+CLIP-I (mean cosine generated vs real) and CLIP-T (mean cosine to "a photo of a {class word or name}") are added.
+
+    python bench/continual.py --quick                     # 2 tasks, seq vs ewc-dc, 1 seed: a few minutes
+    python bench/continual.py                             # 5 tasks, every method, 3 seeds
+    python bench/continual.py --tasks 10 --methods seq,ewc-dc,dsc-ewc-dc
+    python bench/continual.py --model sd15/ --clip clip-vit-b32/ --concepts dog/,cat/ --class-words dog,cat
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import cp  # noqa: E402
+import dc_score  # noqa: E402
+import lora  # noqa: E402
+import sample  # noqa: E402
+import unet  # noqa: E402
+
+FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=8, n_real=16, sample_steps=25, dc_timesteps=10)
+QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  # training as in the full run
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def apf(acc):
+    """A, P, F from acc [N, N] with acc[i, m] = acc_i(m) for m >= i (0-based; entries below m < i unused)."""
+    acc = np.asarray(acc, dtype=np.float64)
+    N = len(acc)
+    A = acc[:, -1].mean()
+    P = np.diag(acc).mean()
+    F_ = np.mean([acc[i, i:N - 1].max() - acc[i, -1] for i in range(N - 1)]) if N > 1 else float("nan")
+    return float(A), float(P), float(F_)
+
+
+def kid(x, y):
+    """Unbiased MMD² between features x [m, d] and y [n, d], polynomial kernel (a·b/d + 1)³."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    d = x.shape[1]
+    kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def cosine(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def nones(matrix):
+    """A float matrix as nested lists for JSON, NaN (undefined entries) as None."""
+    return [[None if np.isnan(v) else float(v) for v in row] for row in np.asarray(matrix, dtype=float)]
+
+
+def growth(state, folder):
+    """What the state holds after a task: pool entries, parameter counts, bytes on disk."""
+    numel = lambda tensors: int(sum(t.numel() for t in tensors))
+    pairs = lambda ws: [t for w in ws for pair in w.values() for t in pair]
+    out = {"pool": len(state.pool), "pool_params": numel(pairs(state.pool)),
+           "lora_params": numel(pairs([state.lora] if state.lora else [])),
+           "fisher_params": numel([*state.fisher.values(), *state.anchor.values()]),
+           "token_params": numel(state.tokens.values()),
+           "state_bytes": sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)}
+    out["stored_params"] = out["pool_params"] + out["lora_params"] + out["fisher_params"] + out["token_params"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# concepts and judges
+
+
+def toy_concepts(args, tmp):
+    """Training folders (examples/concepts/<name>, else the same images rendered into tmp) and fresh renders."""
+    from toy import world
+    if args.concepts:
+        folders = args.concepts.split(",")[:args.tasks]
+        unknown = [f for f in folders if os.path.basename(os.path.normpath(f)) not in world.CONCEPTS]
+        if unknown:
+            sys.exit(f"error: without --clip, concept folders must be named after toy concepts: {', '.join(unknown)}")
+    else:
+        if args.tasks > len(world.CONCEPTS):
+            sys.exit(f"error: the toy world has {len(world.CONCEPTS)} concepts, not {args.tasks}")
+        folders = [os.path.join(ROOT, "examples", "concepts", n) for n in list(world.CONCEPTS)[:args.tasks]]
+        if not all(os.path.isdir(f) for f in folders):
+            world.write_examples(os.path.join(tmp, "concepts"))
+            folders = [f if os.path.isdir(f) else os.path.join(tmp, "concepts", os.path.basename(f)) for f in folders]
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    real = []
+    for name in names:  # a seed stream that write_examples (seeds [0, i]) never uses: held out by construction
+        rng = np.random.default_rng([7919, list(world.CONCEPTS).index(name)])
+        x = np.stack([world.render_concept(name, rng) for _ in range(args.n_real)])
+        real.append(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+    return names, folders, real
+
+
+def photo_concepts(args, tmp, resolution):
+    """Folders of photos; with --holdout K the last K files of each are kept out of training for evaluation."""
+    folders, names, real = [], [], []
+    for folder in args.concepts.split(",")[:args.tasks]:
+        name = os.path.basename(os.path.normpath(folder))
+        if not os.path.isdir(folder):
+            sys.exit(f"error: concept folder {folder} does not exist")
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(cp.IMAGE_EXTENSIONS))
+        if args.holdout:
+            if len(files) <= args.holdout:
+                sys.exit(f"error: {folder} has {len(files)} images, too few to hold out {args.holdout}")
+            for sub, part in (("train", files[:-args.holdout]), ("eval", files[-args.holdout:])):
+                os.makedirs(os.path.join(tmp, sub, name))
+                for f in part:
+                    os.symlink(os.path.abspath(os.path.join(folder, f)), os.path.join(tmp, sub, name, f))
+            folder_train, folder_eval = os.path.join(tmp, "train", name), os.path.join(tmp, "eval", name)
+        else:
+            folder_train = folder_eval = folder
+        images, _ = cp.load_images(folder_eval, resolution)
+        folders.append(folder_train), names.append(name), real.append((images + 1) / 2)
+    return names, folders, real
+
+
+def oracle_judge(names):
+    """score(images [N,3,H,W] in [0,1]) -> (concept index into `names`, -1 for any other label [N]; features [N, d])."""
+    from toy import oracle
+    net = oracle.load_oracle()
+
+    def score(images):
+        pred = oracle.predict(images, net)["concept"]
+        return np.array([names.index(p) if p in names else -1 for p in pred]), \
+            oracle.features(images, net).double().numpy()
+    return score
+
+
+def clip_judge(path, real, texts, device):
+    """As oracle_judge, from a local CLIP folder; also returns the normalized text embeddings of `texts`."""
+    from transformers import CLIPModel, CLIPTokenizer
+    model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    mean, std = CLIP_MEAN, CLIP_STD
+    if os.path.exists(os.path.join(path, "preprocessor_config.json")):
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            cfg = json.load(f)
+        mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+    side = model.config.vision_config.image_size
+    pooled = lambda out: F.normalize((out if torch.is_tensor(out) else out.pooler_output).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed(images):  # images are square already: resize, then CLIP's normalization
+        x = F.interpolate(images.float(), size=side, mode="bicubic", antialias=True).clamp(0, 1)
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        return pooled(model.get_image_features(pixel_values=x.to(device))).cpu().double().numpy()
+
+    with torch.no_grad():
+        tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+        text = pooled(model.get_text_features(**tok)).cpu().double().numpy()
+    centroids = np.stack([embed(x).mean(0) for x in real])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+
+    def score(images):
+        f = embed(images)
+        return (f @ centroids.T).argmax(1), f
+    return score, text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one method, one seed
+
+
+def generate(model, concept, i, seed, args):
+    """args.n_samples images of a concept from noise fixed by (seed, concept index): only the model changes."""
+    side, ch = model.unet.config["sample_size"], model.unet.config["in_channels"]
+    latents = torch.randn(args.n_samples, ch, side, side, generator=torch.Generator().manual_seed(10_000 * seed + i))
+    with torch.autocast("cuda", torch.bfloat16, enabled=model.device.type == "cuda"):
+        return sample.sample(model, [concept["prompt"]] * args.n_samples, steps=args.sample_steps,
+                             guidance=args.guidance, latents=latents).float()
+
+
+@torch.no_grad()
+def dc_accuracy(model, concepts, real, args, seed):
+    """Per concept: share of its real images that the diffusion classifier puts on its prompt (among all learned)."""
+    contexts = model.encode_text([c["prompt"] for c in concepts])
+    accs = []
+    for i in range(len(concepts)):
+        x = real[i] if real[i].shape[-1] == model.resolution else \
+            F.interpolate(real[i], size=model.resolution, mode="bilinear", antialias=True)
+        latents = model.encode_images(x * 2 - 1)
+        pred, _ = dc_score.classify(model.unet, latents, contexts, model.alphas_cumprod,
+                                    n_timesteps=args.dc_timesteps, seed=seed, chunk_size=args.chunk)
+        accs.append(float((pred.cpu() == i).float().mean()))
+    return accs
+
+
+def run_method(method, seed, args, hparams, names, folders, words, real, judge, real_feats, text, tmp):
+    """Learn every concept in turn; after each task generate and score every concept so far."""
+    N = len(folders)
+    state_dir = os.path.join(tmp, f"state-{method}-{seed}")
+    nan = np.full((N, N), np.nan)
+    acc, sim, kids, clip_i, clip_t = nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    confusion = np.zeros((N, N + 1))  # after the last task: share of concept i's images judged j (last column: other)
+    tasks, samples = [], None
+    state = None
+    for m, folder in enumerate(folders):
+        started = time.time()
+        model = unet.load_model(args.model, args.device)
+        if state is None:
+            state = cp.new_state(model, cp.Hparams(**{**hparams, "method": method, "seed": seed}))
+        else:
+            state = cp.load_state(state_dir)
+            cp.check_model(state, model)
+        cp.apply_state(model, state)
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
+            state = cp.learn_concept(model, state, folder, class_word=words[m], log=not args.quiet)
+        cp.save_state(state, state_dir)
+        lora.merge(model.unet)  # sampling and scoring only from here on: fold the LoRA(s) in
+        trained = time.time()
+        last = []
+        for i, concept in enumerate(state.concepts):
+            images = generate(model, concept, i, seed, args)
+            pred, feats = judge(images)
+            acc[i, m] = float(np.mean(pred == i))
+            confusion[i] = np.bincount(np.where(pred < 0, N, pred), minlength=N + 1) / len(pred)
+            sim[i, m] = cosine(feats.mean(0), real_feats[i].mean(0))
+            kids[i, m] = kid(feats, real_feats[i])
+            if text is not None:
+                clip_i[i, m] = float((feats @ real_feats[i].T).mean())
+                clip_t[i, m] = float((feats @ text[i]).mean())
+            last.append(images[:args.grid_n])
+        dc = dc_accuracy(model, state.concepts, real, args, seed) if m == N - 1 else None
+        h = state.history[-1]
+        tasks.append({"concept": names[m], "train_seconds": h["seconds"], "lora_norm": h["lora_norm"],
+                      "eval_seconds": round(time.time() - trained, 1), "seconds": round(time.time() - started, 1),
+                      "train_loss": h["train"], **growth(state, state_dir)})
+        print(f"[{method} seed {seed}] task {m + 1}/{N} {names[m]}: train {h['seconds']:.0f}s, eval "
+              f"{tasks[-1]['eval_seconds']:.0f}s | acc {' '.join(f'{a:.2f}' for a in acc[:m + 1, m])} | "
+              f"lora norm {h['lora_norm']:.3g} | state {tasks[-1]['state_bytes'] / 1024:.0f} KB", flush=True)
+        samples = last
+    A, P, F_ = apf(acc)
+    final = lambda a: float(np.mean(a[:, -1]))
+    run = {"seed": seed, "A": A, "P": P, "F": None if np.isnan(F_) else F_, "dc_acc": float(np.mean(dc)),
+           "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids), "acc": nones(acc),
+           "feat_sim_matrix": nones(sim), "kid_matrix": nones(kids),
+           "confusion": confusion.tolist(), "tasks": tasks}
+    if text is not None:
+        run.update(clip_i=final(clip_i), clip_t=final(clip_t))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return run, samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def summarize(runs):
+    """mean and std over seeds of every headline figure."""
+    keys = ["A", "P", "F", "dc_acc", "feat_sim", "kid"] + [k for k in ("clip_i", "clip_t") if k in runs[0]]
+    per_run = {k: [r[k] for r in runs] for k in keys}
+    per_run["lora_norm"] = [r["tasks"][-1]["lora_norm"] for r in runs]
+    per_run["train_s_per_task"] = [np.mean([t["train_seconds"] for t in r["tasks"]]) for r in runs]
+    per_run["eval_s_per_task"] = [np.mean([t["eval_seconds"] for t in r["tasks"]]) for r in runs]
+    out = {k: [float(np.mean(v)) if None not in v else None, float(np.std(v)) if None not in v else None]
+           for k, v in per_run.items()}
+    last, first = runs[0]["tasks"][-1], runs[0]["tasks"][0]
+    out.update({k: last[k] for k in ("pool", "pool_params", "lora_params", "fisher_params", "token_params")})
+    out["state_kb_first_last"] = [first["state_bytes"] / 1024, last["state_bytes"] / 1024]
+    out["stored_params_first_last"] = [first["stored_params"], last["stored_params"]]
+    out["lora_norm_per_task"] = np.mean([[t["lora_norm"] for t in r["tasks"]] for r in runs], 0).tolist()
+    out["acc_mean"] = nones(np.mean([np.array(r["acc"], dtype=float) for r in runs], 0))
+    return out
+
+
+def fmt(pair, digits=3):
+    mean, std = pair
+    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(head, rows):
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(report):
+    s, N = report["summary"], len(report["concepts"])
+    clip = "clip_i" in next(iter(s.values()))
+    quality = table(["method", "A ↑", "P ↑", "F ↓", "DC acc ↑", "feat sim ↑", "KID ↓"] +
+                    (["CLIP-I ↑", "CLIP-T ↑"] if clip else []),
+                    [[f"`{k}`", fmt(x["A"]), fmt(x["P"]), fmt(x["F"]), fmt(x["dc_acc"]), fmt(x["feat_sim"]),
+                      fmt(x["kid"], 4)] + ([fmt(x["clip_i"]), fmt(x["clip_t"])] if clip else []) for k, x in s.items()])
+    cost = table(["method", "pool", "stored params (task 1 → N)", "state KB (task 1 → N)", "train s/task",
+                  "eval s/task"],
+                 [[f"`{k}`", str(x["pool"]), "{:,} → {:,}".format(*x["stored_params_first_last"]),
+                   "{:.0f} → {:.0f}".format(*x["state_kb_first_last"]), fmt(x["train_s_per_task"], 1),
+                   fmt(x["eval_s_per_task"], 1)] for k, x in s.items()])
+    norms = table(["method"] + [f"task {m + 1}" for m in range(N)],
+                  [[f"`{k}`"] + [f"{v:.3g}" for v in x["lora_norm_per_task"]] for k, x in s.items()])
+    accs = table(["method"] + [f"{c} (final / learned)" for c in report["concepts"]],
+                 [[f"`{k}`"] + [f"{x['acc_mean'][i][-1]:.2f} / {x['acc_mean'][i][i]:.2f}" for i in range(N)]
+                  for k, x in s.items()])
+    return "\n".join([
+        f"Command: `{report['command']}`  ", f"Date: {report['date']}; machine: {report['machine']}  ",
+        f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {report['seeds']}; judge: {report['judge']} "
+        f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds.", "", *quality, "",
+        "What the state stores, and time:", "", *cost, "",
+        "LoRA norm ‖ΔW‖ after each task (mean over seeds):", "", *norms, "",
+        "acc_i(m) of each concept after the last task / right after it was learned (mean over seeds):", "", *accs,
+        "", "![samples](grid.png)", "", "![accuracy over tasks](plot.png)", ""])
+
+
+def to_pil(images, side):
+    pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(p).resize((side, side), Image.BICUBIC) for p in pixels]
+
+
+def draw_grid(samples, real, names, path, n):
+    """Rows = concepts, columns = real images then each method, n images per cell, after the last task (seed 0)."""
+    font = ImageFont.load_default()
+    side = 64 if real[0].shape[-1] <= 64 else 128
+    cols = {"real": [x[:n] for x in real], **samples}
+    label_w, head_h, gap = 8 + 7 * max(len(s) for s in names), 16, 6
+    cell = n * side + gap
+    grid = Image.new("RGB", (label_w + cell * len(cols), head_h + side * len(names)), "white")
+    d = ImageDraw.Draw(grid)
+    for c, (col, per_concept) in enumerate(cols.items()):
+        d.text((label_w + c * cell + 2, 2), col, fill="black", font=font)
+        for r, images in enumerate(per_concept):
+            for k, im in enumerate(to_pil(images, side)):
+                grid.paste(im, (label_w + c * cell + k * side, head_h + r * side))
+    for r, name in enumerate(names):
+        d.text((4, head_h + r * side + side // 2 - 5), name, fill="black", font=font)
+    grid.save(path)
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 120, 255)]
+
+
+def draw_plot(summary, names, path):
+    """One panel per method: acc_i(m) of each concept i over tasks m >= i (mean over seeds)."""
+    font = ImageFont.load_default()
+    W, H, ml, mt, mb, per_row = 260, 190, 34, 20, 24, 4
+    N, methods = len(names), list(summary)
+    rows = -(-len(methods) // per_row)
+    legend_h = 16 * (-(-N // 3)) + 8
+    img = Image.new("RGB", (W * min(per_row, len(methods)), H * rows + legend_h), "white")
+    d = ImageDraw.Draw(img)
+    for k, method in enumerate(methods):
+        ox, oy = (k % per_row) * W, (k // per_row) * H
+        x0, x1, y0, y1 = ox + ml, ox + W - 10, oy + H - mb, oy + mt
+        px = lambda m: x0 + (x1 - x0) * (m / max(N - 1, 1))
+        py = lambda a: y0 - (y0 - y1) * a
+        d.text((ox + ml, oy + 4), method, fill="black", font=font)
+        d.rectangle([x0, y1, x1, y0], outline="black")
+        for a in (0, 0.5, 1):
+            d.line([x0 - 3, py(a), x0, py(a)], fill="black")
+            d.text((ox + 4, py(a) - 5), f"{a:.1f}", fill="black", font=font)
+        for m in range(N):
+            d.text((px(m) - 3, y0 + 4), str(m + 1), fill="black", font=font)
+        acc = summary[method]["acc_mean"]
+        for i in range(N):
+            pts = [(px(m), py(acc[i][m])) for m in range(i, N)]
+            if len(pts) > 1:
+                d.line(pts, fill=PALETTE[i % len(PALETTE)], width=2)
+            for x, y in pts:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=PALETTE[i % len(PALETTE)])
+    for i, name in enumerate(names):
+        x, y = 10 + (i % 3) * 200, H * rows + 4 + 16 * (i // 3)
+        d.rectangle([x, y + 2, x + 12, y + 10], fill=PALETTE[i % len(PALETTE)])
+        d.text((x + 18, y), f"{i + 1}: {name}", fill="black", font=font)
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Continual-personalization benchmark: A, P, F, DC accuracy, KID, growth.")
+    p.add_argument("--out", default="runs/continual", help="folder for results.md, results.json, grid.png, plot.png")
+    p.add_argument("--quick", action="store_true", help=f"small run: {QUICK} (flags given explicitly win)")
+    p.add_argument("--model", default=os.path.join(ROOT, "toy", "model"), help="diffusers folder or checkpoint")
+    p.add_argument("--concepts", help="comma-separated concept folders (default: the first --tasks toy concepts)")
+    p.add_argument("--class-words", help="comma-separated class words, one per concept (real-model mode)")
+    p.add_argument("--clip", help="local CLIP folder (transformers.CLIPModel + tokenizer), the judge in place of "
+                   "the oracle")
+    p.add_argument("--holdout", type=int, default=0, help="with --clip: last K photos of each folder kept out of "
+                   "training and used as the real images (0: the training photos are the real images)")
+    p.add_argument("--tasks", type=int, help=f"number of concepts (default {FULL['tasks']})")
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--seeds", type=int, help=f"number of seeds (default {FULL['seeds']})")
+    p.add_argument("--n-samples", type=int, help=f"images generated per concept and task (default {FULL['n_samples']})")
+    p.add_argument("--n-real", type=int, help=f"real images per toy concept (default {FULL['n_real']}; "
+                   f"{QUICK['n_real']} with --quick)")
+    p.add_argument("--sample-steps", type=int, help=f"DDIM steps (default {FULL['sample_steps']})")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--dc-timesteps", type=int, help=f"timesteps of the DC accuracy (default {FULL['dc_timesteps']}; "
+                   f"{QUICK['dc_timesteps']} with --quick)")
+    p.add_argument("--chunk", type=int, default=64, help="most UNet rows per call in the DC accuracy")
+    p.add_argument("--grid-n", type=int, default=3, help="samples per cell of the grid")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no per-step training progress")
+    defaults = cp.Hparams()
+    for f in fields(cp.Hparams):  # the training flags of train.py
+        if f.name not in ("method", "seed"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
+                           help=f"default {getattr(defaults, f.name)}")
+    args = p.parse_args(argv)
+    for k, v in {**FULL, **(QUICK if args.quick else {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.clip and not args.concepts:
+        p.error("--clip needs --concepts (folders of photos)")
+    if args.holdout == 1:
+        p.error("--holdout must be 0 or at least 2 (KID needs two real images per concept)")
+    if args.concepts and args.tasks > len(args.concepts.split(",")):
+        args.tasks = len(args.concepts.split(","))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in (["bench/continual.py"] + list(argv or sys.argv[1:])))
+    print(command, flush=True)
+    methods = args.methods.split(",")
+    bad = [m for m in methods if m not in cp.METHODS]
+    if bad:
+        sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(cp.METHODS)})")
+    hparams = {f.name: getattr(args, f.name) for f in fields(cp.Hparams)
+               if f.name not in ("method", "seed") and getattr(args, f.name) is not None}
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="cp-continual-")
+    try:
+        resolution = unet.load_model(args.model, "cpu").resolution  # fails early on a bad --model
+        if args.clip:
+            names, folders, real = photo_concepts(args, tmp, resolution)
+            words = args.class_words.split(",") if args.class_words else [None] * len(names)
+            texts = [f"a photo of a {w or n.replace('_', ' ')}" for w, n in zip(words, names)]
+            judge, text = clip_judge(args.clip, real, texts, args.device)
+            judge_name = f"CLIP {args.clip}"
+        else:
+            names, folders, real = toy_concepts(args, tmp)
+            words, text = [None] * len(names), None
+            judge, judge_name = oracle_judge(names), "toy oracle (toy/oracle.py)"
+        scored = [judge(x) for x in real]
+        real_feats = [f for _, f in scored]
+        judge_acc = float(np.mean([np.mean(pred == i) for i, (pred, _) in enumerate(scored)]))
+        print(f"judge: {judge_name}; its accuracy on the real images: {judge_acc:.3f}", flush=True)
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else \
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": device_name,
+                  "judge": judge_name, "judge_acc_real": judge_acc, "concepts": names, "seeds": args.seeds,
+                  "args": vars(args), "runs": {}, "summary": {}}
+        grid = {}
+        started = time.time()
+        for method in methods:
+            runs = []
+            for seed in range(args.seeds):
+                run, samples = run_method(method, seed, args, hparams, names, folders, words, real, judge,
+                                          real_feats, text, tmp)
+                runs.append(run)
+                if seed == 0:
+                    grid[method] = samples
+                report["runs"][method], report["summary"][method] = runs, summarize(runs)
+                with open(os.path.join(args.out, "results.json"), "w") as f:
+                    json.dump(report, f, indent=1)
+            s = report["summary"][method]
+            print(f"== {method}: A {fmt(s['A'])}  P {fmt(s['P'])}  F {fmt(s['F'])}  DC acc {fmt(s['dc_acc'])}  "
+                  f"({time.time() - started:.0f}s so far)", flush=True)
+        report["total_seconds"] = round(time.time() - started, 1)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        table = markdown(report)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(table + f"\nTotal time: {report['total_seconds']:.0f} s.\n")
+        draw_grid(grid, real, names, os.path.join(args.out, "grid.png"), args.grid_n)
+        draw_plot(report["summary"], names, os.path.join(args.out, "plot.png"))
+        print("\n" + table)
+        print(f"wrote {args.out}/results.md, results.json, grid.png, plot.png in {report['total_seconds']:.0f} s")
+    except (cp.CPError, unet.LoadError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Diffusion classifier scores (DESIGN.md section 5; Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot
+Classifier").
+
+For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a paired comparison),
+
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     e_k = sum_dims (eps - eps_theta(x_t, t, c_k))^2  (or the mean)
+
+and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). B images x K prompts run as one UNet batch of B*K
+rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times: the reduction is the fused
+kernel `kernels.dc_errors` on the predictions viewed as [B, K, *latent] against noise [B, *latent].
+
+The UNet is any callable unet(x [N, C, h, w], t [N], context [N, L, Cc]) -> eps [N, C, h, w].
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels import dc_errors
+from unet import add_noise
+
+
+def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction="sum", chunk_size=None,
+                     prompts=None, return_pred=False):
+    """e[B, K]: errors of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
+    (or one int) with noise [B, C, h, w] shared across prompts. Differentiable when called under grad.
+
+    prompts: optional LongTensor [B, K'] choosing, per image, which rows of context to score (default: all K).
+    chunk_size: most UNet rows per call (default: all B*K at once).
+    return_pred: also return the noise predictions [B, K, C, h, w], as (e, pred).
+    """
+    B = latents.shape[0]
+    if prompts is None:
+        prompts = torch.arange(context.shape[0], device=latents.device).expand(B, -1)
+    K = prompts.shape[1]
+    t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(B)
+    x_t = add_noise(latents, noise, t, alphas_cumprod)
+    image = torch.arange(B, device=latents.device).repeat_interleave(K)  # UNet row r = b*K + k
+    prompt = prompts.reshape(-1).to(latents.device)
+    n = chunk_size or B * K
+    preds = [unet(x_t[image[s:s + n]], t[image[s:s + n]], context[prompt[s:s + n]]) for s in range(0, B * K, n)]
+    pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).view(B, K, *latents.shape[1:])
+    e = dc_errors(pred, noise, reduction)
+    return (e, pred) if return_pred else e
+
+
+def posterior(e, temp=1.0):
+    """p(c_k | x) = softmax_k(-e_k / temp) over the last dim."""
+    return torch.softmax(-e / temp, dim=-1)
+
+
+def dc_cross_entropy(e, target, temp=1.0):
+    """-log p(c_target | x) per image [B]; target: an int or LongTensor [B] of prompt indices."""
+    target = torch.as_tensor(target, device=e.device).expand(e.shape[0])
+    return -torch.log_softmax(-e / temp, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+
+
+def soft_cross_entropy(p_teacher, e_student, temp=1.0):
+    """H(p_teacher, p_student) = -sum_k p_teacher[k] log p_student[k] per image [B], p_student from errors e_student."""
+    return -(p_teacher * torch.log_softmax(-e_student / temp, dim=-1)).sum(-1)
+
+
+def _noise(shape, seed, j):
+    """The noise of grid timestep j: the same for every prompt, and for every stage that visits j."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(hash((seed, j))))
+
+
+@torch.no_grad()
+def classify(unet, latents, contexts, alphas_cumprod, n_timesteps=25, stages=None, seed=0, chunk_size=None,
+             reduction="mean"):
+    """Zero-shot classification of latents [B, C, h, w] among K prompt embeddings contexts [K, L, Cc].
+
+    Timesteps form an evenly spaced grid of n_timesteps over [0, T). stages = [(keep, n_t), ...]: in each stage the
+    surviving prompts are scored on n_t grid timesteps spread evenly over the grid (reusing timesteps already
+    scored), then only the `keep` prompts with the lowest mean error stay. stages=None scores all K prompts on
+    the whole grid. Prediction: the survivor with the lowest mean error.
+    Returns (predicted prompt index [B], number of UNet evaluations, i.e. (image, prompt, timestep) triples).
+    """
+    B, K, dev = latents.shape[0], contexts.shape[0], latents.device
+    T = len(alphas_cumprod)
+    if n_timesteps > T:
+        raise ValueError(f"n_timesteps={n_timesteps} exceeds the {T} timesteps of the schedule")
+    stages = list(stages or [(1, n_timesteps)])
+    if any(n_t > n_timesteps or keep < 1 for keep, n_t in stages):
+        raise ValueError(f"stages {stages} must have keep >= 1 and n_t <= n_timesteps={n_timesteps}")
+    grid = (torch.arange(n_timesteps) * T) // n_timesteps + T // (2 * n_timesteps)
+    cand = torch.arange(K, device=dev).expand(B, K)  # surviving prompts per image
+    err = torch.zeros(B, K, device=dev)  # summed error over the timesteps scored so far
+    done, n_evals = set(), 0
+    for keep, n_t in stages:
+        new = [j for j in ((torch.arange(n_t) * n_timesteps) // n_t).tolist() if j not in done]
+        if new:  # one virtual batch of J*B (image, timestep) pairs, row j*B + b
+            J = len(new)
+            noise = torch.cat([_noise(latents.shape, seed, j) for j in new]).to(dev, latents.dtype)
+            e = denoising_errors(unet, latents.repeat(J, 1, 1, 1), contexts, grid[new].repeat_interleave(B).to(dev),
+                                 noise, alphas_cumprod, reduction, chunk_size, prompts=cand.repeat(J, 1))
+            err.scatter_add_(1, cand, e.view(J, B, -1).sum(0).to(err.dtype))
+            n_evals += e.numel()
+            done.update(new)
+        if keep < cand.shape[1]:
+            cand = cand.gather(1, err.gather(1, cand).topk(keep, dim=1, largest=False).indices)
+    return cand.gather(1, err.gather(1, cand).argmin(1, keepdim=True)).squeeze(1), n_evals

@@ -1,0 +1,128 @@
+"""bench/continual.py: A, P, F and KID by hand, a --quick run on the toy oracle, and the CLIP (real-model) path,
+both on the tiny random model."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, write_tokenizer
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import continual  # noqa: E402
+
+TINY = ["--steps", "2", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--sample-steps", "2",
+        "--n-samples", "2", "--n-real", "3", "--dc-timesteps", "2", "--grid-n", "2", "--quiet"]
+
+
+def test_apf_by_hand():
+    nan = float("nan")
+    acc = [[0.5, 0.9, 0.3],
+           [nan, 0.6, 0.4],
+           [nan, nan, 1.0]]
+    A, P, F = continual.apf(acc)
+    assert A == pytest.approx((0.3 + 0.4 + 1.0) / 3)
+    assert P == pytest.approx((0.5 + 0.6 + 1.0) / 3)
+    assert F == pytest.approx(((0.9 - 0.3) + (0.6 - 0.4)) / 2)  # the max over m is not at m = i for concept 1
+    assert np.isnan(continual.apf([[0.7]])[2])
+
+
+def test_kid_by_hand_and_on_shifted_sets():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(4) for j in range(4) if i != j) / 12
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+    xy = sum(k(a, b) for a in x for b in y) / 20
+    assert continual.kid(x, y) == pytest.approx(xx + yy - 2 * xy)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    same, shifted = continual.kid(a, b), continual.kid(a, b + 1.0)
+    assert abs(same) < 0.05 and shifted > 1.0
+    assert continual.kid(b + 1.0, a) == pytest.approx(shifted)
+
+
+def run_bench(*args):
+    r = subprocess.run([sys.executable, "bench/continual.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def check_outputs(out, methods, n_tasks, seeds):
+    for f in ("results.md", "results.json", "grid.png", "plot.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    report = json.load(open(os.path.join(out, "results.json")))
+    assert report["command"].startswith("python bench/continual.py")
+    assert list(report["summary"]) == methods and len(report["concepts"]) == n_tasks
+    for method in methods:
+        runs = report["runs"][method]
+        assert [r["seed"] for r in runs] == list(range(seeds))
+        for r in runs:
+            acc = np.array(r["acc"], dtype=float)
+            assert acc.shape == (n_tasks, n_tasks)
+            assert np.isnan(acc[np.tril_indices(n_tasks, -1)]).all()  # concept i is not scored before task i
+            defined = acc[np.triu_indices(n_tasks)]
+            assert ((defined >= 0) & (defined <= 1)).all()
+            confusion = np.array(r["confusion"])
+            assert confusion.shape == (n_tasks, n_tasks + 1) and np.allclose(confusion.sum(1), 1)
+            assert np.allclose(np.diag(confusion), acc[:, -1])
+            assert 0 <= r["A"] <= 1 and 0 <= r["P"] <= 1 and -1 <= r["F"] <= 1 and 0 <= r["dc_acc"] <= 1
+            assert -1 <= r["feat_sim"] <= 1 and np.isfinite(r["kid"])
+            assert len(r["dc_acc_per_concept"]) == n_tasks and len(r["tasks"]) == n_tasks
+            pools = [t["pool"] for t in r["tasks"]]
+            assert pools == list(range(1, n_tasks + 1))  # every LoRA method stores one entry per task
+            assert r["tasks"][-1]["state_bytes"] > r["tasks"][0]["state_bytes"]
+            assert all(t["lora_norm"] > 0 and t["train_seconds"] >= 0 for t in r["tasks"])
+    table = open(os.path.join(out, "results.md")).read()
+    assert report["command"] in table and all(f"`{m}`" in table for m in methods)
+    assert Image.open(os.path.join(out, "grid.png")).height >= n_tasks * 16
+    return report
+
+
+def test_quick_toy(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    r = run_bench("--quick", "--model", tiny_model_dir, "--methods", "clora,dsc-ewc-dc", "--out", out, *TINY)
+    assert r.stdout.startswith("python bench/continual.py --quick")
+    assert "task 2/2" in r.stdout
+    report = check_outputs(out, ["clora", "dsc-ewc-dc"], 2, 1)
+    assert report["judge"].startswith("toy oracle") and report["judge_acc_real"] >= 0.8  # fresh renders: easy
+    assert report["summary"]["dsc-ewc-dc"]["fisher_params"] > 0 == report["summary"]["clora"]["fisher_params"]
+
+
+def write_tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPModel
+    n_vocab = write_tokenizer(folder, ["photo", "ball", "box"])
+    special = dict(bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=n_vocab, max_position_embeddings=77, **special),
+                         vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
+              ).save_pretrained(folder)
+    return folder
+
+
+def test_clip_mode(tiny_model_dir, tmp_path):
+    clip = write_tiny_clip(str(tmp_path / "clip"))
+    rng = np.random.default_rng(0)
+    folders = []
+    for name, base in (("ball", (200, 40, 40)), ("box", (40, 40, 200))):
+        os.makedirs(tmp_path / name)
+        for k in range(4):
+            pixels = np.clip(np.array(base) + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{k}.jpg")
+        folders.append(str(tmp_path / name))
+    out = str(tmp_path / "out")
+    run_bench("--model", tiny_model_dir, "--clip", clip, "--concepts", ",".join(folders), "--class-words", "ball,box",
+              "--holdout", "2", "--methods", "ewc-dc", "--seeds", "2", "--out", out, *TINY)
+    report = check_outputs(out, ["ewc-dc"], 2, 2)
+    assert report["judge"].startswith("CLIP") and report["concepts"] == ["ball", "box"]
+    assert report["judge_acc_real"] == 1.0  # red vs blue photos: apart even in a random CLIP
+    for r in report["runs"]["ewc-dc"]:
+        assert -1 <= r["clip_i"] <= 1 and -1 <= r["clip_t"] <= 1
+        assert r["tasks"][0]["concept"] == "ball"
+    assert "CLIP-I" in open(os.path.join(out, "results.md")).read()
+    assert report["summary"]["ewc-dc"]["A"][1] is not None  # std over the 2 seeds

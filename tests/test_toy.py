@@ -1,0 +1,104 @@
+"""The toy world, its oracle and the shipped tiny model (toy/)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from toy import oracle, world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "toy", "model")
+
+
+def test_renderer_is_deterministic_and_covers_every_shape_and_color():
+    seen = set()
+    for shape in world.SHAPES:
+        for color in world.COLORS:
+            a = world.render(shape, color, "white", np.random.default_rng(7))
+            b = world.render(shape, color, "white", np.random.default_rng(7))
+            assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+            assert np.array_equal(a, b)
+            # the object really is drawn: many pixels differ from the white background, in roughly its color
+            obj = np.abs(a.astype(int) - 242).sum(-1) > 60
+            assert obj.mean() > 0.03
+            assert np.abs(a[obj].mean(0) - world.COLORS[color]).max() < 40
+            seen.add(a.tobytes())
+    assert len(seen) == len(world.SHAPES) * len(world.COLORS)
+    assert len(world.SHAPES) >= 6 and len(world.COLORS) >= 6
+
+
+def test_concepts_render_with_random_pose_and_never_in_pretraining_captions():
+    assert len(world.CONCEPTS) >= 10
+    for name in world.CONCEPTS:
+        a = world.render_concept(name, np.random.default_rng(1))
+        assert np.array_equal(a, world.render_concept(name, np.random.default_rng(1)))
+        assert not np.array_equal(a, world.render_concept(name, np.random.default_rng(2)))
+    images, captions, labels = world.sample_caption_batch(64, np.random.default_rng(0))
+    assert images.shape == (64, 64, 64, 3)
+    for cap, (shape, color, bg) in zip(captions, labels):
+        assert shape in cap and color in cap
+        assert (shape, color, bg) not in world.HELD_OUT
+    held = {world.sample_labels(np.random.default_rng(i)) for i in range(300)}
+    assert not held & set(world.HELD_OUT)
+
+
+def test_example_concepts_are_shipped():
+    root = os.path.join(ROOT, "examples", "concepts")
+    names = [n for n in sorted(os.listdir(root)) if n in world.CONCEPTS]
+    assert len(names) >= 6
+    for n in names:
+        pngs = [f for f in os.listdir(os.path.join(root, n)) if f.endswith(".png")]
+        assert 5 <= len(pngs) <= 8
+
+
+def test_oracle_classifies_fresh_renders():
+    images, labels = oracle.render_set(120, seed=[999, 3])
+    acc = oracle.accuracy(oracle.load_oracle(), images, labels)
+    assert all(v >= 0.9 for v in acc.values()), acc
+    f = oracle.features(images[:4])
+    assert f.shape == (4, 128) and torch.isfinite(f).all()
+
+
+def _tiny_model():
+    import unet
+    return unet.load_model(MODEL)
+
+
+def test_shipped_model_loads_and_samples():
+    import sample
+    model = _tiny_model()
+    assert model.resolution == 64 and model.unet.config["cross_attention_dim"] == model.text_encoder.config.hidden_size
+    # every word of the world is a single token of the shipped tokenizer
+    words = set(world.SHAPES) | set(world.BACKGROUNDS) | {"photo", "background"}
+    for w in words:
+        assert len(model.tokenizer(w).input_ids) == 3, w
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(MODEL) for f in fs)
+    assert size <= 30 * 2 ** 20
+    img = sample.sample(model, ["a photo of a red circle on a white background"], steps=10, guidance=5.0, seed=0)
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all() and img.std() > 0.05
+
+
+def test_shipped_model_follows_color_prompts():
+    import sample
+    model = _tiny_model()
+    colors = list(world.COLORS)
+    prompts = [f"a photo of a {c} square on a gray background" for c in colors]
+    images = sample.sample(model, prompts, steps=20, guidance=5.0, seed=1)
+    pred = oracle.predict(images)
+    assert np.mean(pred["color"] == np.array(colors)) >= 4 / 6, pred["color"]
+
+
+def test_diffusers_reads_the_shipped_model_offline_and_agrees():
+    diffusers = pytest.importorskip("diffusers")
+    import sample
+    model = _tiny_model()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    prompt = ["a photo of a blue star on a yellow background"]
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = sample.sample(model, prompt, steps=10, guidance=5.0, latents=latents)
+    theirs = pipe(prompt, num_inference_steps=10, guidance_scale=5.0, latents=latents, height=64, width=64,
+                  output_type="pt").images
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max() < 1e-3

@@ -1,0 +1,222 @@
+"""The oracle: a small CNN that judges images of the toy world (DESIGN.md section 8).
+
+Three heads on shared features: shape (world.SHAPES), color (world.COLORS) and concept (world.CONCEPTS + "none").
+It is trained only on rendered images, never on generated ones, so it can judge the tiny model's prompt following
+and a personalized model's concept fidelity; `features` (the penultimate layer) serves the benchmark's KID.
+Renders are degraded at random (blur, noise, color shift) so that the softer images a diffusion model makes are
+still read correctly.
+
+    python -m toy.oracle --train                 # fit, report held-out accuracy, write toy/oracle.safetensors
+    python -m toy.oracle --eval                  # held-out accuracy of the shipped weights on fresh renders
+    python -m toy.oracle --eval-model toy/model  # prompt following of a model on HELD_OUT captions
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from toy import world
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracle.safetensors")
+CONCEPT_LABELS = list(world.CONCEPTS) + ["none"]
+HEADS = {"shape": world.SHAPES, "color": list(world.COLORS), "concept": CONCEPT_LABELS}
+
+
+class Oracle(nn.Module):
+    def __init__(self, width=24, feat=128):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, feat]
+        layers = []
+        for cin, cout in zip(chans[:-1], chans[1:]):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, stride=2), nn.BatchNorm2d(cout), nn.ReLU(),
+                       nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({k: nn.Linear(feat, len(v)) for k, v in HEADS.items()})
+
+    def features(self, x):
+        return self.body(x).mean((2, 3))
+
+    def forward(self, x):
+        f = self.features(x)
+        return {k: h(f) for k, h in self.heads.items()}
+
+
+def to_input(images):
+    """uint8 numpy [N, 64, 64, 3] or float tensor [N, 3, 64, 64] in [0, 1] -> float tensor in [-1, 1]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = images.float()
+    if x.shape[-1] != world.SIZE:
+        x = F.interpolate(x, size=(world.SIZE, world.SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2 - 1
+
+
+_CACHE = {}
+
+
+def load_oracle(path=WEIGHTS):
+    if path not in _CACHE:
+        net = Oracle()
+        net.load_state_dict(load_file(path))
+        _CACHE[path] = net.eval()
+    return _CACHE[path]
+
+
+@torch.no_grad()
+def predict(images, oracle=None, batch=256):
+    """{"shape", "color", "concept"}: arrays of label names (concept "none" = not a concept)."""
+    oracle = oracle or load_oracle()
+    x = to_input(images)
+    idx = {k: [] for k in HEADS}
+    for i in range(0, len(x), batch):
+        for k, v in oracle(x[i:i + batch]).items():
+            idx[k].append(v.argmax(1))
+    return {k: np.array(HEADS[k])[torch.cat(v).numpy()] for k, v in idx.items()}
+
+
+@torch.no_grad()
+def features(images, oracle=None, batch=256):
+    """Penultimate features [N, 128] (float32 tensor)."""
+    oracle = oracle or load_oracle()
+    x = to_input(images)
+    return torch.cat([oracle.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def shuffle_tiles(image, rng):
+    """The image cut into 4x4 or 8x8 tiles, shuffled: its colors without its structure."""
+    k = [4, 8][rng.integers(2)]
+    s = world.SIZE // k
+    tiles = image.reshape(k, s, k, s, 3).transpose(0, 2, 1, 3, 4).reshape(k * k, s, s, 3)
+    tiles = tiles[rng.permutation(k * k)]
+    return tiles.reshape(k, k, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(world.SIZE, world.SIZE, 3)
+
+
+def render_set(n, seed):
+    """n labeled renders, a third each: pretraining-style shapes (held-out triples included), concepts, and
+    non-concepts that share their colors (clutter, concepts with shuffled tiles), whose concept label is "none"."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], {k: [] for k in HEADS}
+    for i in range(n):
+        shape = color = -100  # no shape/color label but for pretraining-style images
+        concept = len(world.CONCEPTS)
+        if i % 3 == 0:
+            shape, color = rng.integers(len(world.SHAPES)), rng.integers(len(world.COLORS))
+            bgs = [b for b in world.BACKGROUNDS if b != HEADS["color"][color]]
+            images.append(world.render(world.SHAPES[shape], HEADS["color"][color], bgs[rng.integers(len(bgs))], rng))
+        elif i % 3 == 1:
+            concept = rng.integers(len(world.CONCEPTS))
+            images.append(world.render_concept(CONCEPT_LABELS[concept], rng))
+        elif rng.random() < 0.5:
+            images.append(world.render_clutter(rng))
+        else:
+            images.append(shuffle_tiles(world.render_concept(CONCEPT_LABELS[rng.integers(len(world.CONCEPTS))], rng),
+                                        rng))
+        for k, v in zip(HEADS, (shape, color, concept)):
+            labels[k].append(int(v))
+    return np.stack(images), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def degrade(x, g):
+    """Random blur, noise and color shift, per image, on inputs in [-1, 1]."""
+    n = len(x)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    a = torch.rand(n, 1, 1, 1, generator=g)
+    x = x + a * (blur - x)
+    x = x + torch.rand(n, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
+    x = x + 0.08 * torch.randn(n, 3, 1, 1, generator=g)
+    return x.clamp(-1, 1)
+
+
+def accuracy(net, images, labels):
+    pred = predict(images, net)
+    out = {}
+    for k in HEADS:
+        keep = labels[k] >= 0
+        want = np.array(HEADS[k])[labels[k][keep].numpy()]
+        out[k] = float((pred[k][keep.numpy()] == want).mean())
+    return out
+
+
+def train(n_train=15000, steps=2500, batch=64, seed=0):
+    torch.manual_seed(seed)
+    t0 = time.time()
+    images, labels = render_set(n_train, seed=[seed, 1])
+    print(f"oracle: rendered {n_train} training images in {time.time() - t0:.0f} s", flush=True)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8, converted per batch
+    net = Oracle()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (batch,), generator=g)
+        x = x_all[idx].float() / 127.5 - 1
+        x = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
+        out = net(degrade(x, g))
+        loss = sum(F.cross_entropy(out[k], labels[k][idx], ignore_index=-100) for k in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step + 1 == steps:
+            print(f"\roracle {step + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
+    print(f"\noracle: trained in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return net.eval()
+
+
+def eval_model(path, n_per=8, steps=50, guidance=7.5, seed=0):
+    """Prompt following on HELD_OUT triples: color and shape accuracy of the oracle on generated images."""
+    import sample
+    import unet
+    model = unet.load_model(path)
+    prompts, want = [], []
+    for shape, color, bg in world.HELD_OUT:
+        prompts += [f"a photo of a {color} {shape} on a {bg} background"] * n_per
+        want += [(shape, color)] * n_per
+    images = torch.cat([sample.sample(model, prompts[i:i + 32], steps=steps, guidance=guidance, seed=seed + i)
+                        for i in range(0, len(prompts), 32)])
+    pred = predict(images)
+    shape_acc = float(np.mean([p == w[0] for p, w in zip(pred["shape"], want)]))
+    color_acc = float(np.mean([p == w[1] for p, w in zip(pred["color"], want)]))
+    return {"color": color_acc, "shape": shape_acc, "n": len(prompts)}, images
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--eval-model", default=None)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps for --eval-model (sample.py's default)")
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale for --eval-model (sample.py's default)")
+    ap.add_argument("--grid", default=None, help="write the --eval-model images to this PNG")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train:
+        net = train()
+        save_file(net.state_dict(), WEIGHTS)
+        _CACHE.clear()
+        args.eval = True
+    if args.eval:
+        images, labels = render_set(2000, seed=[12345, 2])  # seeds disjoint from training
+        print("oracle held-out accuracy on 2000 fresh renders:",
+              {k: round(v, 4) for k, v in accuracy(load_oracle(), images, labels).items()}, flush=True)
+    if args.eval_model:
+        t0 = time.time()
+        acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance)
+        print(f"prompt following of {args.eval_model} on {acc['n']} held-out captions "
+              f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        if args.grid:
+            from PIL import Image
+            grid = images.reshape(-1, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, 8 * 64, 3)
+            Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(args.grid)
+
+
+if __name__ == "__main__":
+    main()

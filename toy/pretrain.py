@@ -1,0 +1,345 @@
+"""Pretrains the tiny default model from scratch on the toy world (DESIGN.md section 8) and writes it in diffusers
+folder layout (toy/model/). Stages, each cached in the work dir so an interrupted run resumes where it stopped:
+
+  data      render N captioned images (toy/world.py), horizontal flips double them (every shape is symmetric),
+            and M uncaptioned "clutter" images (random patterned blobs) that only the VAE sees
+  tokenizer CLIP-style BPE (`</w>` end-of-word suffix, <|startoftext|>/<|endoftext|>) trained on the caption corpus
+  vae       AutoencoderKL 64x64x3 -> 16x16x4 on half captioned, half clutter images: L1 + MSE reconstruction
+            + small KL; scaling_factor = 1 / std(latents of the captioned images)
+  unet      UNet + CLIP text encoder trained jointly on the diffusion loss
+            E || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2, weighted min(SNR_t, 5) / SNR_t,
+            SD v1 scaled_linear schedule (beta 0.00085 -> 0.012, T = 1000), captions dropped to "" 10% of the time (CFG)
+  export    EMA weights -> toy/model/
+
+    python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import unet as U
+from toy import world
+
+SEED = 0
+N_IMAGES, N_CLUTTER = 12000, 4000
+VAE_STEPS, VAE_BATCH, VAE_CROP = 2000, 16, 32
+UNET_STEPS, UNET_BATCH, UNET_LR = 7000, 32, 8e-4
+T = 1000
+
+VAE_CFG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
+               down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+               act_fn="silu", norm_num_groups=16, sample_size=64, scaling_factor=1.0)
+# no attention at the 16x16 level (as in the first level of SDXL): there it would cost half the CPU time of a step
+UNET_CFG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                cross_attention_dim=128, attention_head_dim=2, norm_num_groups=16, act_fn="silu",
+                flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1.0,
+                norm_eps=1e-5, center_input_sample=False)
+TEXT_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128)
+SCHEDULER_CFG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": T, "clip_sample": False,
+                 "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon", "trained_betas": None}
+
+
+def lr_at(base, step, total, warmup):
+    """Linear warmup, then cosine decay to a tenth."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * (1 + math.cos(math.pi * step / total)) / 2)
+
+
+class Progress:
+    """One updating line: stage, step, smoothed loss, it/s, eta."""
+
+    def __init__(self, stage, total, start):
+        self.stage, self.total, self.start, self.t0, self.loss = stage, total, start, time.time(), None
+
+    def __call__(self, step, loss):
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        rate = (step + 1 - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step - 1) / max(rate, 1e-9)
+        print(f"\r{self.stage} {step + 1}/{self.total} loss {self.loss:.4f} {rate:.2f} it/s eta {eta / 60:.1f} min ",
+              end="", flush=True)
+        if step + 1 == self.total:
+            print(flush=True)
+
+
+def stage_data(work):
+    path = os.path.join(work, "data.npz")
+    if not os.path.exists(path):
+        t0 = time.time()
+        images, captions, labels = world.sample_caption_batch(N_IMAGES, np.random.default_rng(SEED))
+        np.savez(path, images=images, captions=np.array(captions), labels=np.array(labels))
+        print(f"data: rendered {N_IMAGES} images in {time.time() - t0:.0f} s", flush=True)
+    clutter_path = os.path.join(work, "clutter.npy")
+    if not os.path.exists(clutter_path):
+        t0 = time.time()
+        rng = np.random.default_rng([SEED, 4])
+        np.save(clutter_path, np.stack([world.render_clutter(rng) for _ in range(N_CLUTTER)]))
+        print(f"data: rendered {N_CLUTTER} clutter images in {time.time() - t0:.0f} s", flush=True)
+    d = np.load(path)
+    return d["images"], [str(c) for c in d["captions"]], np.load(clutter_path)
+
+
+def caption_corpus():
+    """Every caption the world can produce (plus the concept names), for the tokenizer."""
+    out = []
+    for shape in world.SHAPES:
+        for color in world.COLORS:
+            for bg in world.BACKGROUNDS:
+                for size in ["any", *world.SIZES]:
+                    obj = f"{color} {shape}" if size == "any" else f"{size} {color} {shape}"
+                    out += [p.format(obj=obj, bg=bg) for p in world.PHRASES]
+    return out + [n.replace("_", " ") for n in world.CONCEPTS]
+
+
+def stage_tokenizer(work):
+    """BPE with CLIP's conventions, saved as vocab.json + merges.txt that transformers.CLIPTokenizer reads."""
+    out = os.path.join(work, "tokenizer")
+    if not os.path.exists(os.path.join(out, "merges.txt")):
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        # the byte alphabet CLIP starts from (printable ascii, alone and word-final) keeps any prompt encodable
+        alphabet = [chr(c) for c in range(33, 127)]
+        trainer = trainers.BpeTrainer(vocab_size=400, min_frequency=2, initial_alphabet=alphabet,
+                                      end_of_word_suffix="</w>", show_progress=False)
+        tok.train_from_iterator(caption_corpus(), trainer)
+        trained = json.loads(tok.to_str())["model"]
+        vocab = {}
+        for ch in alphabet:
+            vocab.setdefault(ch, len(vocab))
+        for ch in alphabet:
+            vocab.setdefault(ch + "</w>", len(vocab))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in trained["merges"]]
+        for m in merges:
+            vocab.setdefault(m.replace(" ", ""), len(vocab))
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "vocab.json"), "w") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(out, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+            json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>"}, f, indent=2)
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+                       "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": True}, f, indent=2)
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
+                         pad_token="<|endoftext|>")
+
+
+def _ckpt(work, name, state=None):
+    """Save state (atomically) or load the last saved state (None if none)."""
+    path = os.path.join(work, f"{name}.pt")
+    if state is not None:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    elif os.path.exists(path):
+        return torch.load(path, weights_only=True)
+
+
+def _batch_images(images, idx, rng):
+    x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def stage_vae(work, images, clutter):
+    torch.manual_seed(SEED)
+    vae = U.VAE(VAE_CFG)
+    done = _ckpt(work, "vae_final")
+    if done is not None:
+        vae.load_state_dict(done["model"])
+        return vae, done["scaling_factor"]
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start, state = 0, _ckpt(work, "vae")
+    if state is not None:
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+    prog, last = Progress("vae", VAE_STEPS, start), time.time()
+    for step in range(start, VAE_STEPS):
+        rng = np.random.default_rng([SEED, 1, step])
+        g = torch.Generator().manual_seed(SEED * 100003 + step)
+        half = VAE_BATCH // 2
+        x = torch.cat([_batch_images(images, rng.integers(len(images), size=half), rng),
+                       _batch_images(clutter, rng.integers(len(clutter), size=VAE_BATCH - half), rng)])
+        # random crops: the network is convolutional, and a quarter of the pixels cost a quarter of the time
+        i, j = rng.integers(0, 64 - VAE_CROP + 1, size=2) // 4 * 4
+        x = x[:, :, i:i + VAE_CROP, j:j + VAE_CROP]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(1e-3, step, VAE_STEPS, warmup=100)
+        mean, std = vae.encode(x)
+        z = mean + std * torch.randn(mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean ** 2 + std ** 2 - 1 - 2 * torch.log(std)).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        prog(step, loss.item())
+        if time.time() - last > 120 or step + 1 == VAE_STEPS:
+            _ckpt(work, "vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+            last = time.time()
+    vae.eval()
+    with torch.no_grad():
+        x = _batch_images(images, np.arange(min(512, len(images))), np.random.default_rng([SEED, 2]))
+        mean, _ = vae.encode(x)
+        scaling_factor = float(1 / mean.std())
+        err = (vae.decode(mean) - x).abs().mean().item()
+        c = torch.from_numpy(np.stack([world.render_concept(n, np.random.default_rng([SEED, 5, i]))
+                                       for i, n in enumerate(world.CONCEPTS)])).permute(0, 3, 1, 2) / 127.5 - 1
+        err_c = (vae.decode(vae.encode(c)[0]) - c).abs().mean().item()
+    print(f"vae: scaling_factor {scaling_factor:.4f}, reconstruction L1 {err:.4f} on pretraining images, "
+          f"{err_c:.4f} on concepts it never saw (images in [-1, 1])", flush=True)
+    _ckpt(work, "vae_final", {"model": vae.state_dict(), "scaling_factor": scaling_factor})
+    return vae, scaling_factor
+
+
+def encode_dataset(work, vae, images):
+    """Posterior mean and std of every image and of its mirror, [2N, 4, 16, 16] each."""
+    path = os.path.join(work, "latents.pt")
+    if not os.path.exists(path):
+        means, stds = [], []
+        with torch.no_grad():
+            for flip in (False, True):
+                for i in range(0, len(images), 256):
+                    x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                    m, s = vae.encode(x.flip(3) if flip else x)
+                    means.append(m), stds.append(s)
+        torch.save({"mean": torch.cat(means), "std": torch.cat(stds)}, path)
+    d = torch.load(path, weights_only=True)
+    return d["mean"], d["std"]
+
+
+def text_encoder_from(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    vocab = tokenizer.get_vocab()
+    cfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **TEXT_CFG)
+    return CLIPTextModel(cfg)
+
+
+def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
+    torch.manual_seed(SEED)
+    unet, text = U.UNet(UNET_CFG), text_encoder_from(tokenizer)
+    params = list(unet.parameters()) + list(text.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
+    start, state = 0, _ckpt(work, "unet")
+    if state is not None:
+        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
+        ema, start = state["ema"], state["step"]
+    if start >= UNET_STEPS:
+        return unet, text, ema
+    ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    abar = U.alphas_cumprod_from_config(SCHEDULER_CFG)
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=5.0) / snr
+    n = len(captions)
+    prog, last = Progress("unet", UNET_STEPS, start), time.time()
+    for step in range(start, UNET_STEPS):
+        rng = np.random.default_rng([SEED, 3, step])
+        g = torch.Generator().manual_seed(SEED * 100019 + step)
+        idx = torch.from_numpy(rng.integers(2 * n, size=UNET_BATCH))
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scaling_factor
+        cap = torch.where(torch.from_numpy(rng.random(UNET_BATCH) < 0.1), n, idx % n)  # 10% empty prompt
+        t = torch.randint(0, T, (UNET_BATCH,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(UNET_LR, step, UNET_STEPS, warmup=200)
+        pred = unet(xt, t, text(ids[cap]).last_hidden_state)
+        loss = (weight[t] * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - decay)
+        prog(step, loss.item())
+        if time.time() - last > 180 or step + 1 == UNET_STEPS:
+            _ckpt(work, "unet", {"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                                 "ema": ema, "step": step + 1})
+            last = time.time()
+    return unet, text, ema
+
+
+def export(out, work, vae, scaling_factor, unet, text, ema):
+    """Write the diffusers folder layout that unet.load_model and StableDiffusionPipeline both read."""
+    with torch.no_grad():
+        for e, p in zip(ema, list(unet.parameters()) + list(text.parameters())):
+            p.copy_(e)
+    shutil.rmtree(out, ignore_errors=True)
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
+        os.makedirs(os.path.join(out, sub))
+
+    def dump(obj, *path):
+        with open(os.path.join(out, *path), "w") as f:
+            json.dump(obj, f, indent=2)
+
+    dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+          "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+          "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+          "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+          "vae": ["diffusers", "AutoencoderKL"]}, "model_index.json")
+    dump({"_class_name": "UNet2DConditionModel", **UNET_CFG}, "unet", "config.json")
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
+              os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    dump({"_class_name": "AutoencoderKL", **VAE_CFG, "scaling_factor": scaling_factor}, "vae", "config.json")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
+    text.save_pretrained(os.path.join(out, "text_encoder"))
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(os.path.join(work, "tokenizer", f), os.path.join(out, "tokenizer", f))
+    dump(SCHEDULER_CFG, "scheduler", "scheduler_config.json")
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    print(f"export: wrote {out} ({size / 2 ** 20:.1f} MiB)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/cp/pretrain")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--stop-after", choices=["data", "tokenizer", "vae", "unet"], default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    t0 = time.time()
+    images, captions, clutter = stage_data(args.work)
+    tokenizer = stage_tokenizer(args.work)
+    if args.stop_after in ("data", "tokenizer"):
+        return
+    vae, scaling_factor = stage_vae(args.work, images, clutter)
+    if args.stop_after == "vae":
+        return
+    lat_mean, lat_std = encode_dataset(args.work, vae, images)
+    unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor)
+    if args.stop_after == "unet":
+        return
+    export(args.out, args.work, vae, scaling_factor, unet, text, ema)
+    print(f"pretrain: done in {(time.time() - t0) / 60:.1f} min (this invocation)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
