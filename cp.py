@@ -315,6 +315,7 @@ def optimize(params_groups, steps, loss_fn, label, log):
     """AdamW over the given parameter groups; stops with CPError on a non-finite loss."""
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     progress = Progress(steps, label) if log else None
+    terms = {}
     for step in range(1, steps + 1):
         terms = loss_fn()
         loss = sum(terms.values())
