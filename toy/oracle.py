@@ -4,7 +4,8 @@ Three heads on shared features: shape (world.SHAPES), color (world.COLORS) and c
 It is trained only on rendered images, never on generated ones, so it can judge the tiny model's prompt following
 and a personalized model's concept fidelity; `features` (the penultimate layer) serves the benchmark's KID.
 Renders are degraded at random (blur, noise, color shift) so that the softer images a diffusion model makes are
-still read correctly.
+still read correctly. "none" is learned from plain shapes, clutter and concepts cut into shuffled tiles, so
+an image with a concept's colors but not its structure is not taken for the concept.
 
     python -m toy.oracle --train                 # fit, report held-out accuracy, write toy/oracle.safetensors
     python -m toy.oracle --eval                  # held-out accuracy of the shipped weights on fresh renders

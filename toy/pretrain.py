@@ -102,7 +102,9 @@ def caption_corpus():
 
 
 def stage_tokenizer(work):
-    """BPE with CLIP's conventions, saved as vocab.json + merges.txt that transformers.CLIPTokenizer reads."""
+    """BPE with CLIP's conventions, saved as vocab.json + merges.txt that transformers.CLIPTokenizer reads.
+    The trainer breaks ties between equally frequent pairs in a run-dependent order, so a rerun may number a few
+    tokens differently: the shipped toy/model/tokenizer is the reference, and a rerun is consistent with itself."""
     out = os.path.join(work, "tokenizer")
     if not os.path.exists(os.path.join(out, "merges.txt")):
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
