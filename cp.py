@@ -16,7 +16,6 @@ The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is s
 names, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state whole.
 """
 import json
-import math
 import os
 import random
 import sys
@@ -408,30 +407,22 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
                 lora.remove(model.unet, n)
         lora.set_enabled(model.unet, adapter, True)
 
+    final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, adapter).items()} if adapter else {}
     if hp.uses("ewc"):
         f_hat = fisher_diagonal(model, params, batches, prompts_fn, hp, gen)
-        current = flat(snapshot(model.unet, adapter))
-        f_hat = dict(zip(flat(lora.get_adapter(model.unet, adapter)), (f.cpu() for f in f_hat)))
-        fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f for k, f in f_hat.items()}
-        anchor = {k: v.cpu() for k, v in current.items()}
+        anchor = flat(final)
+        fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
         metrics["fisher_mean"] = float(np.mean([f.mean().item() for f in fisher.values()]))
 
     for p in params:
         p.requires_grad_(False)
-    final = snapshot(model.unet, adapter) if adapter else {}
-    final_cpu = {p: (A.cpu(), B.cpu()) for p, (A, B) in final.items()}
-    metrics["lora_norm"] = float(sum(((B @ A) * lora_scale(hp)).square().sum() for A, B in final.values()) ** 0.5) \
-        if final else 0.0
+    metrics["lora_norm"] = float(sum(((B @ A) * hp.alpha / hp.rank).square().sum() for A, B in final.values()) ** 0.5)
     metrics["seconds"] = round(time.time() - started, 1)
     concept = {"name": name, "token": token, "prompt": target, "class_word": class_word, "task": task}
     return State(model=state.model, hparams=state.hparams, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
-                 lora=None if hp.uses("clora") or not adapter else final_cpu,
-                 pool=state.pool + ([final_cpu] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor)
-
-
-def lora_scale(hp):
-    return hp.alpha / hp.rank
+                 lora=None if hp.uses("clora") or not adapter else final,
+                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ kernel `kernels.dc_errors` on the predictions viewed as [B, K, *latent] against 
 The UNet is any callable unet(x [N, C, h, w], t [N], context [N, L, Cc]) -> eps [N, C, h, w].
 """
 import torch
-import torch.nn.functional as F
 
 from kernels import dc_errors
 from unet import add_noise

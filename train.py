@@ -13,12 +13,23 @@ import sys
 from dataclasses import asdict, fields
 
 import torch
+from safetensors.torch import save_file
 
 import cp
 import lora
 import unet
 
 FIXED = ("method", "rank", "alpha", "targets")  # a state's LoRA layout cannot change between tasks
+
+
+def add_hparam_flags(parser, skip=()):
+    """Every cp.Hparams field as a flag; None means "the state's value, else the default"."""
+    defaults = cp.Hparams()
+    for f in fields(cp.Hparams):
+        if f.name not in skip:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
+                                choices=cp.METHODS if f.name == "method" else None,
+                                help=f"default {getattr(defaults, f.name)}")
 
 
 def parse_args(argv):
@@ -31,12 +42,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya) and the token embeddings")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
-    defaults = cp.Hparams()
-    for f in fields(cp.Hparams):  # every hyperparameter is a flag; None means "state's value, else the default"
-        kind = f.type if isinstance(f.type, type) else type(getattr(defaults, f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                       choices=cp.METHODS if f.name == "method" else None,
-                       help=f"default {getattr(defaults, f.name)}")
+    add_hparam_flags(p)
     return p.parse_args(argv)
 
 
@@ -62,7 +68,6 @@ def export(model, state, folder):
         for fmt, name in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "lora_kohya.safetensors")):
             lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt)
             written.append(name)
-    from safetensors.torch import save_file
     for token, row in state.tokens.items():  # one file per token, the layout diffusers' load_textual_inversion reads
         name = token.strip("<>") + ".safetensors"
         save_file({token: row.contiguous()}, os.path.join(folder, name))

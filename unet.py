@@ -617,12 +617,12 @@ def _build_text_encoder(cfg, sd):
     from transformers import CLIPTextConfig, CLIPTextModel
     fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
     te = CLIPTextModel(CLIPTextConfig(**fields))
-    sd = fix_text_keys(sd)
-    own = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()}
-    if "embeddings.position_ids" in own:
-        sd["embeddings.position_ids"] = own["embeddings.position_ids"]
-    prefix = "text_model." if next(iter(te.state_dict())).startswith("text_model.") else ""
-    load_state_dict_strict(te, {prefix + k: v for k, v in sd.items()}, "text_encoder")
+    own = te.state_dict()
+    prefix = "text_model." if next(iter(own)).startswith("text_model.") else ""  # transformers < 5 nests the model
+    sd = {prefix + k: v for k, v in fix_text_keys(sd).items()}
+    if prefix + "embeddings.position_ids" in own:
+        sd[prefix + "embeddings.position_ids"] = own[prefix + "embeddings.position_ids"]
+    load_state_dict_strict(te, sd, "text_encoder")
     return te
 
 

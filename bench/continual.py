@@ -50,6 +50,7 @@ import cp  # noqa: E402
 import dc_score  # noqa: E402
 import lora  # noqa: E402
 import sample  # noqa: E402
+import train  # noqa: E402
 import unet  # noqa: E402
 
 FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=8, n_real=16, sample_steps=25, dc_timesteps=10)
@@ -430,11 +431,7 @@ def parse_args(argv):
     p.add_argument("--grid-n", type=int, default=3, help="samples per cell of the grid")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no per-step training progress")
-    defaults = cp.Hparams()
-    for f in fields(cp.Hparams):  # the training flags of train.py
-        if f.name not in ("method", "seed"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                           help=f"default {getattr(defaults, f.name)}")
+    train.add_hparam_flags(p, skip=("method", "seed"))  # the training flags of train.py
     args = p.parse_args(argv)
     for k, v in {**FULL, **(QUICK if args.quick else {})}.items():
         if getattr(args, k) is None:

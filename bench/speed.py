@@ -149,9 +149,7 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
     A step's cost is (time of n2 steps − time of n1 steps) / (n2 − n1): fixed costs (Fisher, setup) cancel.
     DSC's consolidation step is timed the same way through dsc_steps.
     """
-    import tempfile
     import cp
-    from PIL import Image
     model_path = model_path or os.path.join(ROOT, "toy", "model")
     folders = sorted(os.path.join(ROOT, "examples", "concepts", d) for d in os.listdir(os.path.join(ROOT, "examples", "concepts")))[:2]
     rows, per_step = [], {}

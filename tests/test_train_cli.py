@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
@@ -74,7 +73,7 @@ def test_killed_during_training_leaves_state_unchanged(learned, tmp_path):
     p = subprocess.Popen([sys.executable, "train.py", "--concept", learned["second"], "--state", state,
                           "--steps", "100000", "--no-preview"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and "train " not in (line := p.stderr.read(64) or ""):
+    while time.time() < deadline and "train " not in (p.stderr.read(64) or ""):
         pass
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -85,7 +84,7 @@ def test_killed_during_training_leaves_state_unchanged(learned, tmp_path):
 
 
 def test_bad_inputs_one_line_error_state_unchanged(learned, tmp_path):
-    state, model = learned["state"], learned["model"]
+    state = learned["state"]
     before = digest(state)
     empty = tmp_path / "empty"
     empty.mkdir()
