@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,12 +43,12 @@ class CPError(Exception):
 class Hparams:
     """Every knob of a task (each one a train.py flag). README "Defaults" says how each value was chosen."""
     method: str = "ewc-dc"
-    steps: int = 300               # optimizer steps on the new concept
-    batch_size: int = 4
-    lr: float = 2e-3               # LoRA learning rate
-    token_lr: float = 5e-3         # learning rate of the new token's embedding row
-    rank: int = 4
-    alpha: float = 4.0
+    steps: int = 600               # optimizer steps on the new concept
+    batch_size: int = 8
+    lr: float = 1e-2               # LoRA learning rate
+    token_lr: float = 5e-2         # learning rate of the new token's embedding row
+    rank: int = 8
+    alpha: float = 8.0
     targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
@@ -366,10 +366,14 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     batches = Batches(model, images, hp.batch_size, gen)
     prompts_fn = (lambda: dc_subset(state, target, c0, hp, rng)) if hp.uses("dc") else (lambda: [target])
 
+    # the state keeps the EWC statistics on the CPU: move them to the LoRA's device once, not at every step
+    ewc_stats = replace(state, fisher={k: v.to(model.device) for k, v in state.fisher.items()},
+                        anchor={k: v.to(model.device) for k, v in state.anchor.items()})
+
     def train_loss():
         terms = task_loss(model, batches(), prompts_fn(), hp, gen)
         if hp.uses("ewc"):
-            terms["ewc"] = ewc_penalty(model.unet, adapter, state, hp)
+            terms["ewc"] = ewc_penalty(model.unet, adapter, ewc_stats, hp)
         if hp.uses("clora"):
             terms["clora"] = clora_penalty(model.unet, adapter, hp)
         return terms
@@ -397,7 +401,7 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
             prompts = [target, c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
             terms = dsc_loss(model, batches(), prompts, len(prompts) - 1, teacher2, hp, gen)
             if hp.uses("ewc"):
-                terms["ewc"] = ewc_penalty(model.unet, adapter, state, hp)
+                terms["ewc"] = ewc_penalty(model.unet, adapter, ewc_stats, hp)
             return terms
 
         metrics["consolidate"] = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, consolidation_loss,

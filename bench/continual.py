@@ -30,6 +30,7 @@ CLIP-I (mean cosine generated vs real) and CLIP-T (mean cosine to "a photo of a 
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -245,7 +246,7 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
             cp.check_model(state, model)
         cp.apply_state(model, state)
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
-            state = cp.learn_concept(model, state, folder, class_word=words[m], log=not args.quiet)
+            state = cp.learn_concept(model, state, folder, class_word=words[m], log=not args.quiet and args.jobs == 1)
         cp.save_state(state, state_dir)
         lora.merge(model.unet)  # sampling and scoring only from here on: fold the LoRA(s) in
         trained = time.time()
@@ -430,6 +431,8 @@ def parse_args(argv):
     p.add_argument("--chunk", type=int, default=64, help="most UNet rows per call in the DC accuracy")
     p.add_argument("--grid-n", type=int, default=3, help="samples per cell of the grid")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs in parallel processes; on a CPU with few "
+                   "cores 2 jobs of 1 thread each beat 1 job of 2 threads (the tiny model is too small to scale)")
     p.add_argument("--quiet", action="store_true", help="no per-step training progress")
     train.add_hparam_flags(p, skip=("method", "seed"))  # the training flags of train.py
     args = p.parse_args(argv)
@@ -446,6 +449,41 @@ def parse_args(argv):
     return args
 
 
+def setup(args, tmp, resolution):
+    """The concepts (names, training folders, class words), the real images and the judge."""
+    if args.clip:
+        names, folders, real = photo_concepts(args, tmp, resolution)
+        words = args.class_words.split(",") if args.class_words else [None] * len(names)
+        texts = [f"a photo of a {w or n.replace('_', ' ')}" for w, n in zip(words, names)]
+        judge, text = clip_judge(args.clip, real, texts, args.device)
+        judge_name = f"CLIP {args.clip}"
+    else:
+        names, folders, real = toy_concepts(args, tmp)
+        words, text = [None] * len(names), None
+        judge, judge_name = oracle_judge(names), "toy oracle (toy/oracle.py)"
+    scored = [judge(x) for x in real]
+    return dict(names=names, folders=folders, words=words, real=real, judge=judge, text=text, judge_name=judge_name,
+                real_pred=[p for p, _ in scored], real_feats=[f for _, f in scored])
+
+
+_WORKER = {}  # what _run_job needs, per process: set by main (--jobs 1) or by a worker's first job
+
+
+def _init_worker(args, hparams, tmp, resolution):
+    torch.set_num_threads(max(1, torch.get_num_threads() // args.jobs))
+    _WORKER.update(args=args, hparams=hparams, tmp=tempfile.mkdtemp(dir=tmp), resolution=resolution)
+
+
+def _run_job(job):
+    method, seed = job
+    w = _WORKER
+    if "ctx" not in w:  # in a job, not in the initializer: an error here reaches main instead of killing the worker
+        w["ctx"] = setup(w["args"], w["tmp"], w["resolution"])
+    c = w["ctx"]
+    return run_method(method, seed, w["args"], w["hparams"], c["names"], c["folders"], c["words"], c["real"],
+                      c["judge"], c["real_feats"], c["text"], w["tmp"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in (["bench/continual.py"] + list(argv or sys.argv[1:])))
@@ -457,44 +495,39 @@ def main(argv=None):
     hparams = {f.name: getattr(args, f.name) for f in fields(cp.Hparams)
                if f.name not in ("method", "seed") and getattr(args, f.name) is not None}
     os.makedirs(args.out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="cp-continual-")
+    tmp, pool = tempfile.mkdtemp(prefix="cp-continual-"), None
     try:
         resolution = unet.load_model(args.model, "cpu").resolution  # fails early on a bad --model
-        if args.clip:
-            names, folders, real = photo_concepts(args, tmp, resolution)
-            words = args.class_words.split(",") if args.class_words else [None] * len(names)
-            texts = [f"a photo of a {w or n.replace('_', ' ')}" for w, n in zip(words, names)]
-            judge, text = clip_judge(args.clip, real, texts, args.device)
-            judge_name = f"CLIP {args.clip}"
-        else:
-            names, folders, real = toy_concepts(args, tmp)
-            words, text = [None] * len(names), None
-            judge, judge_name = oracle_judge(names), "toy oracle (toy/oracle.py)"
-        scored = [judge(x) for x in real]
-        real_feats = [f for _, f in scored]
-        judge_acc = float(np.mean([np.mean(pred == i) for i, (pred, _) in enumerate(scored)]))
-        print(f"judge: {judge_name}; its accuracy on the real images: {judge_acc:.3f}", flush=True)
+        ctx = setup(args, tmp, resolution)
+        judge_acc = float(np.mean([np.mean(pred == i) for i, pred in enumerate(ctx["real_pred"])]))
+        print(f"judge: {ctx['judge_name']}; its accuracy on the real images: {judge_acc:.3f}", flush=True)
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else \
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": device_name,
-                  "judge": judge_name, "judge_acc_real": judge_acc, "concepts": names, "seeds": args.seeds,
-                  "args": vars(args), "runs": {}, "summary": {}}
+                  "judge": ctx["judge_name"], "judge_acc_real": judge_acc, "concepts": ctx["names"],
+                  "seeds": args.seeds, "args": vars(args), "runs": {}, "summary": {}}
+        names, real = ctx["names"], ctx["real"]
         grid = {}
         started = time.time()
-        for method in methods:
-            runs = []
-            for seed in range(args.seeds):
-                run, samples = run_method(method, seed, args, hparams, names, folders, words, real, judge,
-                                          real_feats, text, tmp)
-                runs.append(run)
-                if seed == 0:
-                    grid[method] = samples
-                report["runs"][method], report["summary"][method] = runs, summarize(runs)
-                with open(os.path.join(args.out, "results.json"), "w") as f:
-                    json.dump(report, f, indent=1)
+        jobs = [(method, seed) for method in methods for seed in range(args.seeds)]
+        if args.jobs > 1:  # independent (method, seed) runs in worker processes, each with its own copy of setup()
+            pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker,
+                                                             initargs=(args, hparams, tmp, resolution))
+            results = pool.imap(_run_job, jobs)
+        else:
+            _WORKER.update(args=args, hparams=hparams, tmp=tmp, ctx=ctx)
+            results = map(_run_job, jobs)
+        for (method, seed), (run, samples) in zip(jobs, results):
+            report["runs"].setdefault(method, []).append(run)
+            report["summary"][method] = summarize(report["runs"][method])
+            if seed == 0:
+                grid[method] = samples
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(report, f, indent=1)
             s = report["summary"][method]
-            print(f"== {method}: A {fmt(s['A'])}  P {fmt(s['P'])}  F {fmt(s['F'])}  DC acc {fmt(s['dc_acc'])}  "
-                  f"({time.time() - started:.0f}s so far)", flush=True)
+            if seed == args.seeds - 1:
+                print(f"== {method}: A {fmt(s['A'])}  P {fmt(s['P'])}  F {fmt(s['F'])}  DC acc {fmt(s['dc_acc'])}  "
+                      f"({time.time() - started:.0f}s so far)", flush=True)
         report["total_seconds"] = round(time.time() - started, 1)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -508,6 +541,8 @@ def main(argv=None):
     except (cp.CPError, unet.LoadError) as e:
         sys.exit(f"error: {e}")
     finally:
+        if pool is not None:
+            pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

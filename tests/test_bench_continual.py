@@ -117,7 +117,7 @@ def test_clip_mode(tiny_model_dir, tmp_path):
         folders.append(str(tmp_path / name))
     out = str(tmp_path / "out")
     run_bench("--model", tiny_model_dir, "--clip", clip, "--concepts", ",".join(folders), "--class-words", "ball,box",
-              "--holdout", "2", "--methods", "ewc-dc", "--seeds", "2", "--out", out, *TINY)
+              "--holdout", "2", "--methods", "ewc-dc", "--seeds", "2", "--jobs", "2", "--out", out, *TINY)
     report = check_outputs(out, ["ewc-dc"], 2, 2)
     assert report["judge"].startswith("CLIP") and report["concepts"] == ["ball", "box"]
     assert report["judge_acc_real"] == 1.0  # red vs blue photos: apart even in a random CLIP

@@ -36,9 +36,15 @@ def test_concepts_render_with_random_pose_and_never_in_pretraining_captions():
         assert not np.array_equal(a, world.render_concept(name, np.random.default_rng(2)))
     images, captions, labels = world.sample_caption_batch(64, np.random.default_rng(0))
     assert images.shape == (64, 64, 64, 3)
-    for cap, (shape, color, bg) in zip(captions, labels):
+    for cap, (shape, color, bg, pattern, color2) in zip(captions, labels):
         assert shape in cap and color in cap
         assert (shape, color, bg) not in world.HELD_OUT
+        if pattern != "plain":
+            assert f"{color} and {color2} {pattern} {shape}" in cap
+    assert {lab[3] for lab in labels} == set(world.PATTERNS)
+    rng = np.random.default_rng(0)
+    looks = {(s, *world.sample_pattern(s, c, rng), c) for s in world.SHAPES for c in world.COLORS for _ in range(50)}
+    assert not {(s, p, frozenset({c, c2})) for s, p, c2, c in looks} & world.LOOKALIKES
     held = {world.sample_labels(np.random.default_rng(i)) for i in range(300)}
     assert not held & set(world.HELD_OUT)
 

@@ -4,12 +4,13 @@ Three heads on shared features: shape (world.SHAPES), color (world.COLORS) and c
 It is trained only on rendered images, never on generated ones, so it can judge the tiny model's prompt following
 and a personalized model's concept fidelity; `features` (the penultimate layer) serves the benchmark's KID.
 Renders are degraded at random (blur, noise, color shift) so that the softer images a diffusion model makes are
-still read correctly. "none" is learned from plain shapes, clutter and concepts cut into shuffled tiles, so
+still read correctly. "none" is learned from pretraining shapes, clutter and concepts cut into shuffled tiles, so
 an image with a concept's colors but not its structure is not taken for the concept.
 
     python -m toy.oracle --train                 # fit, report held-out accuracy, write toy/oracle.safetensors
     python -m toy.oracle --eval                  # held-out accuracy of the shipped weights on fresh renders
     python -m toy.oracle --eval-model toy/model  # prompt following of a model on HELD_OUT captions
+    python -m toy.oracle --eval-state runs/default  # concept accuracy of samples of every concept in a state
 """
 import argparse
 import os
@@ -98,8 +99,9 @@ def shuffle_tiles(image, rng):
 
 
 def render_set(n, seed):
-    """n labeled renders, a third each: pretraining-style shapes (held-out triples included), concepts, and
-    non-concepts that share their colors (clutter, concepts with shuffled tiles), whose concept label is "none"."""
+    """n labeled renders, a third each: pretraining-style shapes (plain and patterned, held-out triples included),
+    concepts, and non-concepts that share their colors (clutter, concepts with shuffled tiles). The concept label
+    of everything but a concept is "none"; patterned shapes have no color label."""
     rng = np.random.default_rng(seed)
     images, labels = [], {k: [] for k in HEADS}
     for i in range(n):
@@ -108,7 +110,11 @@ def render_set(n, seed):
         if i % 3 == 0:
             shape, color = rng.integers(len(world.SHAPES)), rng.integers(len(world.COLORS))
             bgs = [b for b in world.BACKGROUNDS if b != HEADS["color"][color]]
-            images.append(world.render(world.SHAPES[shape], HEADS["color"][color], bgs[rng.integers(len(bgs))], rng))
+            pattern, color2 = world.sample_pattern(world.SHAPES[shape], HEADS["color"][color], rng)
+            images.append(world.render(world.SHAPES[shape], HEADS["color"][color], bgs[rng.integers(len(bgs))], rng,
+                                       pattern=pattern, color2=color2))
+            if pattern != "plain":
+                color = -100  # two colors: the color head learns from plain shapes only
         elif i % 3 == 1:
             concept = rng.integers(len(world.CONCEPTS))
             images.append(world.render_concept(CONCEPT_LABELS[concept], rng))
@@ -186,14 +192,29 @@ def eval_model(path, n_per=8, steps=50, guidance=7.5, seed=0):
     return {"color": color_acc, "shape": shape_acc, "n": len(prompts)}, images
 
 
+def eval_state(folder, n=32, steps=50, guidance=7.5, seed=0):
+    """Concept fidelity of a personalized model: the share of samples of each learned concept's prompt that the
+    oracle assigns to that concept."""
+    import cp
+    import sample
+    model, state = cp.load_with_state(folder)
+    out = {}
+    for c in state.concepts:
+        images = torch.cat([sample.sample(model, [c["prompt"]] * min(32, n - i), steps=steps, guidance=guidance,
+                                          seed=seed + i) for i in range(0, n, 32)])
+        out[c["name"]] = float(np.mean(predict(images)["concept"] == c["name"]))
+    return out, images
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--eval-model", default=None)
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps for --eval-model (sample.py's default)")
-    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale for --eval-model (sample.py's default)")
-    ap.add_argument("--grid", default=None, help="write the --eval-model images to this PNG")
+    ap.add_argument("--eval-state", default=None, help="a train.py state: oracle concept accuracy of its samples")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps of --eval-model/--eval-state (as sample.py)")
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale of --eval-model/--eval-state (as sample.py)")
+    ap.add_argument("--grid", default=None, help="write the --eval-model images (or the last concept's) to this PNG")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -213,10 +234,16 @@ def main():
         print(f"prompt following of {args.eval_model} on {acc['n']} held-out captions "
               f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
-        if args.grid:
-            from PIL import Image
-            grid = images.reshape(-1, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, 8 * 64, 3)
-            Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(args.grid)
+    if args.eval_state:
+        t0 = time.time()
+        acc, images = eval_state(args.eval_state, steps=args.steps, guidance=args.guidance)
+        print(f"concept accuracy of 32 samples per concept of {args.eval_state} (DDIM {args.steps} steps, CFG "
+              f"{args.guidance}): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f} s)",
+              flush=True)
+    if args.grid and (args.eval_model or args.eval_state):
+        from PIL import Image
+        grid = images.reshape(-1, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, 8 * 64, 3)
+        Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(args.grid)
 
 
 if __name__ == "__main__":

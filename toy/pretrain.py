@@ -1,7 +1,8 @@
 """Pretrains the tiny default model from scratch on the toy world (DESIGN.md section 8) and writes it in diffusers
 folder layout (toy/model/). Stages, each cached in the work dir so an interrupted run resumes where it stopped:
 
-  data      render N captioned images (toy/world.py), horizontal flips double them (every shape is symmetric),
+  data      render N captioned images (toy/world.py: plain and patterned shapes), horizontal flips double them
+            (every shape is symmetric),
             and M uncaptioned "clutter" images (random patterned blobs) that only the VAE sees
   tokenizer CLIP-style BPE (`</w>` end-of-word suffix, <|startoftext|>/<|endoftext|>) trained on the caption corpus
   vae       AutoencoderKL 64x64x3 -> 16x16x4 on half captioned, half clutter images: L1 + MSE reconstruction
@@ -94,10 +95,12 @@ def caption_corpus():
     out = []
     for shape in world.SHAPES:
         for color in world.COLORS:
-            for bg in world.BACKGROUNDS:
-                for size in ["any", *world.SIZES]:
-                    obj = f"{color} {shape}" if size == "any" else f"{size} {color} {shape}"
-                    out += [p.format(obj=obj, bg=bg) for p in world.PHRASES]
+            looks = [("plain", None)] + [(p, c) for p in world.PATTERNS[1:] for c in world.SECOND_COLORS if c != color]
+            for pattern, color2 in looks:
+                for bg in world.BACKGROUNDS:
+                    for size in ["any", *world.SIZES]:
+                        obj = world.describe(shape, color, size, pattern, color2)
+                        out += [p.format(obj=obj, bg=bg) for p in world.PHRASES]
     return out + [n.replace("_", " ") for n in world.CONCEPTS]
 
 

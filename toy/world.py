@@ -1,8 +1,11 @@
 """The toy world (DESIGN.md section 8): a deterministic procedural renderer of 64x64 RGB images with captions.
 
-Pretraining images are one plain shape of one color on a plain background ("a photo of a red star on a blue
-background"). Concepts are composite objects (a checkered heart, a striped ring around a dot, ...) that pretraining
-never shows; each is rendered with a random pose, scale and background, so it has unlimited held-out images.
+Pretraining images are one shape on a plain background, either of one color ("a photo of a red star on a blue
+background") or patterned in two colors ("a red and white checkered heart"): stripes, checkers, dots or rings, the
+visual vocabulary a personal object is later composed from, as a real model knows textures before it meets your
+mug. Concepts are composite objects (a checkered heart with fixed colors, a striped ring around a dot, ...) that
+pretraining never shows: the pattern-shape-color combinations they resemble are held out (LOOKALIKES). Each is
+rendered with a random pose, scale and background, so it has unlimited held-out images.
 "Clutter" (random patterned blobs) is the VAE's extra training data, so the codec is not limited to plain shapes.
 Everything is a pure function of a numpy Generator, so a seed fixes the image.
 
@@ -24,6 +27,9 @@ COLORS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 220),
 BACKGROUNDS = {"white": (242, 242, 242), "black": (20, 20, 20), "gray": (128, 128, 128), **COLORS}
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
 SIZES = {"small": (0.22, 0.32), "large": (0.36, 0.46)}   # object radius as a fraction of the image side
+PATTERNS = ["plain", "striped", "checkered", "dotted", "ringed"]
+PATTERN_P = [0.4, 0.15, 0.15, 0.15, 0.15]
+SECOND_COLORS = {**COLORS, "white": (250, 250, 250), "black": (20, 20, 20)}   # the other color of a pattern
 PHRASES = ["a photo of a {obj} on a {bg} background", "a {obj} on a {bg} background", "a photo of a {obj}",
            "a {obj}", "{obj}, {bg} background", "a picture of a {obj} in front of a {bg} background"]
 
@@ -33,6 +39,9 @@ HELD_OUT = [("circle", "red", "blue"), ("square", "green", "white"), ("triangle"
             ("circle", "purple", "orange"), ("square", "orange", "purple"), ("triangle", "red", "gray"),
             ("star", "blue", "white"), ("heart", "green", "black"), ("cross", "yellow", "red")]
 _HELD = set(HELD_OUT)
+# (shape, pattern, {two colors}) that a concept resembles: pretraining never shows them
+LOOKALIKES = {("heart", "checkered", frozenset({"red", "white"})), ("star", "striped", frozenset({"orange", "blue"})),
+              ("square", "dotted", frozenset({"purple", "white"})), ("circle", "ringed", frozenset({"blue", "white"}))}
 
 
 def _jitter(rgb, rng, amount=14):
@@ -102,6 +111,34 @@ def draw_shape(pen, shape, fill):
         pen.poly(_cross_pts(), fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+def paint_pattern(pen, pattern, fill, other, rng):
+    """Fill the whole sprite with `pattern` in colors `fill` and `other` (Pen.pattern clips it to the shape)."""
+    pen.rect(-1, -1, 1, 1, fill)
+    if pattern == "striped":    # vertical, horizontal or diagonal bands
+        k, kind = rng.uniform(0.17, 0.24), rng.integers(3)
+        for x in np.arange(-3, 3, 2 * k):
+            pts = [(x, -1), (x + k, -1), (x + k, 1), (x, 1)] if kind < 2 else \
+                [(x - 1, 1), (x + k - 1, 1), (x + k + 1, -1), (x + 1, -1)]
+            pen.poly([(y, x) for x, y in pts] if kind == 1 else pts, other)
+    elif pattern == "checkered":
+        k = rng.uniform(0.22, 0.3)
+        for i, x in enumerate(np.arange(-1, 1, k)):
+            for j, y in enumerate(np.arange(-1, 1, k)):
+                if (i + j) % 2:
+                    pen.rect(x, y, x + k, y + k, other)
+    elif pattern == "dotted":
+        k = rng.uniform(0.3, 0.38)
+        for i, x in enumerate(np.arange(-1, 1, k)):
+            for y in np.arange(-1, 1, k):
+                pen.disc(x + k / 2 + (k / 4 if i % 2 else 0), y + k / 2, k * 0.3, other)
+    elif pattern == "ringed":   # concentric rings around the center
+        k = rng.uniform(0.16, 0.22)
+        for i, r in enumerate(np.arange(1.4, 0, -k)):
+            pen.disc(0, 0, r, other if i % 2 else fill)
+    elif pattern != "plain":
+        raise ValueError(f"unknown pattern {pattern!r}")
 
 
 # ---- concepts: composite objects with fixed colors; `avoid` lists backgrounds they would vanish into ----
@@ -291,11 +328,18 @@ def _compose(draw, bg_rgb, rng, size_range):
     return _downsample(canvas)
 
 
-def render(shape, color, bg, rng, size="any"):
-    """One pretraining image: a `color` `shape` on a plain `bg` background. size: "small", "large" or "any"."""
+def render(shape, color, bg, rng, size="any", pattern="plain", color2=None):
+    """One pretraining image: a `color` `shape` on a plain `bg` background, plain or with a `pattern` whose other
+    color is `color2`. size: "small", "large" or "any"."""
     lo, hi = (SIZES["small"][0], SIZES["large"][1]) if size == "any" else SIZES[size]
     fill = _jitter(COLORS[color], rng)
-    return _compose(lambda pen: draw_shape(pen, shape, fill), _jitter(BACKGROUNDS[bg], rng, 10), rng, (lo, hi))
+    if pattern == "plain":
+        draw = lambda pen: draw_shape(pen, shape, fill)
+    else:
+        other = _jitter(SECOND_COLORS[color2], rng)
+        draw = lambda pen: pen.pattern(lambda m: draw_shape(m, shape, (0, 0, 0, 255)),
+                                       lambda m: paint_pattern(m, pattern, fill, other, rng))
+    return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, (lo, hi))
 
 
 def render_concept(name, rng, bg=None):
@@ -307,9 +351,14 @@ def render_concept(name, rng, bg=None):
     return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, (0.3, 0.46))
 
 
-def caption(shape, color, bg, size, rng):
-    obj = f"{color} {shape}" if size == "any" else f"{size} {color} {shape}"
-    return PHRASES[rng.integers(len(PHRASES))].format(obj=obj, bg=bg)
+def describe(shape, color, size="any", pattern="plain", color2=None):
+    """The object's words: "red star", "small red and white checkered heart"."""
+    obj = f"{color} {shape}" if pattern == "plain" else f"{color} and {color2} {pattern} {shape}"
+    return obj if size == "any" else f"{size} {obj}"
+
+
+def caption(shape, color, bg, size, rng, pattern="plain", color2=None):
+    return PHRASES[rng.integers(len(PHRASES))].format(obj=describe(shape, color, size, pattern, color2), bg=bg)
 
 
 def sample_labels(rng, held_out=False):
@@ -324,15 +373,29 @@ def sample_labels(rng, held_out=False):
             return shape, color, bg
 
 
+def sample_pattern(shape, color, rng):
+    """A (pattern, second color) for a pretraining object, never one of the LOOKALIKES."""
+    while True:
+        pattern = PATTERNS[rng.choice(len(PATTERNS), p=PATTERN_P)]
+        if pattern == "plain":
+            return pattern, None
+        seconds = [c for c in SECOND_COLORS if c != color]
+        color2 = seconds[rng.integers(len(seconds))]
+        if (shape, pattern, frozenset({color, color2})) not in LOOKALIKES:
+            return pattern, color2
+
+
 def sample_caption_batch(n, rng):
-    """n pretraining pairs: (images uint8 [n,64,64,3], captions list[str], labels list[(shape, color, bg)])."""
+    """n pretraining pairs: (images uint8 [n,64,64,3], captions list[str],
+    labels list[(shape, color, bg, pattern, color2)], color2 "" when plain)."""
     images, captions, labels = [], [], []
     for _ in range(n):
         shape, color, bg = sample_labels(rng)
+        pattern, color2 = sample_pattern(shape, color, rng)
         size = ["any", "small", "large"][rng.choice(3, p=[0.6, 0.2, 0.2])]
-        images.append(render(shape, color, bg, rng, size))
-        captions.append(caption(shape, color, bg, size, rng))
-        labels.append((shape, color, bg))
+        images.append(render(shape, color, bg, rng, size, pattern, color2))
+        captions.append(caption(shape, color, bg, size, rng, pattern, color2))
+        labels.append((shape, color, bg, pattern, color2 or ""))
     return np.stack(images), captions, labels
 
 
