@@ -53,7 +53,7 @@ class Hparams:
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_samples: int = 16       # per-sample gradients averaged into F̂
-    dc_weight: float = 0.1         # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
+    dc_weight: float = 1e-3        # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
     dc_temp: float = 0.01          # τ of the DC posterior over mean-over-dims errors (the paper's τ=1 on sums is 1/D)
     dc_k: int = 5                  # k: most prompts in the DC subset S
     clora_lambda: float = 1e3      # λ_c: C-LoRA self-regularization

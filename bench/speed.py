@@ -76,9 +76,9 @@ def bench_unet(device, dtype, repeats):
             times = {k: [] for k in nets}
             for k, f in nets.items():
                 run(f)  # warm-up
-            for _ in range(repeats):  # alternate so both see the same machine load
-                for k, f in nets.items():
-                    times[k].append(median_time(lambda: run(f), 1, device, warmup=0))
+            for i in range(repeats):  # alternate, first one then the other first, so both see the same load
+                for k in (list(nets) if i % 2 == 0 else list(nets)[::-1]):
+                    times[k].append(median_time(lambda: run(nets[k]), 1, device, warmup=0))
             med = {k: statistics.median(v) for k, v in times.items()}
             mem = {k: peak_memory(lambda: run(f), device) for k, f in nets.items()}
             # the median of paired ratios: each pair ran back to back, so slow drifts of machine load cancel
