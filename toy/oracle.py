@@ -241,9 +241,8 @@ def main():
               f"{args.guidance}): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f} s)",
               flush=True)
     if args.grid and (args.eval_model or args.eval_state):
-        from PIL import Image
-        grid = images.reshape(-1, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, 8 * 64, 3)
-        Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(args.grid)
+        import sample
+        sample.to_grid(images, ncols=8).save(args.grid)
 
 
 if __name__ == "__main__":
