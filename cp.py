@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import dc_score
 import lora
+from kernels import dc_errors
+from unet import add_noise
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -53,9 +55,10 @@ class Hparams:
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_samples: int = 16       # per-sample gradients averaged into F̂
-    dc_weight: float = 1e-3        # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
+    dc_weight: float = 1e-4        # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
     dc_temp: float = 0.01          # τ of the DC posterior over mean-over-dims errors (the paper's τ=1 on sums is 1/D)
     dc_k: int = 5                  # k: most prompts in the DC subset S
+    dc_batch: int = 2              # images of each batch that L_DC scores under all of S (its cost grows with k)
     clora_lambda: float = 1e3      # λ_c: C-LoRA self-regularization
     dsc_steps: int = 100           # consolidation steps after training (dsc*)
     dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
@@ -236,14 +239,23 @@ def draw_noise(model, x0, gen):
 
 
 def task_loss(model, x0, prompts, hp, gen):
-    """L_denoise (+ δ·L_DC when the method uses DC): one UNet batch of B images × K prompts, target first."""
+    """L_denoise (+ δ·L_DC when the method uses DC) from one UNet batch: the first `dc_batch` images under all K
+    prompts of S (target first; that column also serves L_denoise), the other images under the target only."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
-    e = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, reduction="mean")
-    terms = {"denoise": e[:, 0].mean()}
-    if hp.uses("dc") and len(prompts) > 1:
-        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e, 0, hp.dc_temp).mean()
-    return terms
+    B, K, dev = len(x0), len(prompts), x0.device
+    n_dc = min(hp.dc_batch, B) if hp.uses("dc") and K > 1 else 0
+    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)]).to(dev)  # UNet rows
+    prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)]).to(dev)
+    pred = model.unet(add_noise(x0, eps, t, model.alphas_cumprod)[image], t[image], context[prompt])
+    split, errors, terms = n_dc * K, [], {}
+    if n_dc:
+        e_dc = dc_errors(pred[:split].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], "mean")
+        errors.append(e_dc[:, 0])
+        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, hp.dc_temp).mean()
+    if n_dc < B:
+        errors.append(dc_errors(pred[split:].unsqueeze(1), eps[n_dc:], "mean")[:, 0])
+    return {"denoise": torch.cat(errors).mean(), **terms}
 
 
 def dc_subset(state, target, c0, hp, rng):

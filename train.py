@@ -1,6 +1,6 @@
 """Learn one concept, continuing a continual-personalization state (the methods and losses live in cp.py).
 
-    python train.py --concept examples/concepts/checkered_heart              # tiny default model, method ewc-dc
+    python train.py --concept examples/concepts/pine_tree                    # tiny default model, method ewc-dc
     python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,6 +56,11 @@ import train  # noqa: E402
 import unet  # noqa: E402
 
 FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=8, n_real=16, sample_steps=25, dc_timesteps=10)
+# the toy concepts, most learnable first: oracle accuracy of each learned alone with `seq` and the defaults
+# (README, Status); a concept the tiny model cannot learn at all would only add zeros to every method's row
+TOY_ORDER = ["pine_tree", "checkered_heart", "house", "striped_ring", "striped_star", "flower", "bullseye",
+             "polka_square", "smiley", "mushroom", "rainbow", "eye"]
+RUN_ONLY = ("out", "jobs", "quiet", "resume", "device", "chunk", "methods", "seeds")  # no effect on a run's results
 QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  # training as in the full run
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -120,7 +126,7 @@ def toy_concepts(args, tmp):
     else:
         if args.tasks > len(world.CONCEPTS):
             sys.exit(f"error: the toy world has {len(world.CONCEPTS)} concepts, not {args.tasks}")
-        folders = [os.path.join(ROOT, "examples", "concepts", n) for n in list(world.CONCEPTS)[:args.tasks]]
+        folders = [os.path.join(ROOT, "examples", "concepts", n) for n in TOY_ORDER[:args.tasks]]
         if not all(os.path.isdir(f) for f in folders):
             world.write_examples(os.path.join(tmp, "concepts"))
             folders = [f if os.path.isdir(f) else os.path.join(tmp, "concepts", os.path.basename(f)) for f in folders]
@@ -434,6 +440,8 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs in parallel processes; on a CPU with few "
                    "cores 2 jobs of 1 thread each beat 1 job of 2 threads (the tiny model is too small to scale)")
     p.add_argument("--quiet", action="store_true", help="no per-step training progress")
+    p.add_argument("--resume", action="store_true", help="keep the (method, seed) runs an interrupted run with the "
+                   "same settings already finished in --out, run the rest")
     train.add_hparam_flags(p, skip=("method", "seed"))  # the training flags of train.py
     args = p.parse_args(argv)
     for k, v in {**FULL, **(QUICK if args.quick else {})}.items():
@@ -480,8 +488,9 @@ def _run_job(job):
     if "ctx" not in w:  # in a job, not in the initializer: an error here reaches main instead of killing the worker
         w["ctx"] = setup(w["args"], w["tmp"], w["resolution"])
     c = w["ctx"]
-    return run_method(method, seed, w["args"], w["hparams"], c["names"], c["folders"], c["words"], c["real"],
-                      c["judge"], c["real_feats"], c["text"], w["tmp"])
+    run, samples = run_method(method, seed, w["args"], w["hparams"], c["names"], c["folders"], c["words"], c["real"],
+                              c["judge"], c["real_feats"], c["text"], w["tmp"])
+    return method, run, samples
 
 
 def main(argv=None):
@@ -507,28 +516,49 @@ def main(argv=None):
                   "judge": ctx["judge_name"], "judge_acc_real": judge_acc, "concepts": ctx["names"],
                   "seeds": args.seeds, "args": vars(args), "runs": {}, "summary": {}}
         names, real = ctx["names"], ctx["real"]
-        grid = {}
+        grid, earlier = {}, 0.0
+        results_path, samples_dir = os.path.join(args.out, "results.json"), os.path.join(args.out, "samples")
+        settings = lambda r: ({k: v for k, v in r["args"].items() if k not in RUN_ONLY}, r["concepts"])
+        if args.resume and os.path.exists(results_path):
+            with open(results_path) as f:
+                old = json.load(f)
+            if settings(old) != settings(report):
+                sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
+            report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
+            report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}
+            grid = {m: [t for _, t in sorted(load_file(os.path.join(samples_dir, f"{m}.safetensors")).items(),
+                                             key=lambda kv: int(kv[0]))] for m in report["runs"]}
+            earlier = old.get("seconds_so_far", 0.0)
+            print(f"resuming: {sum(map(len, report['runs'].values()))} runs kept from {results_path}", flush=True)
+        os.makedirs(samples_dir, exist_ok=True)
+        done = {(m, r["seed"]) for m, runs in report["runs"].items() for r in runs}
         started = time.time()
-        jobs = [(method, seed) for method in methods for seed in range(args.seeds)]
+        jobs = [(method, seed) for method in methods for seed in range(args.seeds) if (method, seed) not in done]
         if args.jobs > 1:  # independent (method, seed) runs in worker processes, each with its own copy of setup()
             pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker,
                                                              initargs=(args, hparams, tmp, resolution))
-            results = pool.imap(_run_job, jobs)
+            results = pool.imap_unordered(_run_job, jobs)
         else:
             _WORKER.update(args=args, hparams=hparams, tmp=tmp, ctx=ctx)
             results = map(_run_job, jobs)
-        for (method, seed), (run, samples) in zip(jobs, results):
+        for method, run, samples in results:  # each finished run is on disk at once, so --resume can keep it
             report["runs"].setdefault(method, []).append(run)
+            report["runs"][method].sort(key=lambda r: r["seed"])
             report["summary"][method] = summarize(report["runs"][method])
-            if seed == 0:
+            if run["seed"] == 0:
                 grid[method] = samples
-            with open(os.path.join(args.out, "results.json"), "w") as f:
+                save_file({str(i): x.contiguous() for i, x in enumerate(samples)},
+                          os.path.join(samples_dir, f"{method}.safetensors"))
+            report["seconds_so_far"] = round(earlier + time.time() - started, 1)
+            with open(results_path, "w") as f:
                 json.dump(report, f, indent=1)
             s = report["summary"][method]
-            if seed == args.seeds - 1:
+            if len(report["runs"][method]) == args.seeds:
                 print(f"== {method}: A {fmt(s['A'])}  P {fmt(s['P'])}  F {fmt(s['F'])}  DC acc {fmt(s['dc_acc'])}  "
                       f"({time.time() - started:.0f}s so far)", flush=True)
-        report["total_seconds"] = round(time.time() - started, 1)
+        report["runs"] = {m: report["runs"][m] for m in methods}  # the table in the order of --methods
+        report["summary"] = {m: report["summary"][m] for m in methods}
+        report["total_seconds"] = round(earlier + time.time() - started, 1)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(report, f, indent=1)
         table = markdown(report)

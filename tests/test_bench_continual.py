@@ -126,3 +126,17 @@ def test_clip_mode(tiny_model_dir, tmp_path):
         assert r["tasks"][0]["concept"] == "ball"
     assert "CLIP-I" in open(os.path.join(out, "results.md")).read()
     assert report["summary"]["ewc-dc"]["A"][1] is not None  # std over the 2 seeds
+
+
+def test_resume_keeps_finished_runs(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    common = ["--quick", "--model", tiny_model_dir, "--out", out, *TINY]
+    run_bench(*common, "--methods", "seq")
+    first = json.load(open(os.path.join(out, "results.json")))["runs"]["seq"]
+    r = run_bench(*common, "--methods", "seq,ewc", "--resume")
+    assert "resuming: 1 runs kept" in r.stdout and "[seq seed 0]" not in r.stdout and "[ewc seed 0]" in r.stdout
+    report = check_outputs(out, ["seq", "ewc"], 2, 1)
+    assert report["runs"]["seq"] == first
+    bad = subprocess.run([sys.executable, "bench/continual.py", *common, "--methods", "seq", "--resume",
+                          "--n-samples", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr

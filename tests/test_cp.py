@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cp
+import dc_score
 import lora
 import unet
 
@@ -92,6 +93,25 @@ def test_dc_fisher_differs_from_plain_fisher(tiny_model_dir, concepts):
         model, state = fresh(tiny_model_dir, method, dc_weight=10.0)
         fishers.append(cp.learn_concept(model, state, concepts[0], log=False).fisher)
     assert any(not torch.allclose(fishers[0][k], fishers[1][k]) for k in fishers[0])
+
+
+@pytest.mark.parametrize("method,dc_batch", [("seq", 2), ("ewc-dc", 2), ("ewc-dc", 3), ("ewc-dc", 0)])
+def test_task_loss_matches_full_batch_of_errors(tiny_model_dir, method, dc_batch):
+    """The ragged UNet batch (dc_batch images × K prompts, the rest × the target) gives the same L_denoise and L_DC
+    as scoring every image under every prompt and keeping the rows each term uses."""
+    model = unet.load_model(tiny_model_dir)
+    hp = cp.Hparams(method=method, dc_batch=dc_batch, dc_weight=0.5)
+    x0, prompts = torch.randn(3, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
+    given = prompts if method == "ewc-dc" else prompts[:1]
+    terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1))
+    t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
+    assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
+    if method == "seq" or dc_batch == 0:
+        assert "dc" not in terms
+    else:
+        ce = -torch.log_softmax(-e[:dc_batch] / hp.dc_temp, -1)[:, 0].mean()
+        assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
 
 
 def test_clora_penalty_by_hand():
