@@ -11,7 +11,8 @@ parameters, t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6; Jha et al., I
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²
     DSC       = w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
 
-The target prompt's UNet pass is shared by L_denoise and L_DC: both come from one B×K batch of errors.
+L_denoise and L_DC come from one UNet batch: the first `dc_batch` images under every prompt of S (the target's
+column serves both terms), the other images under the target only.
 The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under new
 names, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state whole.
 """
