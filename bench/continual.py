@@ -526,8 +526,8 @@ def main(argv=None):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
             report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}
-            grid = {m: [t for _, t in sorted(load_file(os.path.join(samples_dir, f"{m}.safetensors")).items(),
-                                             key=lambda kv: int(kv[0]))] for m in report["runs"]}
+            grid = {m: list(load_file(os.path.join(samples_dir, f"{m}.safetensors"))["samples"])
+                    for m, runs in report["runs"].items() if any(r["seed"] == 0 for r in runs)}
             earlier = old.get("seconds_so_far", 0.0)
             print(f"resuming: {sum(map(len, report['runs'].values()))} runs kept from {results_path}", flush=True)
         os.makedirs(samples_dir, exist_ok=True)
@@ -547,8 +547,7 @@ def main(argv=None):
             report["summary"][method] = summarize(report["runs"][method])
             if run["seed"] == 0:
                 grid[method] = samples
-                save_file({str(i): x.contiguous() for i, x in enumerate(samples)},
-                          os.path.join(samples_dir, f"{method}.safetensors"))
+                save_file({"samples": torch.stack(samples)}, os.path.join(samples_dir, f"{method}.safetensors"))
             report["seconds_so_far"] = round(earlier + time.time() - started, 1)
             with open(results_path, "w") as f:
                 json.dump(report, f, indent=1)
@@ -559,7 +558,7 @@ def main(argv=None):
         report["runs"] = {m: report["runs"][m] for m in methods}  # the table in the order of --methods
         report["summary"] = {m: report["summary"][m] for m in methods}
         report["total_seconds"] = round(earlier + time.time() - started, 1)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        with open(results_path, "w") as f:
             json.dump(report, f, indent=1)
         table = markdown(report)
         with open(os.path.join(args.out, "results.md"), "w") as f:
