@@ -4,6 +4,7 @@ Everything a latent diffusion model needs besides the training loop:
 
 - `UNet`: the noise predictor ε_θ(x_t, t, c) of SD v1 (down/mid/up blocks of ResNet blocks and
   cross-attention transformer blocks).
+- `Conv2d`: nn.Conv2d with a faster path on a CPU for wide, small feature maps (one matmul over unfolded patches).
 - `VAE`: the KL autoencoder that maps 8× (SD v1) or 4× (the toy model) downsampled latents to images.
 - the noise schedule: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (DDPM eq. 4), with SD v1's scaled-linear β.
 - `load_model`: a diffusers folder or a single-file LDM checkpoint, read offline, strictly.
@@ -59,16 +60,34 @@ PRESETS = {
 # building blocks shared by the UNet and the VAE
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, but on a CPU a wide convolution over a small feature map (SD's 8×8 and 4×4 levels) runs as one
+    matrix multiply over unfolded patches (im2col): there oneDNN's direct convolution, PyTorch's CPU default, is up
+    to 3× slower, mostly in the backward (`python bench/speed.py --only conv` times each shape). Same weights, same
+    result up to rounding."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        # cut-offs measured on one AVX-512 core (torch 2.13): with fewer channels or more pixels oneDNN is as fast
+        if x.device.type != "cpu" or self.in_channels < 512 or h * w > 64:
+            return super().forward(x)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, Cin·k·k, L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # one (Cin·k·k, B·L) matrix: a single matmul
+        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return y.view(-1, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1).transpose(0, 1).contiguous()
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm → SiLU → conv, twice, with the timestep embedding added in between (UNet only)."""
 
     def __init__(self, cin, cout, groups, eps, temb_dim=None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb=None):
@@ -83,7 +102,7 @@ class Downsample2D(nn.Module):
     def __init__(self, c, asymmetric_pad=False):
         super().__init__()
         self.asymmetric_pad = asymmetric_pad  # the VAE pads (0,1,0,1) then convolves without padding
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(c, c, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric_pad else x)
@@ -92,7 +111,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -251,7 +270,7 @@ class UNet(nn.Module):
         heads = cfg["attention_head_dim"]  # SD v1 configs store the number of heads under this name
         heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n_levels
         temb_dim = ch[0] * 4
-        self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(ch[0], temb_dim)
         self.time_embedding.linear_2 = nn.Linear(temb_dim, temb_dim)
@@ -275,7 +294,7 @@ class UNet(nn.Module):
                                         kind.startswith("CrossAttn"), None if i == n_levels - 1 else "up", skips))
 
         self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg.get("norm_eps", 1e-5))
-        self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -321,7 +340,7 @@ class Coder(nn.Module):
         ch, lpb, groups = list(cfg["block_out_channels"]), cfg["layers_per_block"], cfg["norm_num_groups"]
         if direction == "up":
             ch = ch[::-1]
-        self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cin, ch[0], 3, padding=1)
         blocks = nn.ModuleList()
         for i in range(len(ch)):
             block = nn.Module()
@@ -337,7 +356,7 @@ class Coder(nn.Module):
         setattr(self, "down_blocks" if direction == "down" else "up_blocks", blocks)
         self.direction = direction
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], cout, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cout, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)

@@ -95,6 +95,50 @@ def bench_unet(device, dtype, repeats):
     return rows
 
 
+def bench_conv(device, dtype, repeats):
+    """Every 3×3 convolution the UNet runs (SD v1.5 at 2×4×32×32, the tiny preset at 8×4×16×16): `unet.Conv2d`
+    against plain nn.Conv2d (oneDNN's direct convolution on a CPU), forward and forward+backward, one row per
+    distinct shape and a total over all the UNet's calls."""
+    rows = []
+    for name, cfg, batch, side in (("sd-v1.5", unet.PRESETS["sd-v1"]["unet"], 2, 32),
+                                   ("tiny", unet.PRESETS["tiny"]["unet"], 8, 16)):
+        net = unet.UNet(cfg).to(device, dtype)
+        calls = []
+        hooks = [m.register_forward_hook(lambda m, inp, out: calls.append((m, tuple(inp[0].shape))))
+                 for m in net.modules() if isinstance(m, unet.Conv2d)]
+        with torch.no_grad():
+            net(torch.randn(batch, 4, side, side, device=device, dtype=dtype), torch.zeros(batch, dtype=torch.long,
+                device=device), torch.randn(batch, 77, cfg["cross_attention_dim"], device=device, dtype=dtype))
+        for h in hooks:
+            h.remove()
+        shapes = {}  # one timing per distinct (input shape, weight shape, stride), weighted by how often it runs
+        for m, shape in calls:
+            key = (shape, tuple(m.weight.shape), m.stride[0])
+            shapes[key] = (m, shapes.get(key, (m, 0))[1] + 1)
+        total = {"ours_f": 0.0, "torch_f": 0.0, "ours_fb": 0.0, "torch_fb": 0.0}
+        for (shape, wshape, stride), (m, n) in sorted(shapes.items()):
+            x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+            impls = {"ours": m, "torch": lambda x, m=m: torch.nn.Conv2d.forward(m, x)}
+            row = dict(section="conv", config=name, input="x".join(map(str, shape)), out_channels=wshape[0],
+                       stride=stride, calls=n)
+            for k, f in impls.items():
+                with torch.no_grad():
+                    row[f"{k}_f_s"] = median_time(lambda: f(x), repeats, device)
+                row[f"{k}_fb_s"] = median_time(lambda: f(x).sum().backward(), repeats, device)
+                total[f"{k}_f"] += n * row[f"{k}_f_s"]
+                total[f"{k}_fb"] += n * row[f"{k}_fb_s"]
+            rows.append(row)
+            print(f"conv {name:8s} {row['input']:14s} -> {wshape[0]:5d} s{stride} x{n:<3d} forward ours "
+                  f"{row['ours_f_s'] * 1e3:7.2f} ms nn.Conv2d {row['torch_f_s'] * 1e3:7.2f} ms | forward+backward ours "
+                  f"{row['ours_fb_s'] * 1e3:7.2f} ms nn.Conv2d {row['torch_fb_s'] * 1e3:7.2f} ms", flush=True)
+            net.zero_grad(set_to_none=True)
+        print(f"conv {name:8s} all calls: forward ours {total['ours_f'] * 1e3:.0f} ms nn.Conv2d "
+              f"{total['torch_f'] * 1e3:.0f} ms | forward+backward ours {total['ours_fb'] * 1e3:.0f} ms nn.Conv2d "
+              f"{total['torch_fb'] * 1e3:.0f} ms", flush=True)
+        rows.append(dict(section="conv", config=name, input="all calls", **{k + "_s": v for k, v in total.items()}))
+    return rows
+
+
 def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
     """Fused DC-error kernel vs the eager PyTorch reference at SD latent size, B*K in {4, 16, 64}.
 
@@ -192,7 +236,8 @@ def bench_train(device, dtype, repeats, model_path=None):
     return [dict(section="train", command=" ".join(cmd[1:]), seconds=seconds, peak_rss_bytes=peak)]
 
 
-SECTIONS = {"unet": bench_unet, "kernel": bench_kernel, "methods": bench_methods, "train": bench_train}
+SECTIONS = {"unet": bench_unet, "conv": bench_conv, "kernel": bench_kernel, "methods": bench_methods,
+            "train": bench_train}
 
 
 def main(argv=None):
