@@ -60,22 +60,27 @@ PRESETS = {
 # building blocks shared by the UNet and the VAE
 
 
+def conv2d_im2col(conv, x):
+    """conv(x) as one matrix multiply: (Cout, Cin·k·k) weights times the unfolded k×k patches of every image."""
+    b, _, h, w = x.shape
+    cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (B, Cin·k·k, L)
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (Cin·k·k, B·L): all images in a single matmul
+    y = torch.addmm(conv.bias[:, None], conv.weight.flatten(1), cols)
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return y.view(-1, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1).transpose(0, 1).contiguous()
+
+
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d, but on a CPU a wide convolution over a small feature map (SD's 8×8 and 4×4 levels) runs as one
-    matrix multiply over unfolded patches (im2col): there oneDNN's direct convolution, PyTorch's CPU default, is up
-    to 3× slower, mostly in the backward (`python bench/speed.py --only conv` times each shape). Same weights, same
-    result up to rounding."""
+    """nn.Conv2d, but on a CPU a wide convolution over a small feature map (SD's 8×8 and 4×4 levels) runs through
+    `conv2d_im2col`: there oneDNN's direct convolution, PyTorch's CPU default, is 1.2-4.6× slower, forward and
+    backward. Same weights, same result up to rounding. `python bench/speed.py --only conv` times both paths on
+    every shape the UNet runs; the cut-offs below come from it (one AVX-512 core, torch 2.13)."""
+
+    def uses_im2col(self, x):
+        return x.device.type == "cpu" and self.in_channels >= 512 and x.shape[-2] * x.shape[-1] <= 64
 
     def forward(self, x):
-        b, _, h, w = x.shape
-        # cut-offs measured on one AVX-512 core (torch 2.13): with fewer channels or more pixels oneDNN is as fast
-        if x.device.type != "cpu" or self.in_channels < 512 or h * w > 64:
-            return super().forward(x)
-        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, Cin·k·k, L)
-        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # one (Cin·k·k, B·L) matrix: a single matmul
-        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return y.view(-1, b, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1).transpose(0, 1).contiguous()
+        return conv2d_im2col(self, x) if self.uses_im2col(x) else super().forward(x)
 
 
 class ResnetBlock2D(nn.Module):

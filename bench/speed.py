@@ -96,9 +96,9 @@ def bench_unet(device, dtype, repeats):
 
 
 def bench_conv(device, dtype, repeats):
-    """Every 3×3 convolution the UNet runs (SD v1.5 at 2×4×32×32, the tiny preset at 8×4×16×16): `unet.Conv2d`
-    against plain nn.Conv2d (oneDNN's direct convolution on a CPU), forward and forward+backward, one row per
-    distinct shape and a total over all the UNet's calls."""
+    """Every 3×3 convolution the UNet runs (SD v1.5 at 2×4×32×32, the tiny preset at 8×4×16×16), both ways: the
+    direct convolution of nn.Conv2d (oneDNN on a CPU) and `unet.conv2d_im2col`, forward and forward+backward; one
+    row per distinct shape saying which path `unet.Conv2d` takes, and totals over all the UNet's calls."""
     rows = []
     for name, cfg, batch, side in (("sd-v1.5", unet.PRESETS["sd-v1"]["unet"], 2, 32),
                                    ("tiny", unet.PRESETS["tiny"]["unet"], 8, 16)):
@@ -115,26 +115,29 @@ def bench_conv(device, dtype, repeats):
         for m, shape in calls:
             key = (shape, tuple(m.weight.shape), m.stride[0])
             shapes[key] = (m, shapes.get(key, (m, 0))[1] + 1)
-        total = {"ours_f": 0.0, "torch_f": 0.0, "ours_fb": 0.0, "torch_fb": 0.0}
+        total = {f"{k}_{p}": 0.0 for k in ("direct", "im2col", "ours") for p in ("f", "fb")}
         for (shape, wshape, stride), (m, n) in sorted(shapes.items()):
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-            impls = {"ours": m, "torch": lambda x, m=m: torch.nn.Conv2d.forward(m, x)}
             row = dict(section="conv", config=name, input="x".join(map(str, shape)), out_channels=wshape[0],
-                       stride=stride, calls=n)
-            for k, f in impls.items():
+                       stride=stride, calls=n, ours="im2col" if m.uses_im2col(x) else "direct")
+            paths = {"direct": lambda: torch.nn.Conv2d.forward(m, x), "im2col": lambda: unet.conv2d_im2col(m, x)}
+            for k, f in paths.items():
                 with torch.no_grad():
-                    row[f"{k}_f_s"] = median_time(lambda: f(x), repeats, device)
-                row[f"{k}_fb_s"] = median_time(lambda: f(x).sum().backward(), repeats, device)
-                total[f"{k}_f"] += n * row[f"{k}_f_s"]
-                total[f"{k}_fb"] += n * row[f"{k}_fb_s"]
+                    row[f"{k}_f_s"] = median_time(f, repeats, device)
+                row[f"{k}_fb_s"] = median_time(lambda: f().sum().backward(), repeats, device)
+            for p in ("f", "fb"):
+                for k in paths:
+                    total[f"{k}_{p}"] += n * row[f"{k}_{p}_s"]
+                total[f"ours_{p}"] += n * row[f"{row['ours']}_{p}_s"]
             rows.append(row)
-            print(f"conv {name:8s} {row['input']:14s} -> {wshape[0]:5d} s{stride} x{n:<3d} forward ours "
-                  f"{row['ours_f_s'] * 1e3:7.2f} ms nn.Conv2d {row['torch_f_s'] * 1e3:7.2f} ms | forward+backward ours "
-                  f"{row['ours_fb_s'] * 1e3:7.2f} ms nn.Conv2d {row['torch_fb_s'] * 1e3:7.2f} ms", flush=True)
+            print(f"conv {name:8s} {row['input']:14s} -> {wshape[0]:5d} s{stride} x{n:<3d} | forward direct "
+                  f"{row['direct_f_s'] * 1e3:7.2f} ms im2col {row['im2col_f_s'] * 1e3:7.2f} ms | forward+backward "
+                  f"direct {row['direct_fb_s'] * 1e3:7.2f} ms im2col {row['im2col_fb_s'] * 1e3:7.2f} ms | "
+                  f"ours: {row['ours']}", flush=True)
             net.zero_grad(set_to_none=True)
-        print(f"conv {name:8s} all calls: forward ours {total['ours_f'] * 1e3:.0f} ms nn.Conv2d "
-              f"{total['torch_f'] * 1e3:.0f} ms | forward+backward ours {total['ours_fb'] * 1e3:.0f} ms nn.Conv2d "
-              f"{total['torch_fb'] * 1e3:.0f} ms", flush=True)
+        print(f"conv {name:8s} all calls, forward / forward+backward: all direct (nn.Conv2d) {total['direct_f']:.3f} "
+              f"s / {total['direct_fb']:.3f} s, all im2col {total['im2col_f']:.3f} s / {total['im2col_fb']:.3f} s, "
+              f"ours (unet.Conv2d) {total['ours_f']:.3f} s / {total['ours_fb']:.3f} s", flush=True)
         rows.append(dict(section="conv", config=name, input="all calls", **{k + "_s": v for k, v in total.items()}))
     return rows
 

@@ -1,6 +1,4 @@
 """Parity of the hand-written UNet and VAE with diffusers (same random weights, fp32), and low-precision runs."""
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn as nn
@@ -56,13 +54,12 @@ def test_unet_matches_diffusers(name):
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (2, 0)])
 def test_conv2d_im2col_path_matches_nn_conv2d(stride, padding):
-    """unet.Conv2d's matmul path (wide input, small map, CPU) against nn.Conv2d: outputs and all three gradients."""
+    """unet.Conv2d's im2col path (wide input, small map, CPU) against nn.Conv2d: outputs and all three gradients."""
     torch.manual_seed(0)
     conv = unet.Conv2d(512, 16, 3, stride=stride, padding=padding)
     x = torch.randn(2, 512, 5, 6, requires_grad=True)  # 30 pixels, non-square
-    with mock.patch.object(unet.F, "unfold", wraps=unet.F.unfold) as unfold:
-        y = conv(x)
-    assert unfold.called
+    assert conv.uses_im2col(x) and not conv.uses_im2col(torch.randn(2, 512, 9, 8))  # 72 pixels: direct
+    y = conv(x)
     ref = nn.Conv2d.forward(conv, x)
     assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-5)
     g = torch.randn_like(y)
