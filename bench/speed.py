@@ -5,6 +5,7 @@ alternating, so the ratio ours/diffusers is fair on a busy machine. Prints a tab
 
     python bench/speed.py                       # all sections, writes bench/speed.json
     python bench/speed.py --only unet --repeats 5
+    python bench/speed.py --only conv           # direct vs im2col for every 3×3 convolution of the UNet
 """
 import argparse
 import json
