@@ -23,6 +23,10 @@ import unet  # noqa: E402
 from kernels import dc_errors, dc_errors_impl  # noqa: E402
 
 
+# (name, UNet config, batch, latent side) of the UNet benchmarks: SD v1.5 at a small latent size, the tiny preset
+UNET_CASES = (("sd-v1.5", unet.PRESETS["sd-v1"]["unet"], 2, 32), ("tiny", unet.PRESETS["tiny"]["unet"], 8, 16))
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -55,8 +59,7 @@ def bench_unet(device, dtype, repeats):
     """Forward (no grad) and forward+backward of both UNets on the SD v1.5 config and on the small preset."""
     from diffusers import UNet2DConditionModel
     rows = []
-    for name, cfg, batch, side in (("sd-v1.5", unet.PRESETS["sd-v1"]["unet"], 2, 32),
-                                   ("tiny", unet.PRESETS["tiny"]["unet"], 8, 16)):
+    for name, cfg, batch, side in UNET_CASES:
         torch.manual_seed(0)
         theirs = UNet2DConditionModel(**cfg).to(device, dtype)
         ours = unet.UNet(cfg).to(device, dtype)
@@ -101,8 +104,7 @@ def bench_conv(device, dtype, repeats):
     direct convolution of nn.Conv2d (oneDNN on a CPU) and `unet.conv2d_im2col`, forward and forward+backward; one
     row per distinct shape saying which path `unet.Conv2d` takes, and totals over all the UNet's calls."""
     rows = []
-    for name, cfg, batch, side in (("sd-v1.5", unet.PRESETS["sd-v1"]["unet"], 2, 32),
-                                   ("tiny", unet.PRESETS["tiny"]["unet"], 8, 16)):
+    for name, cfg, batch, side in UNET_CASES:
         net = unet.UNet(cfg).to(device, dtype)
         calls = []
         hooks = [m.register_forward_hook(lambda m, inp, out: calls.append((m, tuple(inp[0].shape))))
@@ -117,10 +119,13 @@ def bench_conv(device, dtype, repeats):
             key = (shape, tuple(m.weight.shape), m.stride[0])
             shapes[key] = (m, shapes.get(key, (m, 0))[1] + 1)
         total = {f"{k}_{p}": 0.0 for k in ("direct", "im2col", "ours") for p in ("f", "fb")}
+        patch_bytes = 0  # what the im2col path keeps for the weights' gradient: the unfolded patches
         for (shape, wshape, stride), (m, n) in sorted(shapes.items()):
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
             row = dict(section="conv", config=name, input="x".join(map(str, shape)), out_channels=wshape[0],
                        stride=stride, calls=n, ours="im2col" if m.uses_im2col(x) else "direct")
+            if m.uses_im2col(x):
+                patch_bytes += n * m(x.detach()).numel() // wshape[0] * wshape[1] * wshape[2] * wshape[3] * x.element_size()
             paths = {"direct": lambda: torch.nn.Conv2d.forward(m, x), "im2col": lambda: unet.conv2d_im2col(m, x)}
             for k, f in paths.items():
                 with torch.no_grad():
@@ -139,7 +144,11 @@ def bench_conv(device, dtype, repeats):
         print(f"conv {name:8s} all calls, forward / forward+backward: all direct (nn.Conv2d) {total['direct_f']:.3f} "
               f"s / {total['direct_fb']:.3f} s, all im2col {total['im2col_f']:.3f} s / {total['im2col_fb']:.3f} s, "
               f"ours (unet.Conv2d) {total['ours_f']:.3f} s / {total['ours_fb']:.3f} s", flush=True)
-        rows.append(dict(section="conv", config=name, input="all calls", **{k + "_s": v for k, v in total.items()}))
+        weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+        print(f"conv {name:8s} memory: unfolded patches kept for the backward by ours {patch_bytes / 2**20:.1f} MiB; "
+              f"all the UNet's weights, and so their gradients, {weight_bytes / 2**20:.1f} MiB", flush=True)
+        rows.append(dict(section="conv", config=name, input="all calls", patch_bytes=patch_bytes,
+                         weight_bytes=weight_bytes, **{k + "_s": v for k, v in total.items()}))
     return rows
 
 
