@@ -13,12 +13,17 @@ parameters, t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6; Jha et al., I
 
 L_denoise and L_DC come from one UNet batch: the first `dc_batch` images under every prompt of S (the target's
 column serves both terms), the other images under the target only.
-The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under new
-names, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state whole.
+The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under names new
+to the attempt, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state
+whole. One process writes a state at a time (a lock file), and every file is checked when a state is loaded.
 """
+import copy
+import fcntl
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dc_score
@@ -36,6 +42,10 @@ from unet import add_noise
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+# every name a save writes (data files carry the attempt's id), and the only names a state folder may hold
+# without a manifest (its lock, leftovers of a first save that was killed)
+STATE_NAME = re.compile(r"\.lock|pool|manifest\.json(\.\w+\.tmp)?|(tokens|ewc|lora)_\d+_\w+\.safetensors")
 
 
 class CPError(Exception):
@@ -45,13 +55,13 @@ class CPError(Exception):
 @dataclass
 class Hparams:
     """Every knob of a task (each one a train.py flag). README "Defaults" says how each value was chosen."""
-    method: str = "ewc-dc"
+    method: str = "ewc-dc"         # continual-personalization method (README "The method in one page")
     steps: int = 600               # optimizer steps on the new concept
-    batch_size: int = 8
+    batch_size: int = 8            # images per optimizer step
     lr: float = 1e-2               # LoRA learning rate
     token_lr: float = 5e-2         # learning rate of the new token's embedding row
-    rank: int = 8
-    alpha: float = 8.0
+    rank: int = 8                  # LoRA rank r
+    alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
     targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
@@ -64,7 +74,7 @@ class Hparams:
     dsc_steps: int = 100           # consolidation steps after training (dsc*)
     dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
     dsc_w_n: float = 1.0           # w_n: weight of the noise-prediction distillation
-    seed: int = 0
+    seed: int = 0                  # seed of task n is seed * 1000 + n (batches, noise, the DC subset)
 
     def uses(self, part):
         """Which ingredients the method combines: 'lora', 'ewc', 'dc', 'dsc', 'clora'."""
@@ -85,6 +95,30 @@ class State:
     tokens: dict = field(default_factory=dict)     # token → embedding row
     fisher: dict = field(default_factory=dict)     # "path.A" / "path.B" → F*
     anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" → φ*
+    base: dict = None                              # the manifest this state continues (None: never saved)
+
+
+def check_hparams(hp):
+    """Refuse, naming the flag, any value that cannot work (called before any work is done)."""
+    def bad(name, need):
+        return CPError(f"--{name.replace('_', '-')} {getattr(hp, name)!r}: must be {need}")
+    if hp.method not in METHODS:
+        raise CPError(f"unknown method {hp.method!r} (choose from {', '.join(METHODS)})")
+    if hp.targets not in lora.PRESETS:
+        raise bad("targets", " or ".join(lora.PRESETS))
+    for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("fisher_samples", 1), ("dc_k", 2),
+                      ("dc_batch", 0), ("dsc_steps", 0), ("seed", 0)):
+        if type(getattr(hp, name)) is not int or getattr(hp, name) < low:
+            raise bad(name, f"an integer ≥ {low}")
+    number = lambda v: type(v) in (int, float) and math.isfinite(v)
+    for name in ("lr", "token_lr", "alpha", "dc_temp"):
+        if not (number(getattr(hp, name)) and getattr(hp, name) > 0):
+            raise bad(name, "a finite number > 0")
+    for name in ("ewc_lambda", "dc_weight", "clora_lambda", "dsc_w_h", "dsc_w_n"):
+        if not (number(getattr(hp, name)) and getattr(hp, name) >= 0):
+            raise bad(name, "a finite number ≥ 0 (0 turns the term off)")
+    if not (number(hp.ewc_gamma) and 0 <= hp.ewc_gamma <= 1):
+        raise bad("ewc_gamma", "between 0 and 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +154,7 @@ def load_images(folder, resolution):
             with Image.open(path) as im:
                 im.load()
                 images.append(to_square_rgb(im, resolution))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise CPError(f"cannot read image {path}: {e}") from None
     if not images:
         raise CPError(f"concept folder {folder} has no images" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
@@ -439,7 +473,8 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     return State(model=state.model, hparams=state.hparams, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
                  lora=None if hp.uses("clora") or not adapter else final,
-                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor)
+                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor,
+                 base=state.base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,65 +482,178 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 
 
 def new_state(model, hp):
-    if hp.method not in METHODS:
-        raise CPError(f"unknown method {hp.method!r} (choose from {', '.join(METHODS)})")
+    check_hparams(hp)
     return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=asdict(hp))
 
 
-def _write_atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as f:
+def lock_state(folder):
+    """Become the one writer of a state folder until this process ends (the OS drops the lock of a killed process).
+
+    Returns the open lock file; keep it. A folder that is not a state is refused before anything is written to it.
+    """
+    read_manifest(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, LOCK), "a+")
+    except OSError as e:
+        raise CPError(f"cannot write the state folder {folder}: {e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise CPError(f"state {folder} is in use by {f'process {holder}' if holder else 'another process'} "
+                      "(one run at a time writes a state)") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def read_manifest(folder):
+    """The manifest of a state folder; None for a folder that does not exist or holds only what a state writes."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        foreign = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if not STATE_NAME.fullmatch(n)]
+        if foreign:
+            raise CPError(f"{folder} holds no {MANIFEST} and is not empty ({foreign[0]}, ...): it is not a state; "
+                          "give a new or empty folder") from None
+        return None
+    except OSError as e:
+        raise CPError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        m = json.loads(text)
+        named = _named(m["files"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CPError(f"{path} is damaged: not a state manifest ({type(e).__name__}: {e})") from None
+    if not all(isinstance(n, str) and re.fullmatch(r"(pool/)?[\w.-]+", n) and ".." not in n for n in named):
+        raise CPError(f"{path} is damaged: it names a file outside the state folder")
+    return m
+
+
+def _lora_files(files):
+    """The LoRA files a manifest names: the carried LoRA (if any), then the pool."""
+    return ([files["lora"]] if files["lora"] else []) + files["pool"]
+
+
+def _named(files):
+    return [files["tokens"], files["ewc"]] + _lora_files(files)
+
+
+def _write_file(path, write):
+    """write(path), then force the bytes to disk."""
+    write(path)
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def save_state(state, folder):
-    """Write every tensor file under a name new to this task, then replace the manifest (the commit point)."""
-    os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
-    n = len(state.concepts)
-    files = {"tokens": f"tokens_{n:03d}.safetensors", "ewc": f"ewc_{n:03d}.safetensors",
-             "lora": f"lora_{n:03d}.safetensors" if state.lora else None,
-             "pool": [f"pool/task_{i:03d}.safetensors" for i in range(len(state.pool))]}
+    """Write the state's files under names new to this attempt, then replace the manifest (the commit point), then
+    remove the files that only the replaced manifest named. Nothing else in the folder is touched.
+
+    The manifest on disk must still be the one `state` continues (compare-and-swap); a failed write removes what
+    this attempt wrote and is a CPError: the previous state stays whole.
+    """
+    old = read_manifest(folder)
+    if old != state.base:
+        raise CPError(f"the state in {folder} changed since this run loaded it (another run saved to it); "
+                      "nothing was saved")
+    attempt, n, hp = os.urandom(4).hex(), len(state.concepts), Hparams(**state.hparams)
+    kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
+    files = {"tokens": f"tokens_{n:03d}_{attempt}.safetensors", "ewc": f"ewc_{n:03d}_{attempt}.safetensors",
+             "lora": f"lora_{n:03d}_{attempt}.safetensors" if state.lora else None,
+             "pool": kept + [f"pool/task_{i:03d}_{attempt}.safetensors" for i in range(len(kept), len(state.pool))]}
     tensors = {"tokens": state.tokens, "ewc": {**{"fisher." + k: v for k, v in state.fisher.items()},
                                                **{"anchor." + k: v for k, v in state.anchor.items()}}}
-    for key in ("tokens", "ewc"):
-        _write_atomic(os.path.join(folder, files[key]),
-                      lambda p, t=tensors[key]: save_file({k: v.contiguous() for k, v in t.items()}, p))
-    hp = Hparams(**state.hparams)
-    write_lora = lambda path, w: _write_atomic(os.path.join(folder, path), lambda p: lora.write_lora_file(
-        w, {k: hp.alpha for k in w}, p, "diffusers"))
-    if state.lora:
-        write_lora(files["lora"], state.lora)
-    for path, w in zip(files["pool"], state.pool):
-        if not os.path.exists(os.path.join(folder, path)):  # a pool entry never changes once written
-            write_lora(path, w)
-    manifest = dict(format="cp-state/1", model=state.model, method=hp.method, hparams=state.hparams,
-                    concepts=state.concepts, history=state.history, files=files)
-    _write_atomic(os.path.join(folder, MANIFEST),
-                  lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
-    keep = {files["tokens"], files["ewc"], files["lora"], MANIFEST}
-    for f in os.listdir(folder):  # files of the previous task, now replaced
-        if f not in keep and f != "pool" and os.path.isfile(os.path.join(folder, f)):
-            os.remove(os.path.join(folder, f))
+    manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=state.hparams,
+                               concepts=state.concepts, history=state.history, files=files), indent=1)
+    write_lora = lambda w: lambda p: lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers")
+    writes = [(files[k], lambda p, t=tensors[k]: save_file({k: v.contiguous() for k, v in t.items()}, p))
+              for k in ("tokens", "ewc")]
+    writes += [(files["lora"], write_lora(state.lora))] if state.lora else []
+    writes += [(name, write_lora(w)) for name, w in zip(files["pool"][len(kept):], state.pool[len(kept):])]
+    writes += [(f"{MANIFEST}.{attempt}.tmp", lambda p: _write_text(p, manifest))]
+    written = []
+    try:
+        os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
+        for name, write in writes:
+            written.append(os.path.join(folder, name))  # before writing: a half-written file is removed too
+            _write_file(written[-1], write)
+        os.replace(os.path.join(folder, writes[-1][0]), os.path.join(folder, MANIFEST))
+    except BaseException as e:
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        if isinstance(e, OSError):
+            raise CPError(f"cannot save the state to {folder}: {e}; the previous state is unchanged") from None
+        raise
+    for name in set(_named(old["files"]) if old else []) - set(_named(files)):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    state.base = json.loads(manifest)
 
 
 def load_state(folder):
+    """The state a folder's manifest names. Every file is read and checked against the manifest: a missing, damaged
+    or mis-shaped file is a CPError that names it. Needs no lock: a save committed while reading means reading again.
+    """
+    while True:
+        m = read_manifest(folder)
+        if m is None:
+            raise CPError(f"{folder} holds no state (no {MANIFEST})")
+        try:
+            return _read_state(folder, m)
+        except CPError:
+            if read_manifest(folder) == m:
+                raise
+
+
+def _read_state(folder, m):
     path = os.path.join(folder, MANIFEST)
     try:
-        with open(path) as f:
-            m = json.load(f)
-        files = m["files"]
-        read = lambda name: load_file(os.path.join(folder, name))
-        ewc = read(files["ewc"])
-        return State(model=m["model"], hparams=m["hparams"], concepts=m["concepts"], history=m["history"],
-                     lora=_pairs(lora.read_lora_file(os.path.join(folder, files["lora"]))) if files["lora"] else None,
-                     pool=[_pairs(lora.read_lora_file(os.path.join(folder, p))) for p in files["pool"]],
-                     tokens=read(files["tokens"]),
-                     fisher={k[7:]: v for k, v in ewc.items() if k.startswith("fisher.")},
-                     anchor={k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")})
-    except (OSError, KeyError, ValueError) as e:
-        raise CPError(f"cannot load state {folder}: {e}") from None
+        hp = Hparams(**m["hparams"])
+        check_hparams(hp)
+        concepts, files = m["concepts"], m["files"]
+        state = State(model=m["model"], hparams=m["hparams"], concepts=concepts, history=m["history"],
+                      base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
+        tokens = {c["token"] for c in concepts}
+    except (CPError, KeyError, TypeError) as e:
+        raise CPError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+
+    def read(name, reader):
+        try:
+            return reader(os.path.join(folder, name))
+        except FileNotFoundError:
+            raise CPError(f"state file {os.path.join(folder, name)} is missing") from None
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CPError(f"state file {os.path.join(folder, name)} is damaged: {e}") from None
+
+    state.tokens = read(files["tokens"], load_file)
+    if set(state.tokens) != tokens or any(v.dim() != 1 for v in state.tokens.values()):
+        raise _damaged(folder, files["tokens"], f"holds {sorted(state.tokens)}, not one 1-D row per concept")
+    ewc = read(files["ewc"], load_file)
+    state.fisher = {k[7:]: v for k, v in ewc.items() if k.startswith("fisher.")}
+    state.anchor = {k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")}
+    if len(files["pool"]) != (len(concepts) if hp.uses("lora") else 0) or \
+            bool(files["lora"]) != (hp.uses("lora") and not hp.uses("clora") and len(concepts) > 0):
+        raise CPError(f"{path} is damaged: its files do not fit {len(concepts)} concepts of method {hp.method}")
+    loras = [read(name, lambda p: _pairs(lora.read_lora_file(p))) for name in _lora_files(files)]
+    state.lora = loras[0] if files["lora"] else None
+    state.pool = loras[1:] if files["lora"] else loras
+    return state
+
+
+def _damaged(folder, name, what):
+    return CPError(f"state file {os.path.join(folder, name)} is damaged: it {what}")
 
 
 def _pairs(mods):
@@ -513,9 +661,31 @@ def _pairs(mods):
 
 
 def check_model(state, model):
+    """The state fits `model`: made with the same base weights (a fingerprint), every tensor shaped for it."""
     if state.model["fingerprint"] != model.fingerprint:
         raise CPError(f"this state was made with another base model ({state.model['path']}, fingerprint "
                       f"{state.model['fingerprint']}); the model given has fingerprint {model.fingerprint}")
+    if state.base is None:
+        return
+    files, hp = state.base["files"], Hparams(**state.hparams)  # file names are relative to the state folder
+    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
+    if any(row.shape != (dim,) for row in state.tokens.values()):
+        raise _damaged("", files["tokens"], f"holds token rows not of the model's width {dim}")
+    need = {p: ((hp.rank, m.in_features), (m.out_features, hp.rank)) for p, m in model.unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and p.endswith(tuple("." + t for t in lora.PRESETS[hp.targets]))}
+    for name, w in zip(_lora_files(files), ([state.lora] if state.lora else []) + state.pool):
+        _check_shapes(name, {p: (tuple(A.shape), tuple(B.shape)) for p, (A, B) in w.items()}, need)
+    if hp.uses("ewc") and state.concepts:
+        for stats in (state.fisher, state.anchor):
+            _check_shapes(files["ewc"], {k: tuple(v.shape) for k, v in stats.items()}, flat(need))
+
+
+def _check_shapes(name, got, need):
+    """{tensor or module: shape} of a state file against what the model needs."""
+    for k in sorted(set(got) | set(need)):
+        if got.get(k) != need.get(k):
+            raise _damaged("", name, f"holds {k} as {got.get(k, 'nothing')}; the model needs "
+                           f"{need.get(k, 'no such tensor')}")
 
 
 def load_with_state(folder, model_path=None, device="cpu", dtype=torch.float32):

@@ -74,18 +74,24 @@ def to_grid(images, ncols=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a PNG grid with DDIM + classifier-free guidance.")
+    p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the "
                    "state's model, else toy/model)")
     p.add_argument("--state", help="a train.py state directory: its learned tokens and LoRA are applied")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("-n", type=int, default=4, help="number of images")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--prompt", required=True, help="text prompt; a state's tokens are written <name>")
+    p.add_argument("--negative-prompt", default="", help="prompt guided away from (default: the empty prompt)")
+    p.add_argument("-n", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale s (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     args = p.parse_args(argv)
+    for wrong, message in ((args.n < 1, f"-n {args.n}: must be ≥ 1"),
+                           (not 1 <= args.steps <= 1000, f"--steps {args.steps}: must be 1 to 1000 (SD's T)"),
+                           (not math.isfinite(args.guidance), f"--guidance {args.guidance}: must be finite")):
+        if wrong:
+            p.error(message)
 
     import cp
     import lora

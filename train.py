@@ -5,10 +5,13 @@
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
 
 Each run adds one concept to the state directory (default runs/default) and writes a preview grid beside it.
-Bad input ends with a one-line error and exit status 1; the state is then left as it was.
+Bad input ends with a one-line error and exit status 1; the state is then left as it was. One run at a time
+writes a state: a second run on a state in use stops at once, naming the process that holds it.
 """
 import argparse
+import inspect
 import os
+import re
 import sys
 from dataclasses import asdict, fields
 
@@ -23,23 +26,25 @@ FIXED = ("method", "rank", "alpha", "targets")  # a state's LoRA layout cannot c
 
 
 def add_hparam_flags(parser, skip=()):
-    """Every cp.Hparams field as a flag; None means "the state's value, else the default"."""
+    """Every cp.Hparams field as a flag, its help the comment beside the field; None means "the state's value, else
+    the default"."""
     defaults = cp.Hparams()
+    comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.+)$", inspect.getsource(cp.Hparams), re.M))
     for f in fields(cp.Hparams):
         if f.name not in skip:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                                choices=cp.METHODS if f.name == "method" else None,
-                                help=f"default {getattr(defaults, f.name)}")
-
+                                choices={"method": cp.METHODS, "targets": list(lora.PRESETS)}.get(f.name),
+                                help=f"{comments[f.name]} (default {getattr(defaults, f.name)})".replace("%", "%%"))
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Learn one concept with continual personalization.")
+    p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
     p.add_argument("--concept", help="folder of images of the new concept")
     p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: toy/model)")
     p.add_argument("--name", help="concept name; its token is <name> (default: the folder name)")
     p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya) and the token embeddings")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
     add_hparam_flags(p)
@@ -48,6 +53,7 @@ def parse_args(argv):
 
 def resolve_hparams(args, state):
     given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams) if getattr(args, f.name) is not None}
+    cp.check_hparams(cp.Hparams(**given))
     if state is None:
         return asdict(cp.Hparams(**given))
     for k in FIXED:
@@ -77,17 +83,19 @@ def export(model, state, folder):
 
 def run(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    state = cp.load_state(args.state) if os.path.exists(os.path.join(args.state, cp.MANIFEST)) else None
-    model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
-        os.path.abspath(__file__)), "toy", "model"))
     if not args.concept and not args.export:
         raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
+    resolve_hparams(args, None)  # every flag checked before any work
+    lock = cp.lock_state(args.state) if args.concept else None  # held until the process ends
+    state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
+    hparams = resolve_hparams(args, state)
+    model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "toy", "model"))
     model = unet.load_model(model_path, device)
     if state is not None:
         cp.check_model(state, model)
-    hparams = resolve_hparams(args, state)
     if state is None:
         state = cp.new_state(model, cp.Hparams(**hparams))
     state.hparams = hparams

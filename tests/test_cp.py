@@ -190,7 +190,7 @@ def test_interrupted_save_leaves_previous_state(tiny_model_dir, concepts, tmp_pa
     def crash(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(lora, "write_lora_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(cp.CPError, match="disk full"):
         cp.save_state(state2, str(tmp_path))
     loaded = cp.load_state(str(tmp_path))
     assert [c["name"] for c in loaded.concepts] == ["alpha"]

@@ -24,11 +24,24 @@ def run(*args, check=True):
 
 
 def digest(folder):
+    """Every file of a state folder, names and bytes (not the lock file: each writer puts its process id there)."""
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for f in sorted(files):
-            h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+            if f != ".lock":
+                h.update(f.encode() + open(os.path.join(root, f), "rb").read())
     return h.hexdigest()
+
+
+def read_stderr_until(p, text, timeout=120):
+    """What a running process printed to stderr (a binary pipe) until `text` appeared, it ended or time ran out."""
+    seen, deadline = "", time.time() + timeout
+    while text not in seen and time.time() < deadline:
+        chunk = os.read(p.stderr.fileno(), 4096).decode(errors="replace")
+        if not chunk:
+            break
+        seen += chunk
+    return seen
 
 
 def assert_one_line_error(r, *fragments):
@@ -71,16 +84,17 @@ def test_killed_during_training_leaves_state_unchanged(learned, tmp_path):
     subprocess.run(["cp", "-r", learned["state"], state], check=True)
     before = digest(state)
     p = subprocess.Popen([sys.executable, "train.py", "--concept", learned["second"], "--state", state,
-                          "--steps", "100000", "--no-preview"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and "train " not in (p.stderr.read(64) or ""):
-        pass
+                          "--steps", "100000", "--no-preview"], cwd=ROOT, stderr=subprocess.PIPE)
+    seen = read_stderr_until(p, "] train ")
     p.send_signal(signal.SIGKILL)
-    p.wait()
+    assert p.wait() == -signal.SIGKILL and "] train " in seen, seen[-2000:]  # killed while training, not before
+    p.stderr.close()
     assert digest(state) == before
     r = run("sample.py", "--state", state, "--prompt", "a photo of a <alpha>", "-n", "1", "--steps", "2",
             "--out", str(tmp_path / "a.png"))
     assert r.returncode == 0
+    r = run("train.py", "--concept", learned["second"], "--state", state, *FAST)  # the killed run's lock is gone
+    assert "2 concepts" in r.stdout
 
 
 def test_bad_inputs_one_line_error_state_unchanged(learned, tmp_path):
@@ -99,6 +113,7 @@ def test_bad_inputs_one_line_error_state_unchanged(learned, tmp_path):
         (["--concept", learned["second"], "--name", "alpha"], ["already learned"]),
         (["--concept", learned["second"], "--method", "seq"], ["method='ewc-dc'"]),
         (["--concept", learned["second"], "--lr", "1e30", "--token-lr", "1e30", "--steps", "20"], ["non-finite loss"]),
+        (["--concept", learned["second"], "--steps", "-5"], ["--steps -5"]),  # every flag: tests/test_state.py
     ]
     for extra, fragments in cases:
         r = run("train.py", "--state", state, *FAST, *extra, check=False)

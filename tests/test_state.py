@@ -1,0 +1,316 @@
+"""The state directory under faults: two writers, a killed save, damaged files, failed writes, foreign files, bad
+flags. Each case ends in a one-line error (or in success) and loses nothing that was saved."""
+import dataclasses
+import errno
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import cp
+import lora
+import sample
+import train
+import unet
+from test_cp import fresh, write_concept
+from test_train_cli import ROOT, assert_one_line_error, digest, read_stderr_until
+
+FAST_FLAGS = ["--steps", "3", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--no-preview"]
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model_dir, tmp_path_factory):
+    """A state (ewc-dc) with concept alpha learned and saved, and the folders of concepts beta and gamma."""
+    root = tmp_path_factory.mktemp("state")
+    alpha, beta, gamma = (write_concept(str(root / n), i) for i, n in enumerate(["alpha", "beta", "gamma"]))
+    model, state = fresh(tiny_model_dir, "ewc-dc")
+    cp.save_state(cp.learn_concept(model, state, alpha, log=False), str(root / "state"))
+    return dict(state=str(root / "state"), beta=beta, gamma=gamma, model=tiny_model_dir)
+
+
+def copy_state(saved, tmp_path):
+    folder = str(tmp_path / "state")
+    shutil.copytree(saved["state"], folder)
+    return folder
+
+
+def continue_state(folder, tiny_model_dir, concept, **hparams):
+    """Load a state into a fresh model and learn one more concept (not saved)."""
+    model, state = unet.load_model(tiny_model_dir), cp.load_state(folder)
+    state.hparams.update(hparams)
+    cp.apply_state(model, state)
+    return cp.learn_concept(model, state, concept, log=False)
+
+
+def manifest(folder):
+    with open(os.path.join(folder, cp.MANIFEST)) as f:
+        return json.load(f)
+
+
+def exit_message(main, argv):
+    """Run a CLI's main in this process; the message it exits with must be one `error: ` line (exit status 1)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str), e.value.code
+    assert e.value.code.startswith("error: ") and "\n" not in e.value.code, e.value.code
+    return e.value.code
+
+
+def samples(folder):
+    model, _ = cp.load_with_state(folder)
+    lora.merge(model.unet)
+    return sample.sample(model, ["a photo of a <alpha>"], steps=2, guidance=5.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two writers
+
+
+def test_two_runs_on_one_state_one_wins(saved, tmp_path):
+    """Both start at once; the one that takes the lock trains and saves, the other stops before training."""
+    state = copy_state(saved, tmp_path)
+    runs = [subprocess.Popen([sys.executable, "train.py", "--concept", saved[c], "--state", state, *FAST_FLAGS,
+                              "--steps", "60"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for c in ("beta", "gamma")]
+    outs = [p.communicate(timeout=600) for p in runs]
+    assert sorted(p.returncode for p in runs) == [0, 1], [o[1][-1000:] for o in outs]
+    won = [p.returncode for p in runs].index(0)
+    winner, (lost_out, lost_err) = runs[won], outs[1 - won]
+    assert "state saved to" in outs[won][0]
+    assert "Traceback" not in lost_err and "] train " not in lost_err and "state saved" not in lost_out
+    assert lost_err.strip().splitlines()[-1] == \
+        f"error: state {state} is in use by process {winner.pid} (one run at a time writes a state)"
+    assert [c["name"] for c in manifest(state)["concepts"]] == ["alpha", ["beta", "gamma"][won]]
+
+
+def test_save_refuses_a_manifest_changed_since_load(saved, tiny_model_dir, tmp_path):
+    """Without the lock (two processes through the API), the second save would drop the first one's concept."""
+    state = copy_state(saved, tmp_path)
+    first = continue_state(state, tiny_model_dir, saved["beta"])
+    second = continue_state(state, tiny_model_dir, saved["gamma"])
+    cp.save_state(first, state)
+    before = digest(state)
+    with pytest.raises(cp.CPError, match="changed since this run loaded it"):
+        cp.save_state(second, state)
+    assert digest(state) == before
+    assert [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"]
+
+
+def test_reader_sees_a_whole_state_during_a_save(saved, tiny_model_dir, tmp_path, monkeypatch):
+    """A save that commits while a reader reads (and removes the files of the manifest it read): it reads again."""
+    state = copy_state(saved, tmp_path)
+    newer = continue_state(state, tiny_model_dir, saved["beta"])
+    read_file, committed = cp.load_file, []
+
+    def commit_then_read(path):
+        if not committed:
+            committed.append(cp.save_state(newer, state))
+        return read_file(path)
+    monkeypatch.setattr(cp, "load_file", commit_then_read)
+    assert [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"] and committed
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import cp, unet
+folder, concept, model_dir = sys.argv[1:]
+model, state = unet.load_model(model_dir), cp.load_state(folder)
+state.hparams["lr"] *= 3  # this attempt's LoRA differs from the next one's
+cp.apply_state(model, state)
+state = cp.learn_concept(model, state, concept, log=False)
+write = cp._write_file
+def write_until_manifest(path, what):
+    if os.path.basename(path).startswith(cp.MANIFEST):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, what)
+cp._write_file = write_until_manifest
+cp.save_state(state, folder)
+"""
+
+
+def test_save_killed_before_the_manifest_is_never_reused(saved, tiny_model_dir, tmp_path):
+    """C-LoRA keeps a task's LoRA only in the pool: a killed save's pool file must not stand in for the next."""
+    folder, alpha = str(tmp_path / "state"), write_concept(str(tmp_path / "alpha"), 0)
+    model, state = fresh(tiny_model_dir, "clora")
+    cp.save_state(cp.learn_concept(model, state, alpha, log=False), folder)
+    r = subprocess.run([sys.executable, "-c", KILLED_SAVE, folder, saved["beta"], tiny_model_dir], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    aborted = [f"pool/{f}" for f in os.listdir(os.path.join(folder, "pool"))
+               if f"pool/{f}" not in manifest(folder)["files"]["pool"]]
+    assert len(aborted) == 1 and [c["name"] for c in cp.load_state(folder).concepts] == ["alpha"]
+    again = continue_state(folder, tiny_model_dir, saved["beta"])
+    cp.save_state(again, folder)
+    kept = cp.load_state(folder).pool[-1]
+    left = {p: (A, B) for p, (A, B, _) in lora.read_lora_file(os.path.join(folder, aborted[0])).items()}
+    same = lambda x, y: all(torch.equal(x[p][i], y[p][i]) for p in x for i in (0, 1))
+    assert same(kept, again.pool[-1]) and not same(left, again.pool[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damaged files
+
+
+def truncate(folder, m):
+    path = os.path.join(folder, m["files"]["lora"])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return m["files"]["lora"]
+
+
+def remove(folder, m):
+    os.remove(os.path.join(folder, m["files"]["tokens"]))
+    return m["files"]["tokens"]
+
+
+def reshape(folder, m):
+    """One LoRA A with an extra input column: a valid file, and the right rank, but not for this model."""
+    path = os.path.join(folder, m["files"]["lora"])
+    w = {p: (A, B) for p, (A, B, _) in lora.read_lora_file(path).items()}
+    p = sorted(w)[0]
+    w[p] = (torch.cat([w[p][0], w[p][0][:, :1]], 1), w[p][1])
+    lora.write_lora_file(w, {k: m["hparams"]["alpha"] for k in w}, path)
+    return m["files"]["lora"]
+
+
+def not_json(folder, m):
+    with open(os.path.join(folder, cp.MANIFEST), "w") as f:
+        f.write('{"format": "cp-state/1", "files": ')
+    return cp.MANIFEST
+
+
+@pytest.mark.parametrize("damage", [truncate, remove, reshape, not_json])
+def test_damaged_state_is_a_one_line_error(saved, tmp_path, damage):
+    state = copy_state(saved, tmp_path)
+    name = damage(state, manifest(state))
+    before = digest(state)
+    out, export = tmp_path / "out.png", tmp_path / "export"
+    for main, argv in [(train.main, ["--concept", saved["beta"], "--state", state, *FAST_FLAGS]),
+                       (sample.main, ["--state", state, "--prompt", "a photo of a <alpha>", "--out", str(out)]),
+                       (train.main, ["--state", state, "--export", str(export)])]:
+        assert name in exit_message(main, argv)
+        assert digest(state) == before and not out.exists() and not export.exists()
+
+
+def test_damaged_state_from_the_command_line(saved, tmp_path):
+    """The same, seen from outside: exit status 1, one line, no traceback."""
+    state = copy_state(saved, tmp_path)
+    name = truncate(state, manifest(state))
+    r = subprocess.run([sys.executable, "sample.py", "--state", state, "--prompt", "a photo of a <alpha>"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, name, "is damaged")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failed writes
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_failed_write_leaves_the_previous_state(saved, tiny_model_dir, tmp_path, monkeypatch, code):
+    """The write of each file of a save fails in turn, half-written: the previous state loads and samples as before,
+    and nothing of the attempt is left behind."""
+    state = copy_state(saved, tmp_path)
+    newer = continue_state(state, tiny_model_dir, saved["beta"])
+    before, reference = digest(state), samples(state)
+    write, calls = cp._write_file, []
+
+    def failing_write(path, what):
+        calls.append(path)
+        if len(calls) == fail_at:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 8)
+            raise OSError(code, os.strerror(code), path)
+        write(path, what)
+    monkeypatch.setattr(cp, "_write_file", failing_write)
+    for fail_at in range(1, 6):  # tokens, ewc, lora, the new pool entry, the manifest
+        calls.clear()
+        with pytest.raises(cp.CPError, match=os.strerror(code)) as e:
+            cp.save_state(newer, state)
+        assert "\n" not in str(e.value) and "previous state is unchanged" in str(e.value)
+        assert digest(state) == before and torch.equal(samples(state), reference), f"write {fail_at} failed"
+    fail_at = 0
+    calls.clear()
+    cp.save_state(newer, state)
+    assert len(calls) == 5 and [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the state folder owns
+
+
+def test_state_folder_owns_only_its_files(saved, tiny_model_dir, tmp_path):
+    state = copy_state(saved, tmp_path)
+    for name in ("holiday.jpg", "pool/notes.txt"):
+        with open(os.path.join(state, name), "w") as f:
+            f.write("not the state's")
+    old = set(cp._named(manifest(state)["files"]))
+    cp.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
+    new = set(cp._named(manifest(state)["files"]))
+    on_disk = {os.path.relpath(os.path.join(r, f), state) for r, _, fs in os.walk(state) for f in fs}
+    assert on_disk == new | {cp.MANIFEST, "holiday.jpg", "pool/notes.txt"}  # the replaced files only are gone
+    assert old - new and len(old & new) == 1  # the first pool entry is kept as it was written
+
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\documentclass{article}")
+    assert "it is not a state" in exit_message(train.main, ["--concept", saved["beta"], "--state", str(thesis),
+                                                            *FAST_FLAGS])
+    model, state = fresh(tiny_model_dir, "seq")
+    with pytest.raises(cp.CPError, match="it is not a state"):
+        cp.save_state(state, str(thesis))
+    assert os.listdir(thesis) == ["thesis.tex"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flags and images
+
+
+BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--rank", "0"], ["--fisher-samples", "0"],
+             ["--dsc-steps", "-1"], ["--dc-batch", "-1"], ["--dc-k", "1"], ["--seed", "-1"], ["--lr", "nan"],
+             ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
+             ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
+             ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"]]
+BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"]]
+
+
+def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(unet, "load_model", no_work)
+    state, new = copy_state(saved, tmp_path), str(tmp_path / "new")
+    before = digest(state)
+    for flags in BAD_FLAGS:
+        for folder in (state, new):
+            assert flags[0] in exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *flags])
+    assert digest(state) == before and not os.path.exists(new)
+    for flags in BAD_SAMPLE_FLAGS:
+        assert flags[0] in exit_message(sample.main, ["--prompt", "a photo", "--out", str(tmp_path / "o.png"), *flags])
+    assert sorted(os.listdir(tmp_path)) == ["state"]
+
+
+def test_every_flag_says_what_it_does(capsys, monkeypatch):
+    """Each method flag's help is the comment beside its cp.Hparams field."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    source = inspect.getsource(cp.Hparams).splitlines()
+    for f in dataclasses.fields(cp.Hparams):
+        field_line = next(line for line in source if line.strip().startswith(f.name + ":"))
+        comment = field_line.split("#", 1)[1].strip() if "#" in field_line else ""
+        help_text = text.split(f" --{f.name.replace('_', '-')} ", 1)[1].split(" --", 1)[0]
+        assert len(comment.split()) >= 3 and comment in help_text, (f.name, help_text)
+
+
+def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    write_concept(str(tmp_path), 0, n=1)  # 20 × 24 = 480 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # Pillow refuses images of more than twice this
+    with pytest.raises(cp.CPError, match=r"0\.png.*decompression bomb"):
+        cp.load_images(str(tmp_path), 16)
