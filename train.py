@@ -36,6 +36,7 @@ def add_hparam_flags(parser, skip=()):
                                 choices={"method": cp.METHODS, "targets": list(lora.PRESETS)}.get(f.name),
                                 help=f"{comments[f.name]} (default {getattr(defaults, f.name)})".replace("%", "%%"))
 
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Learn one concept with continual personalization.")
     p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
@@ -88,7 +89,7 @@ def run(args):
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
     resolve_hparams(args, None)  # every flag checked before any work
-    lock = cp.lock_state(args.state) if args.concept else None  # held until the process ends
+    lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state)
     model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
