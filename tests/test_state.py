@@ -20,7 +20,7 @@ import sample
 import train
 import unet
 from test_cp import fresh, write_concept
-from test_train_cli import ROOT, assert_one_line_error, digest, read_stderr_until
+from test_train_cli import ROOT, assert_one_line_error, digest
 
 FAST_FLAGS = ["--steps", "3", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--no-preview"]
 
