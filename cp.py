@@ -1,8 +1,9 @@
 """Continual personalization: learn concepts one at a time, keep no image, forget as little as possible.
 
 Task n brings concept c_n (a folder of images, a new token `<name>`, the prompt "a photo of a <name>"). The
-pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the LoRA
-parameters, t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6; Jha et al., ICLR 2025):
+pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the adapter's
+parameters (A and B of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6;
+Jha et al., ICLR 2025):
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
     L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀
@@ -48,11 +49,12 @@ class Hparams:
     method: str = "ewc-dc"
     steps: int = 600               # optimizer steps on the new concept
     batch_size: int = 8
-    lr: float = 1e-2               # LoRA learning rate
+    lr: float = 1e-2               # LoRA (or VeRA) learning rate
     token_lr: float = 5e-2         # learning rate of the new token's embedding row
     rank: int = 8
     alpha: float = 8.0
     targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
+    adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_samples: int = 16       # per-sample gradients averaged into F̂
@@ -80,11 +82,13 @@ class State:
     hparams: dict
     concepts: list = field(default_factory=list)   # [{"name", "token", "prompt", "class_word", "task"}]
     history: list = field(default_factory=list)    # per-task metrics
-    lora: dict = None                              # {module path: (A, B)} of the carried LoRA (not clora / ti)
+    lora: dict = None                              # {module path: (A, B)} of the carried LoRA (not clora / ti);
+                                                   # VeRA: {module path: (d, b)}
     pool: list = field(default_factory=list)       # one {module path: (A, B)} per task: the LoRA after that task
     tokens: dict = field(default_factory=dict)     # token → embedding row
-    fisher: dict = field(default_factory=dict)     # "path.A" / "path.B" → F*
-    anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" → φ*
+    fisher: dict = field(default_factory=dict)     # "path.A" / "path.B" (VeRA: "path.d" / "path.b") → F*
+    anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" (VeRA: "path.d" / "path.b") → φ*
+    projection: tuple = None                       # VeRA: the frozen (A, B) its adapters share
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,11 +181,11 @@ def apply_state(model, state):
         for i, weights in enumerate(state.pool):
             install_adapter(model.unet, f"task{i}", weights, hp)
     elif state.lora is not None:
-        install_adapter(model.unet, "current", state.lora, hp)
+        install_adapter(model.unet, "current", state.lora, hp, state.projection)
 
 
-def install_adapter(unet, name, weights, hp):
-    lora.inject(unet, hp.targets, hp.rank, hp.alpha, name)
+def install_adapter(unet, name, weights, hp, projection=None):
+    lora.inject(unet, hp.targets, hp.rank, hp.alpha, name, hp.adapter, projection)
     if weights is not None:
         lora.set_adapter(unet, name, weights)
     return lora.lora_parameters(unet, [name])
@@ -192,8 +196,9 @@ def snapshot(unet, name):
 
 
 def flat(weights):
-    """{path: (A, B)} → {"path.A": A, "path.B": B}, the naming of the Fisher and the anchor."""
-    return {f"{p}.{ab}": t for p, pair in weights.items() for ab, t in zip("AB", pair)}
+    """{path: (A, B)} → {"path.A": A, "path.B": B}, the naming of the Fisher and the anchor (VeRA's (d, b): "path.d",
+    "path.b")."""
+    return {f"{p}.{k}": t for p, pair in weights.items() for k, t in zip("db" if pair[0].ndim == 1 else "AB", pair)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,13 +438,16 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 
     for p in params:
         p.requires_grad_(False)
-    metrics["lora_norm"] = float(sum(((B @ A) * hp.alpha / hp.rank).square().sum() for A, B in final.values()) ** 0.5)
+    with torch.no_grad():
+        metrics["lora_norm"] = float(sum(w.square().sum() for w in lora.deltas(model.unet, adapter).values()) ** 0.5)
     metrics["seconds"] = round(time.time() - started, 1)
     concept = {"name": name, "token": token, "prompt": target, "class_word": class_word, "task": task}
+    projection = lora.get_projection(model.unet)
     return State(model=state.model, hparams=state.hparams, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
                  lora=None if hp.uses("clora") or not adapter else final,
-                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor)
+                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor,
+                 projection=tuple(P.cpu() for P in projection) if projection else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,6 +457,10 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 def new_state(model, hp):
     if hp.method not in METHODS:
         raise CPError(f"unknown method {hp.method!r} (choose from {', '.join(METHODS)})")
+    if hp.adapter not in lora.ADAPTERS:
+        raise CPError(f"unknown adapter {hp.adapter!r} (choose from {', '.join(lora.ADAPTERS)})")
+    if hp.adapter == "vera" and hp.uses("clora"):
+        raise CPError("clora's penalty is defined on per-task LoRAs; use --adapter lora with --method clora")
     return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=asdict(hp))
 
 
@@ -473,10 +485,11 @@ def save_state(state, folder):
         _write_atomic(os.path.join(folder, files[key]),
                       lambda p, t=tensors[key]: save_file({k: v.contiguous() for k, v in t.items()}, p))
     hp = Hparams(**state.hparams)
-    write_lora = lambda path, w: _write_atomic(os.path.join(folder, path), lambda p: lora.write_lora_file(
-        w, {k: hp.alpha for k in w}, p, "diffusers"))
+    write_lora = lambda path, w, projection=None: _write_atomic(os.path.join(folder, path), lambda p: (
+        lora.write_vera(w, p, projection) if hp.adapter == "vera" else
+        lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers")))
     if state.lora:
-        write_lora(files["lora"], state.lora)
+        write_lora(files["lora"], state.lora, state.projection)  # VeRA: the pool files leave the projection out
     for path, w in zip(files["pool"], state.pool):
         if not os.path.exists(os.path.join(folder, path)):  # a pool entry never changes once written
             write_lora(path, w)
@@ -498,12 +511,15 @@ def load_state(folder):
         files = m["files"]
         read = lambda name: load_file(os.path.join(folder, name))
         ewc = read(files["ewc"])
+        vera = Hparams(**m["hparams"]).adapter == "vera"
+        read_adapter = lambda name: (lora.read_vera(os.path.join(folder, name))[:2] if vera else
+                                     (_pairs(lora.read_lora_file(os.path.join(folder, name))), None))
+        carried, projection = read_adapter(files["lora"]) if files["lora"] else (None, None)
         return State(model=m["model"], hparams=m["hparams"], concepts=m["concepts"], history=m["history"],
-                     lora=_pairs(lora.read_lora_file(os.path.join(folder, files["lora"]))) if files["lora"] else None,
-                     pool=[_pairs(lora.read_lora_file(os.path.join(folder, p))) for p in files["pool"]],
+                     lora=carried, pool=[read_adapter(p)[0] for p in files["pool"]],
                      tokens=read(files["tokens"]),
                      fisher={k[7:]: v for k, v in ewc.items() if k.startswith("fisher.")},
-                     anchor={k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")})
+                     anchor={k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")}, projection=projection)
     except (OSError, KeyError, ValueError) as e:
         raise CPError(f"cannot load state {folder}: {e}") from None
 
