@@ -1,8 +1,9 @@
 """Continual personalization: learn concepts one at a time, keep no image, forget as little as possible.
 
 Task n brings concept c_n (a folder of images, a new token `<name>`, the prompt "a photo of a <name>"). The
-pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the LoRA
-parameters, t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6; Jha et al., ICLR 2025):
+pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the adapter's
+parameters (A and B of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6;
+Jha et al., ICLR 2025):
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
     L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀
@@ -58,11 +59,12 @@ class Hparams:
     method: str = "ewc-dc"         # continual-personalization method (README "The method in one page")
     steps: int = 600               # optimizer steps on the new concept
     batch_size: int = 8            # images per optimizer step
-    lr: float = 1e-2               # LoRA learning rate
+    lr: float = 1e-2               # LoRA (or VeRA) learning rate
     token_lr: float = 5e-2         # learning rate of the new token's embedding row
     rank: int = 8                  # LoRA rank r
     alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
     targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
+    adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
     ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_samples: int = 16       # per-sample gradients averaged into F̂
@@ -90,11 +92,13 @@ class State:
     hparams: dict
     concepts: list = field(default_factory=list)   # [{"name", "token", "prompt", "class_word", "task"}]
     history: list = field(default_factory=list)    # per-task metrics
-    lora: dict = None                              # {module path: (A, B)} of the carried LoRA (not clora / ti)
+    lora: dict = None                              # {module path: (A, B)} of the carried LoRA (not clora / ti);
+                                                   # VeRA: {module path: (d, b)}
     pool: list = field(default_factory=list)       # one {module path: (A, B)} per task: the LoRA after that task
     tokens: dict = field(default_factory=dict)     # token → embedding row
-    fisher: dict = field(default_factory=dict)     # "path.A" / "path.B" → F*
-    anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" → φ*
+    fisher: dict = field(default_factory=dict)     # "path.A" / "path.B" (VeRA: "path.d" / "path.b") → F*
+    anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" (VeRA: "path.d" / "path.b") → φ*
+    projection: tuple = None                       # VeRA: the frozen (A, B) its adapters share
     base: dict = None                              # the manifest this state continues (None: never saved)
 
 
@@ -106,6 +110,10 @@ def check_hparams(hp):
         raise CPError(f"unknown method {hp.method!r} (choose from {', '.join(METHODS)})")
     if hp.targets not in lora.PRESETS:
         raise bad("targets", " or ".join(lora.PRESETS))
+    if hp.adapter not in lora.ADAPTERS:
+        raise bad("adapter", " or ".join(lora.ADAPTERS))
+    if hp.adapter == "vera" and hp.uses("clora"):
+        raise CPError("clora's penalty is defined on per-task LoRAs; use --adapter lora with --method clora")
     for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("fisher_samples", 1), ("dc_k", 2),
                       ("dc_batch", 0), ("dsc_steps", 0), ("seed", 0)):
         if type(getattr(hp, name)) is not int or getattr(hp, name) < low:
@@ -211,11 +219,11 @@ def apply_state(model, state):
         for i, weights in enumerate(state.pool):
             install_adapter(model.unet, f"task{i}", weights, hp)
     elif state.lora is not None:
-        install_adapter(model.unet, "current", state.lora, hp)
+        install_adapter(model.unet, "current", state.lora, hp, state.projection)
 
 
-def install_adapter(unet, name, weights, hp):
-    lora.inject(unet, hp.targets, hp.rank, hp.alpha, name)
+def install_adapter(unet, name, weights, hp, projection=None):
+    lora.inject(unet, hp.targets, hp.rank, hp.alpha, name, hp.adapter, projection)
     if weights is not None:
         lora.set_adapter(unet, name, weights)
     return lora.lora_parameters(unet, [name])
@@ -226,8 +234,9 @@ def snapshot(unet, name):
 
 
 def flat(weights):
-    """{path: (A, B)} → {"path.A": A, "path.B": B}, the naming of the Fisher and the anchor."""
-    return {f"{p}.{ab}": t for p, pair in weights.items() for ab, t in zip("AB", pair)}
+    """{path: (A, B)} → {"path.A": A, "path.B": B}, the naming of the Fisher and the anchor (VeRA's (d, b): "path.d",
+    "path.b")."""
+    return {f"{p}.{k}": t for p, pair in weights.items() for k, t in zip("db" if pair[0].ndim == 1 else "AB", pair)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,14 +476,16 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 
     for p in params:
         p.requires_grad_(False)
-    metrics["lora_norm"] = float(sum(((B @ A) * hp.alpha / hp.rank).square().sum() for A, B in final.values()) ** 0.5)
+    with torch.no_grad():
+        metrics["lora_norm"] = float(sum(w.square().sum() for w in lora.deltas(model.unet, adapter).values()) ** 0.5)
     metrics["seconds"] = round(time.time() - started, 1)
     concept = {"name": name, "token": token, "prompt": target, "class_word": class_word, "task": task}
+    projection = lora.get_projection(model.unet)
     return State(model=state.model, hparams=state.hparams, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
                  lora=None if hp.uses("clora") or not adapter else final,
                  pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor,
-                 base=state.base)
+                 base=state.base, projection=tuple(P.cpu() for P in projection) if projection else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -576,10 +587,13 @@ def save_state(state, folder):
                                                **{"anchor." + k: v for k, v in state.anchor.items()}}}
     manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=state.hparams,
                                concepts=state.concepts, history=state.history, files=files), indent=1)
-    write_lora = lambda w: lambda p: lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers")
+    write_lora = lambda w, projection=None: lambda p: (
+        lora.write_vera(w, p, projection) if hp.adapter == "vera" else
+        lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers"))
     writes = [(files[k], lambda p, t=tensors[k]: save_file({k: v.contiguous() for k, v in t.items()}, p))
               for k in ("tokens", "ewc")]
-    writes += [(files["lora"], write_lora(state.lora))] if state.lora else []
+    # VeRA: the carried file holds the shared projection, the pool files leave it out
+    writes += [(files["lora"], write_lora(state.lora, state.projection))] if state.lora else []
     writes += [(name, write_lora(w)) for name, w in zip(files["pool"][len(kept):], state.pool[len(kept):])]
     writes += [(f"{MANIFEST}.{attempt}.tmp", lambda p: _write_text(p, manifest))]
     written = []
@@ -646,9 +660,10 @@ def _read_state(folder, m):
     if len(files["pool"]) != (len(concepts) if hp.uses("lora") else 0) or \
             bool(files["lora"]) != (hp.uses("lora") and not hp.uses("clora") and len(concepts) > 0):
         raise CPError(f"{path} is damaged: its files do not fit {len(concepts)} concepts of method {hp.method}")
-    loras = [read(name, lambda p: _pairs(lora.read_lora_file(p))) for name in _lora_files(files)]
-    state.lora = loras[0] if files["lora"] else None
-    state.pool = loras[1:] if files["lora"] else loras
+    read_adapter = lambda p: lora.read_vera(p)[:2] if hp.adapter == "vera" else (_pairs(lora.read_lora_file(p)), None)
+    adapters = [read(name, read_adapter) for name in _lora_files(files)]
+    state.lora, state.projection = adapters[0] if files["lora"] else (None, None)
+    state.pool = [w for w, _ in (adapters[1:] if files["lora"] else adapters)]
     return state
 
 
@@ -671,13 +686,17 @@ def check_model(state, model):
     dim = model.text_encoder.get_input_embeddings().weight.shape[1]
     if any(row.shape != (dim,) for row in state.tokens.values()):
         raise _damaged("", files["tokens"], f"holds token rows not of the model's width {dim}")
-    need = {p: ((hp.rank, m.in_features), (m.out_features, hp.rank)) for p, m in model.unet.named_modules()
+    names = "db" if hp.adapter == "vera" else "AB"  # as `flat` names them
+    shapes = lambda m: ((hp.rank,), (m.out_features,)) if hp.adapter == "vera" else \
+        ((hp.rank, m.in_features), (m.out_features, hp.rank))
+    need = {p: shapes(m) for p, m in model.unet.named_modules()
             if isinstance(m, torch.nn.Linear) and p.endswith(tuple("." + t for t in lora.PRESETS[hp.targets]))}
     for name, w in zip(_lora_files(files), ([state.lora] if state.lora else []) + state.pool):
         _check_shapes(name, {p: (tuple(A.shape), tuple(B.shape)) for p, (A, B) in w.items()}, need)
     if hp.uses("ewc") and state.concepts:
         for stats in (state.fisher, state.anchor):
-            _check_shapes(files["ewc"], {k: tuple(v.shape) for k, v in stats.items()}, flat(need))
+            _check_shapes(files["ewc"], {k: tuple(v.shape) for k, v in stats.items()},
+                          {f"{p}.{k}": s for p, pair in need.items() for k, s in zip(names, pair)})
 
 
 def _check_shapes(name, got, need):

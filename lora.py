@@ -1,13 +1,20 @@
 """
-LoRA for the UNet's Linear layers (DESIGN.md section 4).
+LoRA and VeRA for the UNet's Linear layers (DESIGN.md section 4).
 
-A wrapped Linear computes  y = W x + b + sum_n (alpha_n / r_n) * B_n A_n x  over its enabled adapters n, with
-A_n in R^{r x in} (kaiming-uniform init, as nn.Linear) and B_n in R^{out x r} (zero init), so a fresh adapter does not
-change the output. Several named adapters can sit on one layer (C-LoRA keeps one per task and sums them).
+A wrapped Linear computes  y = W x + b + sum_n ΔW_n x  over its enabled adapters n. Several named adapters can sit
+on one layer (C-LoRA keeps one per task and sums them).
+  LoRA (Hu et al. 2022):       ΔW = (alpha / r) B A, with A in R^{r x in} (kaiming-uniform init, as nn.Linear) and
+                               B in R^{out x r} (zero init) trained per layer.
+  VeRA (Kopiczko et al. 2024): ΔW = Λ_b B Λ_d A, with A in R^{r x in} and B in R^{out x r} frozen and random, one pair
+                               for the whole UNet (sized to the largest in/out of the targets, each layer takes its
+                               top-left block), and only the vectors d in R^r (init 0.1) and b in R^out (init 0)
+                               trained per layer: r + out numbers instead of r (in + out).
+A fresh adapter (B = 0, or b = 0) does not change the output.
 
 The wrapper is a subclass of nn.Linear that keeps the original weight and bias Parameters, so the base keys of
 `unet.state_dict()` stay `...to_k.weight` / `...to_k.bias`; each adapter adds `...to_k.lora_A.<name>` and
-`...to_k.lora_B.<name>`.
+`...to_k.lora_B.<name>` (VeRA: `...to_k.vera_lambda_d.<name>`, `...to_k.vera_lambda_b.<name>`; the shared projection
+is not a buffer, so the state dict does not repeat it in every layer).
 
 Files (safetensors, LoRA tensors only):
   diffusers/PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight`, and the header entry
@@ -15,9 +22,14 @@ Files (safetensors, LoRA tensors only):
                   "unet.rank_pattern", "unet.alpha_pattern"}, which diffusers turns into a peft LoraConfig.
                   Without that entry diffusers uses alpha = r, so does `load_lora`.
   kohya:          `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+  PEFT VeRA:      `base_model.model.<module>.vera_lambda_d` / `.vera_lambda_b`, and the shared projection as
+                  `base_model.vera_A` / `base_model.vera_B` (PEFT's save_projection=True; without them PEFT and
+                  `load_vera` regenerate it from `projection_prng_key`), beside PEFT's adapter_config.json (a folder,
+                  as PEFT's save_pretrained writes) or with that JSON in the safetensors header (a single file).
 """
 import json
 import math
+import os
 import re
 from collections import Counter
 
@@ -31,10 +43,13 @@ KV = ("attn2.to_k", "attn2.to_v")  # cross-attention keys and values (C-LoRA / C
 ATTN = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
 PRESETS = {"kv": KV, "attn": ATTN}
 METADATA_KEY = "lora_adapter_metadata"
+ADAPTERS = ("lora", "vera")
+VERA_D_INITIAL = 0.1  # PEFT's default d_initial
+VERA_WEIGHTS, VERA_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PEFT's file names
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus named low-rank adapters; built from an existing Linear, sharing its Parameters."""
+    """nn.Linear plus named LoRA / VeRA adapters; built from an existing Linear, sharing its Parameters."""
 
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
@@ -42,6 +57,9 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_lambda_b = nn.ParameterDict()
+        self.projection = None  # VeRA: the UNet's shared frozen (A, B), the same tensors in every layer
         self.alpha = {}       # name -> alpha (scale = alpha / rank)
         self.disabled = set()
         self.merged = []      # names whose delta is currently folded into self.weight (functions that change
@@ -55,22 +73,46 @@ class LoRALinear(nn.Linear):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.alpha[name] = float(alpha)
 
-    def scale(self, name):
-        return self.alpha[name] / self.lora_A[name].shape[0]
+    def add_vera(self, name, projection):
+        w = self.weight
+        self.projection = projection
+        self.vera_lambda_d[name] = nn.Parameter(torch.full((projection[0].shape[0],), VERA_D_INITIAL, device=w.device,
+                                                           dtype=w.dtype))
+        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
+
+    def names(self):
+        return [*self.lora_A, *self.vera_lambda_d]
+
+    def params(self, name):
+        """The trained pair: (A, B) of a LoRA, (d, b) of a VeRA adapter."""
+        if name in self.lora_A:
+            return self.lora_A[name], self.lora_B[name]
+        return self.vera_lambda_d[name], self.vera_lambda_b[name]
+
+    def factors(self, name):
+        """(A', B', s) with ΔW = s B' A': LoRA (A, B, alpha / r); VeRA (Λ_d A, Λ_b B, 1), A and B cut to this layer."""
+        if name in self.lora_A:
+            return self.lora_A[name], self.lora_B[name], self.alpha[name] / self.lora_A[name].shape[0]
+        d, b = self.params(name)
+        A, B = (P.to(d) for P in self.projection)
+        return d[:, None] * A[:, :self.in_features], b[:, None] * B[:self.out_features], 1.0
 
     def delta(self, name):
-        """ΔW = (alpha / r) B A, shape [out, in]."""
-        return self.scale(name) * (self.lora_B[name] @ self.lora_A[name])
+        """ΔW, shape [out, in]."""
+        A, B, s = self.factors(name)
+        return s * (B @ A)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        for n in self.lora_A:
+        for n in self.names():
             if n not in self.disabled and n not in self.merged:
-                y = y + self.scale(n) * F.linear(F.linear(x, self.lora_A[n]), self.lora_B[n])
+                A, B, s = self.factors(n)
+                y = y + s * F.linear(F.linear(x, A), B)
         return y
 
     def extra_repr(self):
-        return super().extra_repr() + ", adapters=" + ",".join(f"{n}(r={self.lora_A[n].shape[0]})" for n in self.lora_A)
+        return super().extra_repr() + ", adapters=" + ",".join(
+            f"{n}({'vera ' * (n in self.vera_lambda_d)}r={self.params(n)[0].shape[0]})" for n in self.names())
 
 
 def _layers(unet):
@@ -87,40 +129,73 @@ def _check_name(name):
         raise ValueError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
 
 
-def _wrap(unet, path, name, rank, alpha):
+def _wrap(unet, path, name):
+    """The LoRALinear at `path` (wrapping the nn.Linear there if needed), checked not to hold `name` yet."""
     m = unet.get_submodule(path)
     if not isinstance(m, LoRALinear):
         m = LoRALinear(m)
         _set_module(unet, path, m)
-    if name in m.lora_A:
+    if name in m.names():
         raise ValueError(f"{path}: adapter {name!r} already exists")
-    m.add(name, rank, alpha)
     return m
 
 
-def inject(unet, targets=KV, rank=4, alpha=4.0, name="task0"):
-    """Add adapter `name` to every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn")."""
+def vera_projection(rank, n_in, n_out, seed=0):
+    """VeRA's frozen A [rank, n_in] and B [n_out, rank], kaiming-uniform (bound √(6 / fan_in)) from one CPU generator
+    seeded with `seed`, A drawn first: the numbers of PEFT's VeraConfig(projection_prng_key=seed)."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = lambda shape, fan: torch.empty(shape).uniform_(-math.sqrt(6 / fan), math.sqrt(6 / fan), generator=g)
+    return uniform((rank, n_in), n_in), uniform((n_out, rank), rank)
+
+
+def get_projection(unet):
+    """The (A, B) that the UNet's VeRA adapters share, or None."""
+    return next((m.projection for _, m in _layers(unet) if m.projection is not None), None)
+
+
+def inject(unet, targets=KV, rank=4, alpha=4.0, name="task0", adapter="lora", projection=None, seed=0):
+    """Add adapter `name` to every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn").
+
+    adapter="vera" ignores alpha; its layers use `projection` (A, B), else the UNet's existing one (all VeRA adapters
+    of a UNet share one, as in PEFT), else a new one from `seed` sized to the largest in/out of the targets.
+    """
     targets = PRESETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
     _check_name(name)
+    if adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {adapter!r} (choose from {', '.join(ADAPTERS)})")
     paths = [p for p, m in unet.named_modules()
              if isinstance(m, nn.Linear) and any(p == t or p.endswith("." + t) for t in targets)]
     if not paths:
         raise ValueError(f"no nn.Linear module matches {targets}")
+    if adapter == "vera":
+        linears, shared = [unet.get_submodule(p) for p in paths], get_projection(unet)
+        projection = projection or shared or vera_projection(rank, max(m.in_features for m in linears),
+                                                             max(m.out_features for m in linears), seed)
+        projection = tuple(P.to(linears[0].weight) for P in projection)
+        if shared is not None and not all(map(torch.equal, shared, projection)):
+            raise ValueError("this UNet's VeRA adapters share another projection (one per UNet, as in PEFT)")
+        A, B = projection = shared or projection
+        small = [p for p, m in zip(paths, linears) if A.shape[1] < m.in_features or B.shape[0] < m.out_features]
+        if A.shape[0] != rank or B.shape[1] != rank or small:
+            raise ValueError(f"VeRA projection {tuple(A.shape)}, {tuple(B.shape)} does not fit rank {rank}"
+                             + (f" and module {small[0]}" if small else ""))
     for p in paths:
-        _wrap(unet, p, name, rank, alpha)
+        m = _wrap(unet, p, name)
+        m.add(name, rank, alpha) if adapter == "lora" else m.add_vera(name, projection)
     return paths
 
 
 def adapter_names(unet):
     names = {}
     for _, m in _layers(unet):
-        names.update(dict.fromkeys(m.lora_A))
+        names.update(dict.fromkeys(m.names()))
     return list(names)
 
 
 def lora_parameters(unet, names=None):
-    """The A and B Parameters of the given adapters (all when None), in module order."""
-    return [d[n] for _, m in _layers(unet) for d in (m.lora_A, m.lora_B) for n in d if names is None or n in names]
+    """The trained Parameters of the given adapters (all when None), in module order: (A, B) of a LoRA, (d, b) of a
+    VeRA adapter."""
+    return [t for _, m in _layers(unet) for n in m.names() if names is None or n in names for t in m.params(n)]
 
 
 def set_trainable(unet, names):
@@ -137,7 +212,7 @@ def set_trainable(unet, names):
 def set_enabled(unet, name, enabled=True):
     unmerge(unet)
     for _, m in _layers(unet):
-        if name in m.lora_A:
+        if name in m.names():
             (m.disabled.discard if enabled else m.disabled.add)(name)
 
 
@@ -145,7 +220,7 @@ def set_enabled(unet, name, enabled=True):
 def merge(unet):
     """Fold every enabled adapter into W (for fast inference); `unmerge` takes them out again."""
     for _, m in _layers(unet):
-        for n in m.lora_A:
+        for n in m.names():
             if n not in m.disabled and n not in m.merged:
                 m.weight += m.delta(n).to(m.weight.dtype)
                 m.merged.append(n)
@@ -162,18 +237,28 @@ def remove(unet, name=None):
     """Delete adapter `name` (all when None); a layer left without adapters becomes a plain nn.Linear again."""
     unmerge(unet)
     for p, m in _layers(unet):
-        for n in [n for n in m.lora_A if name is None or n == name]:
-            del m.lora_A[n], m.lora_B[n], m.alpha[n]
+        for n in [n for n in m.names() if name is None or n == name]:
+            for d in (m.lora_A, m.lora_B, m.vera_lambda_d, m.vera_lambda_b, m.alpha):
+                if n in d:
+                    del d[n]
             m.disabled.discard(n)
-        if not m.lora_A:
+        if not m.vera_lambda_d:
+            m.projection = None
+        if not m.names():
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
             _set_module(unet, p, plain)
 
 
 def get_adapter(unet, name):
-    """{module path: (A, B)} of adapter `name`: the live Parameters (A [r, in], B [out, r]), not copies."""
-    return {p: (m.lora_A[name], m.lora_B[name]) for p, m in _layers(unet) if name in m.lora_A}
+    """{module path: (A, B)} of adapter `name`: the live Parameters (A [r, in], B [out, r]; VeRA: d [r], b [out]),
+    not copies."""
+    return {p: m.params(name) for p, m in _layers(unet) if name in m.names()}
+
+
+def deltas(unet, name):
+    """{module path: ΔW} of adapter `name`."""
+    return {p: m.delta(name) for p, m in _layers(unet) if name in m.names()}
 
 
 def get_alpha(unet, name):
@@ -182,7 +267,8 @@ def get_alpha(unet, name):
 
 @torch.no_grad()
 def set_adapter(unet, name, weights):
-    """Copy {path: (A, B)} (e.g. from `get_adapter`) into the existing adapter `name`; paths and shapes must match."""
+    """Copy {path: (A, B)} (VeRA: (d, b); e.g. from `get_adapter`) into the existing adapter `name`; paths and shapes
+    must match."""
     unmerge(unet)
     have = get_adapter(unet, name)
     if not have:
@@ -332,8 +418,74 @@ def load_lora(unet, path, name):
         raise ValueError(f"adapter {name!r} covers other modules than {path}, e.g. {diff[0]}")
     with torch.no_grad():
         for p, (A, B, alpha, _) in mods.items():
-            m = linears[p] if existing else _wrap(unet, p, name, A.shape[0], alpha)
+            m = linears[p]
+            if not existing:
+                m = _wrap(unet, p, name)
+                m.add(name, A.shape[0], alpha)
             m.alpha[name] = alpha
             m.lora_A[name].copy_(A)
             m.lora_B[name].copy_(B)
     return sorted(mods)
+
+
+def write_vera(layers, path, projection=None, seed=0):
+    """Write {module path: (d, b)} in PEFT's VeRA format, with the shared `projection` (A, B) when given (PEFT's
+    save_projection=True), else only `seed` to regenerate it. An existing folder gets PEFT's save_pretrained layout
+    (adapter_model.safetensors, adapter_config.json); any other path is one file with that JSON in its header."""
+    t = lambda x: x.detach().to("cpu").contiguous().clone()
+    out = {f"base_model.model.{p}.vera_lambda_{k}": t(v) for p, pair in layers.items() for k, v in zip("db", pair)}
+    if projection is not None:
+        out["base_model.vera_A"], out["base_model.vera_B"] = map(t, projection)
+    cfg = dict(peft_type="VERA", r=next(iter(layers.values()))[0].shape[0], target_modules=sorted(layers),
+               projection_prng_key=seed, save_projection=projection is not None, d_initial=VERA_D_INITIAL,
+               vera_dropout=0.0, bias="none", fan_in_fan_out=False, inference_mode=True)
+    config = json.dumps(cfg, indent=2, sort_keys=True)
+    if not os.path.isdir(path):
+        save_file(out, str(path), metadata={VERA_CONFIG: config})
+        return
+    save_file(out, os.path.join(path, VERA_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, VERA_CONFIG), "w") as f:
+        f.write(config)
+
+
+def read_vera(path):
+    """A PEFT VeRA adapter (a folder, or one file from `write_vera`) as ({module path: (d, b)}, projection or None,
+    config), no UNet needed."""
+    folder = os.path.isdir(path)
+    sd, header = _read(os.path.join(path, VERA_WEIGHTS) if folder else path)
+    if folder:
+        with open(os.path.join(path, VERA_CONFIG)) as f:
+            cfg = json.load(f)
+    elif VERA_CONFIG in header:
+        cfg = json.loads(header[VERA_CONFIG])
+    else:
+        raise ValueError(f"{path}: no {VERA_CONFIG} in the header (not a VeRA file?)")
+    if cfg.get("peft_type") != "VERA" or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: not a VeRA adapter without bias (peft_type {cfg.get('peft_type')!r})")
+    projection = (sd.pop("base_model.vera_A"), sd.pop("base_model.vera_B")) if "base_model.vera_A" in sd else None
+    groups = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"base_model\.model\.([\w.]+)\.vera_lambda_(d|b)", k)
+        if not m:
+            raise ValueError(f"{k}: not a UNet VeRA key of PEFT's format")
+        groups.setdefault(m.group(1), {})[m.group(2)] = v
+    for p, g in groups.items():
+        if len(g) != 2:
+            raise ValueError(f"{path}: module {p} has vera_lambda_{''.join(g)} only")
+    return {p: (g["d"], g["b"]) for p, g in groups.items()}, projection, cfg
+
+
+def load_vera(unet, path, name):
+    """Load a PEFT VeRA adapter (folder or file) into the new adapter `name`; a file without the projection gets it
+    from its projection_prng_key. Everything is checked before the UNet is touched. Returns the module paths."""
+    layers, projection, cfg = read_vera(path)
+    linears = {p: m for p, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    for p, (d, b) in layers.items():
+        if p not in linears:
+            raise ValueError(f"{path}: module {p!r} is not a Linear layer of this UNet (VeRA made for another model?)")
+        if d.shape != (cfg["r"],) or b.shape != (linears[p].out_features,):
+            raise ValueError(f"{p}: VeRA vectors {tuple(d.shape)}, {tuple(b.shape)} do not fit r={cfg['r']} and "
+                             f"{linears[p].out_features} outputs")
+    paths = inject(unet, tuple(layers), cfg["r"], 0.0, name, "vera", projection, cfg.get("projection_prng_key", 0))
+    set_adapter(unet, name, layers)
+    return sorted(paths)

@@ -3,6 +3,7 @@
     python train.py --concept examples/concepts/pine_tree                    # tiny default model, method ewc-dc
     python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
+    python train.py --concept examples/concepts/pine_tree --adapter vera --state runs/vera   # VeRA instead of LoRA
 
 Each run adds one concept to the state directory (default runs/default) and writes a preview grid beside it.
 Bad input ends with a one-line error and exit status 1; the state is then left as it was. One run at a time
@@ -22,7 +23,7 @@ import cp
 import lora
 import unet
 
-FIXED = ("method", "rank", "alpha", "targets")  # a state's LoRA layout cannot change between tasks
+FIXED = ("method", "rank", "alpha", "targets", "adapter")  # a state's adapter layout cannot change between tasks
 
 
 def add_hparam_flags(parser, skip=()):
@@ -34,7 +35,8 @@ def add_hparam_flags(parser, skip=()):
         if f.name not in skip:
             what = comments.get(f.name, "")  # a field without a comment fails tests/test_state.py, not the CLI
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                                choices={"method": cp.METHODS, "targets": list(lora.PRESETS)}.get(f.name),
+                                choices={"method": cp.METHODS, "targets": list(lora.PRESETS),
+                                         "adapter": lora.ADAPTERS}.get(f.name),
                                 help=f"{what} (default {getattr(defaults, f.name)})".replace("%", "%%"))
 
 
@@ -47,7 +49,8 @@ def parse_args(argv):
     p.add_argument("--name", help="concept name; its token is <name> (default: the folder name)")
     p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya) and the token embeddings")
+    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya; VeRA: PEFT's folder layout) "
+                   "and the token embeddings")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
     add_hparam_flags(p)
     return p.parse_args(argv)
@@ -65,12 +68,16 @@ def resolve_hparams(args, state):
 
 
 def export(model, state, folder):
-    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA) and the tokens."""
+    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA), VeRA as PEFT's
+    adapter_model.safetensors + adapter_config.json, and the tokens."""
     os.makedirs(folder, exist_ok=True)
     hp = cp.Hparams(**state.hparams)
     weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
     written = []
-    if weights:
+    if weights and hp.adapter == "vera":
+        lora.write_vera(weights, folder, state.projection)
+        written += [lora.VERA_WEIGHTS, lora.VERA_CONFIG]
+    elif weights:
         ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
         alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
         for fmt, name in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "lora_kohya.safetensors")):
