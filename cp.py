@@ -404,8 +404,10 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
         return terms
 
     metrics = {"task": task, "name": name, "images": len(images)}
-    metrics["train"] = optimize(groups, hp.steps, train_loss, f"[{name}] train", log)
-    hook.remove()
+    try:
+        metrics["train"] = optimize(groups, hp.steps, train_loss, f"[{name}] train", log)
+    finally:  # a failed task must not leave the row spliced into a model that may be used again
+        hook.remove()
     with torch.no_grad():
         model.text_encoder.get_input_embeddings().weight[ids[token]] = row
     new_tokens = {**state.tokens, token: row.detach().clone().cpu()}

@@ -209,7 +209,8 @@ def step_sample(ctx):
                 **peak_memory())
 
 
-# name → (time limit in seconds, function); the limits add up to more than the budget, which cuts the last steps
+# name → (time limit in seconds on a GPU, 3× that with --dry); they add up to more than the budget, which cuts the
+# last steps
 STEPS = {
     "tests": (120, step_tests),
     "kernel": (45, step_kernel),
@@ -283,7 +284,7 @@ def run_steps(args, names):
     deadline = time.time() + args.budget
     results = {}
     for i, name in enumerate(names, 1):
-        limit = min(STEPS[name][0], deadline - time.time())
+        limit = min(STEPS[name][0] * (3 if args.dry else 1), deadline - time.time())
         log, out = os.path.join(logs, name + ".log"), os.path.join(args.work, name + ".json")
         if os.path.exists(out):
             os.remove(out)
@@ -386,7 +387,8 @@ def main(argv=None):
     p.add_argument("--work", help="scratch folder: model, states, logs (default: a folder in the temp dir)")
     p.add_argument("--out", help="markdown report (default bench/GPU.md; with --dry, in the work folder)")
     p.add_argument("--json", help="JSON results (default bench/results/gpu.json; with --dry, in the work folder)")
-    p.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
+    p.add_argument("--budget", type=float, help="seconds for all steps together (default 450; 1200 with --dry, "
+                   "whose CPU may be shared)")
     p.add_argument("--steps", type=int, help="training steps per method (default 50; 10 with --dry)")
     p.add_argument("--dsc-steps", type=int, help="consolidation steps of dsc-ewc-dc (default 25; 5 with --dry)")
     p.add_argument("--repeats", type=int, help="timed runs per UNet figure (default 5; 2 with --dry)")
@@ -394,7 +396,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.work = os.path.abspath(args.work or os.path.join(tempfile.gettempdir(), "cp-gpu" + "-dry" * args.dry))
     args.device, args.preset = ("cpu", "tiny") if args.dry else ("cuda", "sd-v1")
-    for name, full, dry in (("steps", 50, 10), ("dsc_steps", 25, 5), ("repeats", 5, 2)):
+    for name, full, dry in (("budget", 450, 1200), ("steps", 50, 10), ("dsc_steps", 25, 5), ("repeats", 5, 2)):
         if getattr(args, name) is None:
             setattr(args, name, dry if args.dry else full)
     args.model = os.path.join(args.work, "model")

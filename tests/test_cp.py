@@ -222,6 +222,14 @@ def test_optimizer_holds_the_token_row_not_the_matrix(tiny_model_dir, concepts, 
     assert not emb._forward_hooks and not emb.weight.requires_grad
 
 
+def test_a_failed_task_leaves_no_row_spliced_in(tiny_model_dir, concepts):
+    model = unet.load_model(tiny_model_dir)
+    state = cp.new_state(model, cp.Hparams(**dict(FAST, method="seq", lr=1e30, token_lr=1e30)))
+    with pytest.raises(cp.CPError, match="non-finite"):
+        cp.learn_concept(model, state, concepts[0], log=False)
+    assert not model.text_encoder.get_input_embeddings()._forward_hooks
+
+
 def test_state_holds_no_image_or_latent(tiny_model_dir, concepts, tmp_path):
     model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
     for folder in concepts:
