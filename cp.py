@@ -207,6 +207,22 @@ def add_tokens(model, tokens):
     return ids
 
 
+def trainable_row(model, token_id):
+    """A trainable copy of one token's embedding row, spliced into the embedding lookup by a forward hook.
+
+    The optimizer then holds this row alone: training the whole matrix under a gradient mask would carry its
+    gradient and AdamW's two moments, about 450 MB at SD's 49,408 × 768 in fp32, for one row. Remove the hook
+    and write the row back when done.
+    """
+    emb = model.text_encoder.get_input_embeddings()
+    row = torch.nn.Parameter(emb.weight[token_id].detach().clone())
+
+    def splice(module, args, out):
+        return torch.where((args[0] == token_id).unsqueeze(-1), row.to(out.dtype), out)
+
+    return row, emb.register_forward_hook(splice)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # putting a state's weights into the model
 
@@ -403,12 +419,8 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 
     # the new token: its embedding row trains during this task only
     ids = add_tokens(model, {**{t: None for t in state.tokens}, token: None})
-    emb = model.text_encoder.get_input_embeddings().weight
-    emb.requires_grad_(True)
-    mask = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
-    mask[ids[token]] = 1
-    hook = emb.register_hook(lambda g: g * mask)
-    groups = [{"params": [emb], "lr": hp.token_lr}]
+    row, hook = trainable_row(model, ids[token])
+    groups = [{"params": [row], "lr": hp.token_lr}]
 
     adapter = None
     if hp.uses("lora"):
@@ -435,10 +447,13 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
         return terms
 
     metrics = {"task": task, "name": name, "images": len(images)}
-    metrics["train"] = optimize(groups, hp.steps, train_loss, f"[{name}] train", log)
-    hook.remove()
-    emb.requires_grad_(False)
-    new_tokens = {**state.tokens, token: emb[ids[token]].detach().clone().cpu()}
+    try:
+        metrics["train"] = optimize(groups, hp.steps, train_loss, f"[{name}] train", log)
+    finally:  # a failed task must not leave the row spliced into a model that may be used again
+        hook.remove()
+    with torch.no_grad():
+        model.text_encoder.get_input_embeddings().weight[ids[token]] = row
+    new_tokens = {**state.tokens, token: row.detach().clone().cpu()}
 
     fisher, anchor = state.fisher, state.anchor
     if hp.uses("dsc"):

@@ -46,23 +46,28 @@ def median_time(fn, repeats, device, warmup=1):
 
 
 def peak_memory(fn, device):
-    """Peak allocated bytes of one call (CUDA only; CPU allocations are not tracked by torch)."""
+    """Peak bytes one call allocates above what was allocated before it (CUDA only; torch does not track CPU
+    allocations): what it needs beyond the weights already in memory."""
     if device != "cuda":
         return None
+    sync(device)
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     sync(device)
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - before
 
 
-def bench_unet(device, dtype, repeats):
-    """Forward (no grad) and forward+backward of both UNets on the SD v1.5 config and on the small preset."""
+def bench_unet(device, dtype, repeats, cases=UNET_CASES):
+    """Forward (no grad) and forward+backward of both UNets, by default on the SD v1.5 config and the small preset.
+    Peak memory (CUDA) is what one call needs beyond the weights, weight gradients included."""
     from diffusers import UNet2DConditionModel
     rows = []
-    for name, cfg, batch, side in UNET_CASES:
+    for name, cfg, batch, side in cases:
         torch.manual_seed(0)
-        theirs = UNet2DConditionModel(**cfg).to(device, dtype)
-        ours = unet.UNet(cfg).to(device, dtype)
+        with torch.device(device):  # initialised where they run: fast on a GPU for SD's 860M parameters
+            theirs = UNet2DConditionModel(**cfg).to(dtype)
+            ours = unet.UNet(cfg).to(dtype)
         ours.load_state_dict(theirs.state_dict())
         x = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -84,6 +89,8 @@ def bench_unet(device, dtype, repeats):
                 for k in (list(nets) if i % 2 == 0 else list(nets)[::-1]):
                     times[k].append(median_time(lambda: run(nets[k]), 1, device, warmup=0))
             med = {k: statistics.median(v) for k, v in times.items()}
+            for net in (ours, theirs):
+                net.zero_grad(set_to_none=True)
             mem = {k: peak_memory(lambda: run(f), device) for k, f in nets.items()}
             # the median of paired ratios: each pair ran back to back, so slow drifts of machine load cancel
             ratio = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))
@@ -91,8 +98,9 @@ def bench_unet(device, dtype, repeats):
                              ours_s=med["ours"], diffusers_s=med["diffusers"], ratio=ratio,
                              ours_peak_bytes=mem["ours"], diffusers_peak_bytes=mem["diffusers"]))
             r = rows[-1]
+            peaks = f"  peak {mem['ours'] / 2**20:.0f} / {mem['diffusers'] / 2**20:.0f} MiB" if mem["ours"] else ""
             print(f"unet {name:8s} {r['shape']:12s} {mode:17s} ours {r['ours_s'] * 1e3:9.1f} ms  "
-                  f"diffusers {r['diffusers_s'] * 1e3:9.1f} ms  ratio {r['ratio']:.3f}", flush=True)
+                  f"diffusers {r['diffusers_s'] * 1e3:9.1f} ms  ratio {r['ratio']:.3f}{peaks}", flush=True)
             for net in (ours, theirs):
                 net.zero_grad(set_to_none=True)
         del ours, theirs
@@ -152,11 +160,20 @@ def bench_conv(device, dtype, repeats):
     return rows
 
 
+def copy_bandwidth(device, repeats, nbytes):
+    """GB/s of a device-to-device copy of `nbytes` (bytes read + bytes written): the memory roof, measured."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), repeats, device.type) / 1e9
+
+
 def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
-    """Fused DC-error kernel vs the eager PyTorch reference at SD latent size, B*K in {4, 16, 64}.
+    """Fused DC-error kernel vs the eager PyTorch reference at SD latent size, B*K from 4 to 64.
 
     Effective GB/s counts the bytes an ideal implementation moves: forward reads pred and noise once
     ((B*K + B) * D elements); forward+backward adds a read of both and a write of dpred ((3 B*K + 2 B) * D).
+    'roof' is the share of a device-to-device copy's GB/s measured in the same run, on a buffer larger than any
+    cache (1 GiB on CUDA); inputs small enough to stay in a GPU's L2 cache can exceed it.
     On CPU the 'kernel' column is the reference unless TRITON_INTERPRET=1 (then it is the interpreter, and slow);
     the path column says which ran.
     """
@@ -167,9 +184,10 @@ def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
     D = 1
     for s in latent:
         D *= s
+    roof = copy_bandwidth(device, 20 if cuda else repeats, 2**30 if cuda else 2**28)
     rows = []
     for dtype in dtypes:
-        for BK in (4, 16, 64):
+        for BK in (4, 8, 16, 32, 64):
             B = max(1, BK // K)
             pred = torch.randn(B, BK // B, *latent, device=device, dtype=dtype, requires_grad=True)
             noise = torch.randn(B, *latent, device=device, dtype=dtype)
@@ -188,15 +206,18 @@ def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
                 row[f"fwd_GBs_{label}"] = (BK + B) * D * es / t_f / 1e9
                 row[f"fwdbwd_GBs_{label}"] = (3 * BK + 2 * B) * D * es / t_fb / 1e9
             row["speedup_fwdbwd"] = row["fwdbwd_ms_ref"] / row["fwdbwd_ms_kernel"]
+            row["copy_GBs"] = roof
+            row["roof_fwd"], row["roof_fwdbwd"] = row["fwd_GBs_kernel"] / roof, row["fwdbwd_GBs_kernel"] / roof
             rows.append(row)
-    print(f"\nDC-error kernel on {name} (latent {'x'.join(map(str, latent))}, K={K}); ms and effective GB/s")
-    print(f"{'path':>16} {'dtype':>8} {'B*K':>4} | {'fwd':>8} {'GB/s':>6} {'ref fwd':>8} {'GB/s':>6} | "
-          f"{'fwd+bwd':>8} {'GB/s':>6} {'ref f+b':>8} {'GB/s':>6} | {'speedup':>7}")
+    print(f"\nDC-error kernel on {name} (latent {'x'.join(map(str, latent))}, K={K}); ms, effective GB/s, share of "
+          f"the copy roof ({roof:.1f} GB/s)")
+    print(f"{'path':>16} {'dtype':>8} {'B*K':>4} | {'fwd':>8} {'GB/s':>6} {'roof':>5} {'ref fwd':>8} {'GB/s':>6} | "
+          f"{'fwd+bwd':>8} {'GB/s':>6} {'roof':>5} {'ref f+b':>8} {'GB/s':>6} | {'speedup':>7}")
     for r in rows:
         print(f"{r['path']:>16} {r['dtype']:>8} {r['BK']:>4} | {r['fwd_ms_kernel']:8.3f} {r['fwd_GBs_kernel']:6.1f} "
-              f"{r['fwd_ms_ref']:8.3f} {r['fwd_GBs_ref']:6.1f} | {r['fwdbwd_ms_kernel']:8.3f} "
-              f"{r['fwdbwd_GBs_kernel']:6.1f} {r['fwdbwd_ms_ref']:8.3f} {r['fwdbwd_GBs_ref']:6.1f} | "
-              f"{r['speedup_fwdbwd']:7.2f}")
+              f"{r['roof_fwd']:5.0%} {r['fwd_ms_ref']:8.3f} {r['fwd_GBs_ref']:6.1f} | {r['fwdbwd_ms_kernel']:8.3f} "
+              f"{r['fwdbwd_GBs_kernel']:6.1f} {r['roof_fwdbwd']:5.0%} {r['fwdbwd_ms_ref']:8.3f} "
+              f"{r['fwdbwd_GBs_ref']:6.1f} | {r['speedup_fwdbwd']:7.2f}")
     return rows
 
 

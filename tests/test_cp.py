@@ -167,6 +167,69 @@ def test_ti_changes_only_the_token_row(tiny_model_dir, concepts):
     assert not torch.allclose(after_emb[token_id], before_emb.mean(0))
 
 
+def test_token_row_trains_like_the_masked_matrix(tiny_model_dir):
+    """The spliced-in row gives, step by step, the losses, gradients and rows of the whole embedding matrix trained
+    by AdamW under a gradient mask that keeps only the token's row (built here by hand)."""
+    hp = cp.Hparams(method="seq")
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of a <alpha> next to a <alpha>"]  # twice: the row's gradient sums over both places
+    new, ref = unet.load_model(tiny_model_dir), unet.load_model(tiny_model_dir)
+    token_id = cp.add_tokens(new, {"<alpha>": None})["<alpha>"]
+    assert cp.add_tokens(ref, {"<alpha>": None})["<alpha>"] == token_id
+    row, hook = cp.trainable_row(new, token_id)
+    emb = ref.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+    mask = torch.zeros(emb.shape[0], 1)
+    mask[token_id] = 1
+    emb.register_hook(lambda g: g * mask)
+    before = emb.detach().clone()
+    optimizers = {id(new): torch.optim.AdamW([row], lr=hp.token_lr, weight_decay=0.0),
+                  id(ref): torch.optim.AdamW([emb], lr=hp.token_lr, weight_decay=0.0)}
+    for step in range(3):
+        losses = []
+        for model in (new, ref):
+            loss = cp.task_loss(model, x0, prompts, hp, torch.Generator().manual_seed(step))["denoise"]
+            optimizers[id(model)].zero_grad()
+            loss.backward()
+            optimizers[id(model)].step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+        torch.testing.assert_close(row.grad, emb.grad[token_id])
+        torch.testing.assert_close(row.detach(), emb.detach()[token_id])
+    assert not torch.allclose(row.detach(), before[token_id])  # the row did train
+    others = torch.arange(emb.shape[0]) != token_id
+    assert torch.equal(emb.detach()[others], before[others])
+    new_emb = new.text_encoder.get_input_embeddings().weight  # the matrix itself takes no gradient and stays as is
+    assert not new_emb.requires_grad and new_emb.grad is None and torch.equal(new_emb, before)
+    hook.remove()
+
+
+def test_optimizer_holds_the_token_row_not_the_matrix(tiny_model_dir, concepts, monkeypatch):
+    held = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, groups, **kw):
+            super().__init__(groups, **kw)
+            held.append([tuple(p.shape) for g in self.param_groups for p in g["params"]])
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    model, state = fresh(tiny_model_dir, "ti")
+    state = cp.learn_concept(model, state, concepts[0], log=False)
+    emb = model.text_encoder.get_input_embeddings()
+    assert held == [[(emb.weight.shape[1],)]]
+    # the trained row is written back into the matrix, and the lookup is plain again
+    token_id = model.tokenizer.convert_tokens_to_ids("<alpha>")
+    assert torch.equal(emb.weight[token_id], state.tokens["<alpha>"])
+    assert not emb._forward_hooks and not emb.weight.requires_grad
+
+
+def test_a_failed_task_leaves_no_row_spliced_in(tiny_model_dir, concepts):
+    model = unet.load_model(tiny_model_dir)
+    state = cp.new_state(model, cp.Hparams(**dict(FAST, method="seq", lr=1e30, token_lr=1e30)))
+    with pytest.raises(cp.CPError, match="non-finite"):
+        cp.learn_concept(model, state, concepts[0], log=False)
+    assert not model.text_encoder.get_input_embeddings()._forward_hooks
+
+
 def test_state_holds_no_image_or_latent(tiny_model_dir, concepts, tmp_path):
     model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
     for folder in concepts:
