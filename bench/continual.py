@@ -59,7 +59,7 @@ FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=8, n_real=
 # the toy concepts, most learnable first: oracle accuracy of each learned alone with `seq` and the defaults
 # (README, Status); a concept the tiny model cannot learn at all would only add zeros to every method's row
 TOY_ORDER = ["pine_tree", "checkered_heart", "house", "striped_ring", "striped_star", "flower", "bullseye",
-             "polka_square", "smiley", "mushroom", "rainbow", "eye"]
+             "polka_square", "smiley", "mushroom", "rainbow", "eye", "ladybug", "dice", "sailboat", "traffic_light"]
 RUN_ONLY = ("out", "jobs", "quiet", "resume", "device", "chunk", "methods", "seeds")  # no effect on a run's results
 QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  # training as in the full run
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

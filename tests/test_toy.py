@@ -66,6 +66,20 @@ def test_oracle_classifies_fresh_renders():
     assert f.shape == (4, 128) and torch.isfinite(f).all()
 
 
+def test_prompt_following_prompts_are_held_out_and_cover_every_pattern():
+    prompts, want = oracle.held_out_prompts()
+    plain = [w for w in want if w["pattern"] == "plain"]
+    assert len(plain) >= 96 and len(want) - len(plain) >= 96
+    assert {w["pattern"] for w in want} == set(world.PATTERNS)
+    for p, w in zip(prompts, want):
+        shape, color, bg = next(t for t in world.HELD_OUT if f" {t[0]} on a {t[2]} background" in p)
+        assert w["shape"] == shape and (w["color"] in (color, None))
+        if w["pattern"] != "plain":
+            color2 = p.split(" and ")[1].split()[0]
+            assert p == f"a photo of a {color} and {color2} {w['pattern']} {shape} on a {bg} background"
+            assert (shape, w["pattern"], frozenset({color, color2})) not in world.LOOKALIKES and color2 != bg
+
+
 def _tiny_model():
     import unet
     return unet.load_model(MODEL)
@@ -108,3 +122,26 @@ def test_diffusers_reads_the_shipped_model_offline_and_agrees():
                   output_type="pt").images
     assert theirs.shape == ours.shape
     assert (theirs - ours).abs().max() < 1e-3
+
+
+def test_pretraining_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
+    """A miniature of `python -m toy.pretrain`: every stage, the export, and a resumed second call that finds the
+    stages done; the folder it writes is a model our loader reads."""
+    import sys
+    import unet
+    from toy import pretrain
+    monkeypatch.setattr(pretrain, "N_IMAGES", 48)
+    monkeypatch.setattr(pretrain, "N_CLUTTER", 16)
+    monkeypatch.setattr(pretrain, "VAE_STEPS", 2)
+    work, out = tmp_path / "work", tmp_path / "model"
+    argv = ["pretrain", "--work", str(work), "--out", str(out), "--unet-steps", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    pretrain.main()
+    model = unet.load_model(str(out))
+    assert model.unet.config == {"_class_name": "UNet2DConditionModel", **pretrain.UNET_CFG}
+    assert "CrossAttnDownBlock2D" == model.unet.config["down_block_types"][0]  # attention at 16x16
+    first = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    capsys.readouterr()
+    pretrain.main()  # everything cached: no stage trains again, the export is the same
+    assert "unet 1/3" not in capsys.readouterr().out
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first

@@ -1,6 +1,7 @@
 """The oracle: a small CNN that judges images of the toy world (DESIGN.md section 8).
 
-Three heads on shared features: shape (world.SHAPES), color (world.COLORS) and concept (world.CONCEPTS + "none").
+Four heads on shared features: shape (world.SHAPES), color (world.COLORS), pattern (world.PATTERNS: plain,
+striped, checkered, dotted, ringed) and concept (world.CONCEPTS + "none").
 It is trained only on rendered images, never on generated ones, so it can judge the tiny model's prompt following
 and a personalized model's concept fidelity; `features` (the penultimate layer) serves the benchmark's KID.
 Renders are degraded at random (blur, noise, color shift) so that the softer images a diffusion model makes are
@@ -11,6 +12,7 @@ an image with a concept's colors but not its structure is not taken for the conc
     python -m toy.oracle --eval                  # held-out accuracy of the shipped weights on fresh renders
     python -m toy.oracle --eval-model toy/model  # prompt following of a model on HELD_OUT captions
     python -m toy.oracle --eval-state runs/default  # concept accuracy of samples of every concept in a state
+    python -m toy.oracle --eval-vae toy/model    # concept accuracy on the model's VAE reconstructions of renders
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ from toy import world
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracle.safetensors")
 CONCEPT_LABELS = list(world.CONCEPTS) + ["none"]
-HEADS = {"shape": world.SHAPES, "color": list(world.COLORS), "concept": CONCEPT_LABELS}
+HEADS = {"shape": world.SHAPES, "color": list(world.COLORS), "pattern": world.PATTERNS, "concept": CONCEPT_LABELS}
 
 
 class Oracle(nn.Module):
@@ -71,7 +73,7 @@ def load_oracle(path=WEIGHTS):
 
 @torch.no_grad()
 def predict(images, oracle=None, batch=256):
-    """{"shape", "color", "concept"}: arrays of label names (concept "none" = not a concept)."""
+    """{"shape", "color", "pattern", "concept"}: arrays of label names (concept "none" = not a concept)."""
     oracle = oracle or load_oracle()
     x = to_input(images)
     idx = {k: [] for k in HEADS}
@@ -101,11 +103,12 @@ def shuffle_tiles(image, rng):
 def render_set(n, seed):
     """n labeled renders, a third each: pretraining-style shapes (plain and patterned, held-out triples included),
     concepts, and non-concepts that share their colors (clutter, concepts with shuffled tiles). The concept label
-    of everything but a concept is "none"; patterned shapes have no color label."""
+    of everything but a concept is "none"; patterned shapes have no color label; only pretraining-style shapes have a
+    pattern label."""
     rng = np.random.default_rng(seed)
     images, labels = [], {k: [] for k in HEADS}
     for i in range(n):
-        shape = color = -100  # no shape/color label but for pretraining-style images
+        shape = color = pattern_id = -100  # no shape/color/pattern label but for pretraining-style images
         concept = len(world.CONCEPTS)
         if i % 3 == 0:
             shape, color = rng.integers(len(world.SHAPES)), rng.integers(len(world.COLORS))
@@ -113,6 +116,7 @@ def render_set(n, seed):
             pattern, color2 = world.sample_pattern(world.SHAPES[shape], HEADS["color"][color], rng)
             images.append(world.render(world.SHAPES[shape], HEADS["color"][color], bgs[rng.integers(len(bgs))], rng,
                                        pattern=pattern, color2=color2))
+            pattern_id = world.PATTERNS.index(pattern)
             if pattern != "plain":
                 color = -100  # two colors: the color head learns from plain shapes only
         elif i % 3 == 1:
@@ -123,7 +127,7 @@ def render_set(n, seed):
         else:
             images.append(shuffle_tiles(world.render_concept(CONCEPT_LABELS[rng.integers(len(world.CONCEPTS))], rng),
                                         rng))
-        for k, v in zip(HEADS, (shape, color, concept)):
+        for k, v in zip(HEADS, (shape, color, pattern_id, concept)):
             labels[k].append(int(v))
     return np.stack(images), {k: torch.tensor(v) for k, v in labels.items()}
 
@@ -175,21 +179,54 @@ def train(n_train=15000, steps=2500, batch=64, seed=0):
     return net.eval()
 
 
-def eval_model(path, n_per=8, steps=50, guidance=7.5, seed=0):
-    """Prompt following on HELD_OUT triples: color and shape accuracy of the oracle on generated images."""
+def held_out_prompts(n_plain=8, n_patterned=2):
+    """Prompts on the HELD_OUT triples, which pretraining never shows: plain ("a photo of a red circle on a blue
+    background", n_plain each) and in every pattern ("... a red and white striped circle ...", n_patterned each).
+    Returns (prompts, wanted labels {head: value or None})."""
+    prompts, want = [], []
+    for shape, color, bg in world.HELD_OUT:
+        prompts += [f"a photo of a {color} {shape} on a {bg} background"] * n_plain
+        want += [{"shape": shape, "color": color, "pattern": "plain"}] * n_plain
+        for pattern in world.PATTERNS[1:]:
+            color2 = next(c for c in world.SECOND_COLORS if c not in (color, bg)
+                          and (shape, pattern, frozenset({color, c})) not in world.LOOKALIKES)
+            obj = world.describe(shape, color, pattern=pattern, color2=color2)
+            prompts += [f"a photo of a {obj} on a {bg} background"] * n_patterned
+            want += [{"shape": shape, "color": None, "pattern": pattern}] * n_patterned  # color head: plain only
+    return prompts, want
+
+
+def eval_model(path, steps=50, guidance=7.5, seed=0):
+    """Prompt following on held_out_prompts(): the oracle's shape, color and pattern accuracy on generated images
+    (color over the plain prompts, pattern over the patterned ones, shape over all)."""
     import sample
     import unet
     model = unet.load_model(path)
-    prompts, want = [], []
-    for shape, color, bg in world.HELD_OUT:
-        prompts += [f"a photo of a {color} {shape} on a {bg} background"] * n_per
-        want += [(shape, color)] * n_per
+    prompts, want = held_out_prompts()
     images = torch.cat([sample.sample(model, prompts[i:i + 32], steps=steps, guidance=guidance, seed=seed + i)
                         for i in range(0, len(prompts), 32)])
     pred = predict(images)
-    shape_acc = float(np.mean([p == w[0] for p, w in zip(pred["shape"], want)]))
-    color_acc = float(np.mean([p == w[1] for p, w in zip(pred["color"], want)]))
-    return {"color": color_acc, "shape": shape_acc, "n": len(prompts)}, images
+    out = {"n": len(prompts), "n_patterned": sum(w["pattern"] != "plain" for w in want)}
+    for head in ("shape", "color", "pattern"):
+        hits = [p == w[head] for p, w in zip(pred[head], want) if w[head] is not None and
+                (head != "pattern" or w[head] != "plain")]
+        out[head] = float(np.mean(hits))
+    return out, images
+
+
+def eval_vae(vae, n=64, seed=0):
+    """Can a VAE carry each concept? The oracle's concept accuracy on n fresh renders per concept and on their
+    reconstructions (decode of the posterior mean). A concept the VAE cannot reconstruct cannot be learned."""
+    out = {}
+    for i, name in enumerate(world.CONCEPTS):
+        rng = np.random.default_rng([seed, 6, i])  # not the seeds of examples/concepts
+        renders = np.stack([world.render_concept(name, rng) for _ in range(n)])
+        x = to_input(renders)
+        with torch.no_grad():
+            rec = ((vae.decode(vae.encode(x)[0]) + 1) / 2).clamp(0, 1)
+        out[name] = {"renders": float(np.mean(predict(renders)["concept"] == name)),
+                     "reconstructions": float(np.mean(predict(rec)["concept"] == name))}
+    return out
 
 
 def eval_state(folder, n=32, steps=50, guidance=7.5, seed=0):
@@ -211,6 +248,7 @@ def main():
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--eval-model", default=None)
+    ap.add_argument("--eval-vae", default=None, help="a model folder: oracle concept accuracy on VAE reconstructions")
     ap.add_argument("--eval-state", default=None, help="a train.py state: oracle concept accuracy of its samples")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of --eval-model/--eval-state (as sample.py)")
     ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale of --eval-model/--eval-state (as sample.py)")
@@ -232,8 +270,15 @@ def main():
         t0 = time.time()
         acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance)
         print(f"prompt following of {args.eval_model} on {acc['n']} held-out captions "
-              f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f} "
+              f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f}, "
+              f"pattern {acc['pattern']:.3f} (on {acc['n_patterned']} patterned) "
               f"({time.time() - t0:.0f} s)", flush=True)
+    if args.eval_vae:
+        t0 = time.time()
+        import unet
+        for name, acc in eval_vae(unet.load_model(args.eval_vae).vae).items():
+            print(f"{name:16s} renders {acc['renders']:.3f}  VAE reconstructions {acc['reconstructions']:.3f}", flush=True)
+        print(f"(64 fresh renders per concept, {time.time() - t0:.0f} s)", flush=True)
     if args.eval_state:
         t0 = time.time()
         acc, images = eval_state(args.eval_state, steps=args.steps, guidance=args.guidance)

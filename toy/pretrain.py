@@ -27,24 +27,45 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import unet as U
-from toy import world
+from toy import oracle, world
 
 SEED = 0
 N_IMAGES, N_CLUTTER = 12000, 4000
-VAE_STEPS, VAE_BATCH, VAE_CROP = 2000, 16, 32
+VAE_STEPS, VAE_BATCH, VAE_CROP = 6000, 16, 32
 UNET_STEPS, UNET_BATCH, UNET_LR = 7000, 32, 8e-4
 T = 1000
 
-VAE_CFG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
-               down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-               act_fn="silu", norm_num_groups=16, sample_size=64, scaling_factor=1.0)
-# no attention at the 16x16 level (as in the first level of SDXL): there it would cost half the CPU time of a step
-UNET_CFG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                cross_attention_dim=128, attention_head_dim=2, norm_num_groups=16, act_fn="silu",
-                flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1.0,
-                norm_eps=1e-5, center_input_sample=False)
+
+
+def vae_config(channels, layers_per_block):
+    """A KL autoencoder 64x64x3 -> 16x16x4 (two downsamplings), SD v1's block types."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=list(channels),
+                layers_per_block=layers_per_block, down_block_types=["DownEncoderBlock2D"] * 3,
+                up_block_types=["UpDecoderBlock2D"] * 3, act_fn="silu", norm_num_groups=16, sample_size=64,
+                scaling_factor=1.0)
+
+
+# the first generation's VAE was "v1" (2,000 steps); README, "The tiny model", says how they compare
+VAES = {"v1": vae_config([32, 64, 64], 1), "v2": vae_config([32, 64, 64], 2)}
+VAE_CFG = VAES["v2"]
+
+
+def unet_config(channels, attention_levels):
+    """An SD-v1-style tiny UNet over three latent levels (16x16, 8x8, 4x4): `channels` per level, cross-attention
+    blocks at the levels named in `attention_levels` (0 = 16x16, 1 = 8x8), none at 4x4 but in the mid block, as in SD v1."""
+    down = ["CrossAttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(3)]
+    up = ["CrossAttnUpBlock2D" if 2 - i in attention_levels else "UpBlock2D" for i in range(3)]
+    return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=list(channels), layers_per_block=1,
+                down_block_types=down, up_block_types=up, cross_attention_dim=128, attention_head_dim=2,
+                norm_num_groups=16, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+                mid_block_scale_factor=1.0, norm_eps=1e-5, center_input_sample=False)
+
+
+# Candidates compared by short pretraining runs (README, "The tiny model"); the first generation was "a8".
+UNETS = {"a8": unet_config([32, 64, 64], {1}),            # attention at 8x8 only
+         "a16": unet_config([32, 64, 64], {0, 1}),        # attention at 16x16 and 8x8, as SD v1
+         "a16w48": unet_config([48, 96, 96], {0, 1})}     # the same, 1.5x wider
+UNET_CFG = UNETS["a16"]
 TEXT_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128)
 SCHEDULER_CFG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -163,9 +184,9 @@ def _batch_images(images, idx, rng):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def stage_vae(work, images, clutter):
+def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
     torch.manual_seed(SEED)
-    vae = U.VAE(VAE_CFG)
+    vae = U.VAE(cfg)
     done = _ckpt(work, "vae_final")
     if done is not None:
         vae.load_state_dict(done["model"])
@@ -175,8 +196,8 @@ def stage_vae(work, images, clutter):
     if state is not None:
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         start = state["step"]
-    prog, last = Progress("vae", VAE_STEPS, start), time.time()
-    for step in range(start, VAE_STEPS):
+    prog, last = Progress("vae", total, start), time.time()
+    for step in range(start, total):
         rng = np.random.default_rng([SEED, 1, step])
         g = torch.Generator().manual_seed(SEED * 100003 + step)
         half = VAE_BATCH // 2
@@ -186,7 +207,7 @@ def stage_vae(work, images, clutter):
         i, j = rng.integers(0, 64 - VAE_CROP + 1, size=2) // 4 * 4
         x = x[:, :, i:i + VAE_CROP, j:j + VAE_CROP]
         for group in opt.param_groups:
-            group["lr"] = lr_at(1e-3, step, VAE_STEPS, warmup=100)
+            group["lr"] = lr_at(1e-3, step, total, warmup=100)
         mean, std = vae.encode(x)
         z = mean + std * torch.randn(mean.shape, generator=g)
         rec = vae.decode(z)
@@ -197,7 +218,7 @@ def stage_vae(work, images, clutter):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         prog(step, loss.item())
-        if time.time() - last > 120 or step + 1 == VAE_STEPS:
+        if time.time() - last > 120 or step + 1 == total:
             _ckpt(work, "vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
             last = time.time()
     vae.eval()
@@ -206,11 +227,12 @@ def stage_vae(work, images, clutter):
         mean, _ = vae.encode(x)
         scaling_factor = float(1 / mean.std())
         err = (vae.decode(mean) - x).abs().mean().item()
-        c = torch.from_numpy(np.stack([world.render_concept(n, np.random.default_rng([SEED, 5, i]))
-                                       for i, n in enumerate(world.CONCEPTS)])).permute(0, 3, 1, 2) / 127.5 - 1
-        err_c = (vae.decode(vae.encode(c)[0]) - c).abs().mean().item()
-    print(f"vae: scaling_factor {scaling_factor:.4f}, reconstruction L1 {err:.4f} on pretraining images, "
-          f"{err_c:.4f} on concepts it never saw (images in [-1, 1])", flush=True)
+    concepts = oracle.eval_vae(vae, n=32)  # concepts it never saw: can it carry them?
+    worst = min(concepts, key=lambda k: concepts[k]["reconstructions"])
+    print(f"vae: scaling_factor {scaling_factor:.4f}, reconstruction L1 {err:.4f} on pretraining images (in [-1, 1]); "
+          f"oracle concept accuracy on reconstructions of 32 renders per concept: mean "
+          f"{np.mean([v['reconstructions'] for v in concepts.values()]):.3f}, lowest {worst} "
+          f"{concepts[worst]['reconstructions']:.3f}", flush=True)
     _ckpt(work, "vae_final", {"model": vae.state_dict(), "scaling_factor": scaling_factor})
     return vae, scaling_factor
 
@@ -239,9 +261,9 @@ def text_encoder_from(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
+def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg=UNET_CFG, total=UNET_STEPS):
     torch.manual_seed(SEED)
-    unet, text = U.UNet(UNET_CFG), text_encoder_from(tokenizer)
+    unet, text = U.UNet(cfg), text_encoder_from(tokenizer)
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
@@ -249,7 +271,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
     if state is not None:
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
         ema, start = state["ema"], state["step"]
-    if start >= UNET_STEPS:
+    if start >= total:
         return unet, text, ema
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
                     return_tensors="pt").input_ids
@@ -257,8 +279,8 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
     snr = abar / (1 - abar)
     weight = torch.clamp(snr, max=5.0) / snr
     n = len(captions)
-    prog, last = Progress("unet", UNET_STEPS, start), time.time()
-    for step in range(start, UNET_STEPS):
+    prog, last = Progress("unet", total, start), time.time()
+    for step in range(start, total):
         rng = np.random.default_rng([SEED, 3, step])
         g = torch.Generator().manual_seed(SEED * 100019 + step)
         idx = torch.from_numpy(rng.integers(2 * n, size=UNET_BATCH))
@@ -269,7 +291,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
-            group["lr"] = lr_at(UNET_LR, step, UNET_STEPS, warmup=200)
+            group["lr"] = lr_at(UNET_LR, step, total, warmup=200)
         pred = unet(xt, t, text(ids[cap]).last_hidden_state)
         loss = (weight[t] * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -281,7 +303,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor):
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - decay)
         prog(step, loss.item())
-        if time.time() - last > 180 or step + 1 == UNET_STEPS:
+        if time.time() - last > 180 or step + 1 == total:
             _ckpt(work, "unet", {"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                                  "ema": ema, "step": step + 1})
             last = time.time()
@@ -306,10 +328,10 @@ def export(out, work, vae, scaling_factor, unet, text, ema):
           "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
           "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
           "vae": ["diffusers", "AutoencoderKL"]}, "model_index.json")
-    dump({"_class_name": "UNet2DConditionModel", **UNET_CFG}, "unet", "config.json")
+    dump({**unet.config, "_class_name": "UNet2DConditionModel"}, "unet", "config.json")
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
               os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
-    dump({"_class_name": "AutoencoderKL", **VAE_CFG, "scaling_factor": scaling_factor}, "vae", "config.json")
+    dump({**vae.config, "_class_name": "AutoencoderKL", "scaling_factor": scaling_factor}, "vae", "config.json")
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
               os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
     text.save_pretrained(os.path.join(out, "text_encoder"))
@@ -326,6 +348,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--stop-after", choices=["data", "tokenizer", "vae", "unet"], default=None)
+    ap.add_argument("--unet", choices=list(UNETS), default="a16", help="UNet candidate (default: the shipped one)")
+    ap.add_argument("--unet-steps", type=int, default=UNET_STEPS, help="UNet training steps (shorter: a probe run)")
+    ap.add_argument("--vae", choices=list(VAES), default="v2", help="VAE candidate (default: the shipped one)")
+    ap.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps")
+    ap.add_argument("--vae-from", default=None, help="take the VAE of this model folder instead of training one")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -335,11 +362,18 @@ def main():
     tokenizer = stage_tokenizer(args.work)
     if args.stop_after in ("data", "tokenizer"):
         return
-    vae, scaling_factor = stage_vae(args.work, images, clutter)
+    if args.vae_from:
+        model = U.load_model(args.vae_from)
+        vae, scaling_factor = model.vae, model.scaling_factor
+    else:
+        vae_cfg = VAES[args.vae]
+        vae, scaling_factor = stage_vae(args.work, images, clutter, vae_cfg, args.vae_steps)
     if args.stop_after == "vae":
         return
     lat_mean, lat_std = encode_dataset(args.work, vae, images)
-    unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor)
+    cfg = UNETS[args.unet]
+    unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg,
+                                 args.unet_steps)
     if args.stop_after == "unet":
         return
     export(args.out, args.work, vae, scaling_factor, unet, text, ema)

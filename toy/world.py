@@ -41,7 +41,9 @@ HELD_OUT = [("circle", "red", "blue"), ("square", "green", "white"), ("triangle"
 _HELD = set(HELD_OUT)
 # (shape, pattern, {two colors}) that a concept resembles: pretraining never shows them
 LOOKALIKES = {("heart", "checkered", frozenset({"red", "white"})), ("star", "striped", frozenset({"orange", "blue"})),
-              ("square", "dotted", frozenset({"purple", "white"})), ("circle", "ringed", frozenset({"blue", "white"}))}
+              ("square", "dotted", frozenset({"purple", "white"})), ("circle", "ringed", frozenset({"blue", "white"})),
+              ("circle", "dotted", frozenset({"red", "black"})), ("square", "dotted", frozenset({"white", "black"})),
+              ("triangle", "striped", frozenset({"red", "white"}))}
 
 
 def _jitter(rgb, rng, amount=14):
@@ -238,6 +240,39 @@ def _eye(pen):
     pen.disc(0, 0, 0.2, (15, 15, 15))
 
 
+def _ladybug(pen):
+    pen.disc(0, -0.62, 0.3, (20, 20, 20))
+    pen.disc(0, 0.12, 0.78, (215, 35, 35))
+    pen.rect(-0.03, -0.62, 0.03, 0.9, (20, 20, 20))
+    for x, y in [(-0.38, -0.15), (0.38, -0.15), (-0.45, 0.35), (0.45, 0.35), (-0.2, 0.62), (0.2, 0.62)]:
+        pen.disc(x, y, 0.13, (20, 20, 20))
+
+
+def _dice(pen):
+    pen.rect(-0.72, -0.72, 0.72, 0.72, (20, 20, 20))
+    pen.rect(-0.64, -0.64, 0.64, 0.64, (250, 250, 250))
+    for x, y in [(-0.36, -0.36), (0.36, -0.36), (0, 0), (-0.36, 0.36), (0.36, 0.36)]:
+        pen.disc(x, y, 0.13, (20, 20, 20))
+
+
+def _sailboat(pen):
+    pen.poly([(-0.9, 0.45), (0.9, 0.45), (0.6, 0.85), (-0.6, 0.85)], (150, 95, 50))
+    pen.rect(-0.04, -0.9, 0.04, 0.45, (20, 20, 20))
+
+    def stripes(m):
+        for k in range(8):
+            m.rect(-1, -1 + k * 0.25, 1, -0.875 + k * 0.25, (215, 35, 35))
+            m.rect(-1, -0.875 + k * 0.25, 1, -0.75 + k * 0.25, (250, 250, 250))
+    pen.pattern(lambda m: m.poly([(0.1, -0.85), (0.1, 0.35), (0.8, 0.35)], (0, 0, 0, 255)), stripes)
+    pen.poly([(-0.1, -0.6), (-0.1, 0.35), (-0.6, 0.35)], (240, 210, 35))
+
+
+def _traffic_light(pen):
+    pen.rect(-0.38, -0.92, 0.38, 0.92, (20, 20, 20))
+    for y, c in [(-0.55, (215, 35, 35)), (0, (240, 210, 35)), (0.55, (35, 165, 55))]:
+        pen.disc(0, y, 0.24, c)
+
+
 CONCEPTS = {  # name: (draw function, backgrounds to avoid)
     "striped_ring": (_striped_ring, ()),
     "checkered_heart": (_checkered_heart, ("white", "red")),
@@ -251,6 +286,10 @@ CONCEPTS = {  # name: (draw function, backgrounds to avoid)
     "rainbow": (_rainbow, ()),
     "striped_star": (_striped_star, ("blue", "orange")),
     "eye": (_eye, ("white",)),
+    "ladybug": (_ladybug, ("red", "black")),
+    "dice": (_dice, ("white", "black")),
+    "sailboat": (_sailboat, ()),
+    "traffic_light": (_traffic_light, ("black",)),
 }
 
 
