@@ -6,6 +6,7 @@ alternating, so the ratio ours/diffusers is fair on a busy machine. Prints a tab
     python bench/speed.py                       # all sections, writes bench/speed.json
     python bench/speed.py --only unet --repeats 5
     python bench/speed.py --only conv           # direct vs im2col for every 3×3 convolution of the UNet
+    python bench/speed.py --only pretrain       # a pretraining step of every VAE and UNet candidate of toy/pretrain.py
 """
 import argparse
 import json
@@ -270,8 +271,33 @@ def bench_train(device, dtype, repeats, model_path=None):
     return [dict(section="train", command=" ".join(cmd[1:]), seconds=seconds, peak_rss_bytes=peak)]
 
 
+def bench_pretrain(device, dtype, repeats):
+    """One pretraining step's forward + backward for every candidate of toy/pretrain.py: each VAE on a batch of 16
+    32×32 crops, each UNet with the text encoder on a batch of 32 latents (what sets the pretraining budget)."""
+    from toy import pretrain
+    rows = []
+    text = pretrain.text_encoder_from(unet.load_tokenizer(os.path.join(ROOT, "toy", "model", "tokenizer"))).to(device)
+    ids = torch.randint(0, 200, (32, 77), device=device)
+    for kind, cfgs in (("vae", pretrain.VAES), ("unet", pretrain.UNETS)):
+        for name, cfg in cfgs.items():
+            if kind == "vae":
+                net, x = unet.VAE(cfg).to(device), torch.randn(16, 3, 32, 32, device=device)
+                step = lambda: (lambda m, s: net.decode(m + s))(*net.encode(x)).square().mean().backward()
+            else:
+                net, x = unet.UNet(cfg).to(device), torch.randn(32, 4, 16, 16, device=device)
+                t = torch.randint(0, 1000, (32,), device=device)
+                step = lambda: net(x, t, text(ids).last_hidden_state).square().mean().backward()
+            with torch.autocast(device, dtype, enabled=dtype != torch.float32):
+                seconds = median_time(step, repeats, device)
+            params = sum(p.numel() for p in net.parameters())
+            rows.append(dict(section="pretrain", kind=kind, candidate=name, params=params, step_s=seconds))
+            print(f"pretrain {kind} {name:7s} {params / 1e6:5.2f} M parameters  step {seconds * 1e3:7.1f} ms",
+                  flush=True)
+    return rows
+
+
 SECTIONS = {"unet": bench_unet, "conv": bench_conv, "kernel": bench_kernel, "methods": bench_methods,
-            "train": bench_train}
+            "train": bench_train, "pretrain": bench_pretrain}
 
 
 def main(argv=None):

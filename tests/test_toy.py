@@ -145,3 +145,16 @@ def test_pretraining_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch,
     pretrain.main()  # everything cached: no stage trains again, the export is the same
     assert "unet 1/3" not in capsys.readouterr().out
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
+
+
+def test_pretraining_cost_of_every_candidate_is_measured():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import speed
+    from toy import pretrain
+    rows = speed.bench_pretrain("cpu", torch.float32, 1)
+    assert [(r["kind"], r["candidate"]) for r in rows] == [("vae", n) for n in pretrain.VAES] + \
+        [("unet", n) for n in pretrain.UNETS]
+    assert all(r["step_s"] > 0 and r["params"] > 0 for r in rows)
+    params = {r["candidate"]: r["params"] for r in rows}
+    assert params["a16w48"] > params["a16"] > params["a8"] and params["v3"] > params["v2"] > params["v1"]
