@@ -2,8 +2,8 @@
 
 Task n brings concept c_n (a folder of images, a new token `<name>`, the prompt "a photo of a <name>"). The
 pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the adapter's
-parameters (A and B of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (DESIGN.md section 6;
-Jha et al., ICLR 2025):
+parameters (A and B of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (Jha et al., ICLR 2025;
+README "The method in one page"):
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
     L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀

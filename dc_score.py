@@ -1,4 +1,4 @@
-"""Diffusion classifier scores (DESIGN.md section 5; Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot
+"""Diffusion classifier scores (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot
 Classifier").
 
 For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a paired comparison),

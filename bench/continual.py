@@ -1,4 +1,4 @@
-"""The continual-personalization benchmark (DESIGN.md section 9): concepts learned one after another with each
+"""The continual-personalization benchmark (bench/RESULTS.md): concepts learned one after another with each
 method, replay-free, through the same code path as train.py (fresh model, load_state, apply_state, learn_concept,
 save_state); after every task, every concept learned so far is generated (fixed noise per concept) and scored.
 

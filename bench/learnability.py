@@ -33,8 +33,9 @@ def learn_and_score(name, model, work, train_args, threads):
     from toy import oracle
     torch.set_num_threads(threads)
     state = os.path.join(work, name)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--concept", os.path.join(ROOT, "examples", "concepts", name),
-           "--state", state, "--model", model, "--method", "seq", "--no-preview", *train_args]
+    concept = os.path.join(ROOT, "examples", "concepts", name)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--concept", concept, "--state", state, "--model", model,
+           "--method", "seq", "--no-preview", *train_args]
     t0 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     seconds = time.time() - t0

@@ -1,4 +1,4 @@
-"""Fused diffusion-classifier errors (DESIGN.md section 5).
+"""Fused diffusion-classifier errors (README "The method in one page"; dc_score.py says how they are used).
 
 For predictions pred[B, K, *latent] (B images x K prompts) and the noise shared across prompts noise[B, *latent]
 

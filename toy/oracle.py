@@ -1,4 +1,4 @@
-"""The oracle: a small CNN that judges images of the toy world (DESIGN.md section 8).
+"""The oracle: a small CNN that judges images of the toy world (toy/world.py).
 
 Four heads on shared features: shape (world.SHAPES), color (world.COLORS), pattern (world.PATTERNS: plain,
 striped, checkered, dotted, ringed) and concept (world.CONCEPTS + "none").
@@ -277,7 +277,8 @@ def main():
         t0 = time.time()
         import unet
         for name, acc in eval_vae(unet.load_model(args.eval_vae).vae).items():
-            print(f"{name:16s} renders {acc['renders']:.3f}  VAE reconstructions {acc['reconstructions']:.3f}", flush=True)
+            print(f"{name:16s} renders {acc['renders']:.3f}  VAE reconstructions {acc['reconstructions']:.3f}",
+                  flush=True)
         print(f"(64 fresh renders per concept, {time.time() - t0:.0f} s)", flush=True)
     if args.eval_state:
         t0 = time.time()

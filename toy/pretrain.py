@@ -1,4 +1,4 @@
-"""Pretrains the tiny default model from scratch on the toy world (DESIGN.md section 8) and writes it in diffusers
+"""Pretrains the tiny default model from scratch on the toy world (toy/world.py) and writes it in diffusers
 folder layout (toy/model/). Stages, each cached in the work dir so an interrupted run resumes where it stopped:
 
   data      render N captioned images (toy/world.py: plain and patterned shapes), horizontal flips double them
@@ -55,7 +55,8 @@ VAE_CFG = VAES["v2"]
 
 def unet_config(channels, attention_levels):
     """An SD-v1-style tiny UNet over three latent levels (16x16, 8x8, 4x4): `channels` per level, cross-attention
-    blocks at the levels named in `attention_levels` (0 = 16x16, 1 = 8x8), none at 4x4 but in the mid block, as in SD v1."""
+    blocks at the levels named in `attention_levels` (0 = 16x16, 1 = 8x8), none at 4x4 but in the mid block, as in
+    SD v1."""
     down = ["CrossAttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(3)]
     up = ["CrossAttnUpBlock2D" if 2 - i in attention_levels else "UpBlock2D" for i in range(3)]
     return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=list(channels), layers_per_block=1,
