@@ -704,8 +704,7 @@ def check_model(state, model):
     names = "db" if hp.adapter == "vera" else "AB"  # as `flat` names them
     shapes = lambda m: ((hp.rank,), (m.out_features,)) if hp.adapter == "vera" else \
         ((hp.rank, m.in_features), (m.out_features, hp.rank))
-    need = {p: shapes(m) for p, m in model.unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and p.endswith(tuple("." + t for t in lora.PRESETS[hp.targets]))}
+    need = {p: shapes(m) for p, m in lora.target_modules(model.unet, hp.targets)}
     for name, w in zip(_lora_files(files), ([state.lora] if state.lora else []) + state.pool):
         _check_shapes(name, {p: (tuple(A.shape), tuple(B.shape)) for p, (A, B) in w.items()}, need)
     if hp.uses("ewc") and state.concepts:

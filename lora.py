@@ -153,22 +153,28 @@ def get_projection(unet):
     return next((m.projection for _, m in _layers(unet) if m.projection is not None), None)
 
 
+def target_modules(unet, targets=KV):
+    """[(path, nn.Linear)] of every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn")."""
+    targets = PRESETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
+    return [(p, m) for p, m in unet.named_modules()
+            if isinstance(m, nn.Linear) and any(p == t or p.endswith("." + t) for t in targets)]
+
+
 def inject(unet, targets=KV, rank=4, alpha=4.0, name="task0", adapter="lora", projection=None, seed=0):
     """Add adapter `name` to every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn").
 
     adapter="vera" ignores alpha; its layers use `projection` (A, B), else the UNet's existing one (all VeRA adapters
     of a UNet share one, as in PEFT), else a new one from `seed` sized to the largest in/out of the targets.
     """
-    targets = PRESETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
     _check_name(name)
     if adapter not in ADAPTERS:
         raise ValueError(f"unknown adapter {adapter!r} (choose from {', '.join(ADAPTERS)})")
-    paths = [p for p, m in unet.named_modules()
-             if isinstance(m, nn.Linear) and any(p == t or p.endswith("." + t) for t in targets)]
-    if not paths:
+    found = target_modules(unet, targets)
+    if not found:
         raise ValueError(f"no nn.Linear module matches {targets}")
+    paths, linears = [p for p, _ in found], [m for _, m in found]
     if adapter == "vera":
-        linears, shared = [unet.get_submodule(p) for p in paths], get_projection(unet)
+        shared = get_projection(unet)
         projection = projection or shared or vera_projection(rank, max(m.in_features for m in linears),
                                                              max(m.out_features for m in linears), seed)
         projection = tuple(P.to(linears[0].weight) for P in projection)
