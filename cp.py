@@ -7,13 +7,13 @@ README "The method in one page"):
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
     L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀
-    EWC       = (λ/2) Σ F*(φ − φ*)²,   F̂ = E[(∇_φ L)²] at the end of a task,  F* ← γ F* + F̂
-                (L = L_denoise for `ewc`; L = L_denoise + δ L_DC for `ewc-dc`: the DC-informed Fisher)
+    EWC       = (λ/2) Σ F*(φ − φ*)²,   F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1,  F* ← γ F* + F̂
+                (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`: the DC scores build the Fisher)
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²
     DSC       = w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
 
-L_denoise and L_DC come from one UNet batch: the first `dc_batch` images under every prompt of S (the target's
-column serves both terms), the other images under the target only.
+Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper).
+A task runs in four steps: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state.
 The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under names new
 to the attempt, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state
 whole. One process writes a state at a time (a lock file), and every file is checked when a state is loaded.
@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -65,13 +65,13 @@ class Hparams:
     alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
     targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
     adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
-    ewc_lambda: float = 1e4        # λ: weight of the EWC penalty
+    ewc_lambda: float = 1.0        # λ: weight of the EWC penalty (on a Fisher of mean 1)
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
-    fisher_samples: int = 16       # per-sample gradients averaged into F̂
-    dc_weight: float = 1e-4        # δ: weight of L_DC (ewc-dc) and of the DC term in the Fisher
+    fisher_samples: int = 16       # per-image gradients averaged into F̂
+    dc_weight: float = 0.0         # δ: weight of L_DC in ewc-dc's training loss (0: the DC scores only build the Fisher)
     dc_temp: float = 0.01          # τ of the DC posterior over mean-over-dims errors (the paper's τ=1 on sums is 1/D)
     dc_k: int = 5                  # k: most prompts in the DC subset S
-    dc_batch: int = 2              # images of each batch that L_DC scores under all of S (its cost grows with k)
+    dc_batch: int = 2              # images of each batch that δ·L_DC scores under all of S (its cost grows with k)
     clora_lambda: float = 1e3      # λ_c: C-LoRA self-regularization
     dsc_steps: int = 100           # consolidation steps after training (dsc*)
     dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
@@ -89,7 +89,7 @@ class Hparams:
 class State:
     """Everything carried from task to task: no image, no latent, only weights and statistics."""
     model: dict                                    # {"path", "fingerprint"}
-    hparams: dict
+    hparams: Hparams
     concepts: list = field(default_factory=list)   # [{"name", "token", "prompt", "class_word", "task"}]
     history: list = field(default_factory=list)    # per-task metrics
     lora: dict = None                              # {module path: (A, B)} of the carried LoRA (not clora / ti);
@@ -230,7 +230,7 @@ def trainable_row(model, token_id):
 def apply_state(model, state):
     """Load a state's tokens and LoRA(s) into a freshly loaded model, ready to sample or to continue."""
     add_tokens(model, state.tokens)
-    hp = Hparams(**state.hparams)
+    hp = state.hparams
     if hp.method == "clora":
         for i, weights in enumerate(state.pool):
             install_adapter(model.unet, f"task{i}", weights, hp)
@@ -243,6 +243,12 @@ def install_adapter(unet, name, weights, hp, projection=None):
     if weights is not None:
         lora.set_adapter(unet, name, weights)
     return lora.lora_parameters(unet, [name])
+
+
+def enable_only(unet, name):
+    """Switch adapter `name` on and every other adapter off (None: the base model alone)."""
+    for n in lora.adapter_names(unet):
+        lora.set_enabled(unet, n, n == name)
 
 
 def snapshot(unet, name):
@@ -259,23 +265,22 @@ def flat(weights):
 # the losses
 
 
-def ewc_penalty(unet, name, state, hp):
-    """(λ/2) Σ F*(φ − φ*)² over the adapter's parameters."""
-    if not state.fisher:
+def ewc_penalty(unet, name, fisher, anchor, lam):
+    """(λ/2) Σ F*(φ − φ*)² over the adapter's parameters (zero before the first Fisher)."""
+    if not fisher:
         return torch.zeros(())
     live = flat(lora.get_adapter(unet, name))
-    return hp.ewc_lambda / 2 * sum((state.fisher[k].to(p) * (p - state.anchor[k].to(p)) ** 2).sum()
-                                   for k, p in live.items())
+    return lam / 2 * sum((fisher[k] * (p - anchor[k]) ** 2).sum() for k, p in live.items())
 
 
-def clora_penalty(unet, name, hp):
+def clora_penalty(unet, name, lam):
     """λ_c Σ_layers ‖(Σ_{m<n} s_m B_m A_m) ⊙ (s_n B_n A_n)‖², s = α/r; the old sum is constant."""
     total = torch.zeros(())
     for _, m in unet.named_modules():
         if isinstance(m, lora.LoRALinear) and name in m.lora_A and len(m.lora_A) > 1:
             old = sum(m.delta(n) for n in m.lora_A if n != name).detach()
             total = total + (old * m.delta(name)).square().sum()
-    return hp.clora_lambda * total
+    return lam * total
 
 
 class Batches:
@@ -299,23 +304,29 @@ def draw_noise(model, x0, gen):
 
 
 def task_loss(model, x0, prompts, hp, gen):
-    """L_denoise (+ δ·L_DC when the method uses DC) from one UNet batch: the first `dc_batch` images under all K
-    prompts of S (target first; that column also serves L_denoise), the other images under the target only."""
+    """L_denoise, and δ·L_DC when the method trains on it (δ > 0 and K > 1 prompts), from one ragged UNet batch:
+    the first `dc_batch` images under all K prompts of S (target first; that column also serves L_denoise), the
+    other images under the target only."""
     t, eps = draw_noise(model, x0, gen)
-    context = model.encode_text(prompts)
-    B, K, dev = len(x0), len(prompts), x0.device
-    n_dc = min(hp.dc_batch, B) if hp.uses("dc") and K > 1 else 0
-    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)]).to(dev)  # UNet rows
-    prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)]).to(dev)
-    pred = model.unet(add_noise(x0, eps, t, model.alphas_cumprod)[image], t[image], context[prompt])
-    split, errors, terms = n_dc * K, [], {}
+    B, K = len(x0), len(prompts)
+    n_dc = min(hp.dc_batch, B) if hp.uses("dc") and hp.dc_weight > 0 and K > 1 else 0
+    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)])
+    prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)])
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean",
+                                  rows=(image, prompt))
+    e_dc = e[:n_dc * K].view(n_dc, K)
+    terms = {"denoise": torch.cat([e_dc[:, 0], e[n_dc * K:]]).mean()}
     if n_dc:
-        e_dc = dc_errors(pred[:split].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], "mean")
-        errors.append(e_dc[:, 0])
         terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, hp.dc_temp).mean()
-    if n_dc < B:
-        errors.append(dc_errors(pred[split:].unsqueeze(1), eps[n_dc:], "mean")[:, 0])
-    return {"denoise": torch.cat(errors).mean(), **terms}
+    return terms
+
+
+def dc_loss(model, x0, prompts, hp, gen):
+    """L_DC = mean over images of −log p_φ(c_n | x): all K prompts of S (target first) in one UNet batch, one
+    (t, ε) per image shared by the K prompts (a paired comparison)."""
+    t, eps = draw_noise(model, x0, gen)
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
+    return dc_score.dc_cross_entropy(e, 0, hp.dc_temp).mean()
 
 
 def dc_subset(state, target, c0, hp, rng):
@@ -326,9 +337,7 @@ def dc_subset(state, target, c0, hp, rng):
 
 def teacher_outputs(model, name, x0, context, t, eps):
     """Noise predictions [B, K, ...] and errors [B, K] of the model with only adapter `name` (None: base) on."""
-    names = lora.adapter_names(model.unet)
-    for n in names:
-        lora.set_enabled(model.unet, n, n == name)
+    enable_only(model.unet, name)
     with torch.no_grad():
         e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
                                             return_pred=True)
@@ -336,13 +345,13 @@ def teacher_outputs(model, name, x0, context, t, eps):
 
 
 def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen):
-    """L_DSC over the subset [c_n, c₀, (c_j)]: teachers T1 ("teacher1") and T2 (`teacher2`, None = base model)."""
+    """L_DSC over the subset [c_n, c₀, (c_j)]: teachers T1 ("teacher1") and T2 (`teacher2`, None = base model),
+    student "current"."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
     e1, pred1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
     e2, pred2 = teacher_outputs(model, teacher2, x0, context, t, eps)
-    for n in lora.adapter_names(model.unet):
-        lora.set_enabled(model.unet, n, n == "current")
+    enable_only(model.unet, "current")
     e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
                                         return_pred=True)
     p1, p2 = dc_score.posterior(e1, hp.dc_temp), dc_score.posterior(e2, hp.dc_temp)
@@ -352,19 +361,22 @@ def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen):
                                    (pred[:, j_index] - pred2[:, j_index]).square().mean())}
 
 
-def fisher_diagonal(model, params, batches, prompts_fn, hp, gen):
-    """F̂ = mean over single images of (∇_φ L)², L = L_denoise (+ δ L_DC for the DC-informed Fisher)."""
+def fisher_diagonal(params, sample_loss, n):
+    """F̂ = mean over n single-image losses of (∇_φ L)², rescaled to mean 1 over all of φ.
+
+    Only the relative importance of the parameters is kept: the raw magnitudes of a denoising Fisher and of a DC
+    Fisher differ by orders, and after rescaling one λ means the same for both and for every task.
+    """
     squares = [torch.zeros_like(p) for p in params]
-    for _ in range(hp.fisher_samples):
-        loss = sum(task_loss(model, batches(1), prompts_fn(), hp, gen).values())
-        grads = torch.autograd.grad(loss, params)
-        for s, g in zip(squares, grads):
+    for _ in range(n):
+        for s, g in zip(squares, torch.autograd.grad(sample_loss(), params)):
             s += g.detach() ** 2
-    return [s / hp.fisher_samples for s in squares]
+    mean = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
+    return [s / mean for s in squares] if mean > 0 else squares
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# one task
+# one task: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state
 
 
 class Progress:
@@ -401,106 +413,155 @@ def optimize(params_groups, steps, loss_fn, label, log):
     return {k: v.item() for k, v in terms.items()}
 
 
+@dataclass
+class Task:
+    """What the steps of one task share."""
+    index: int                 # n: how many concepts came before
+    name: str
+    token: str                 # "<name>"
+    target: str                # the prompt of c_n
+    class_word: str            # None: the concept has none
+    c0: str                    # the prompt of the pretrained concept
+    adapter: str               # the adapter this task trains (None: ti)
+    batches: Batches           # the task's images, as latents
+    gen: torch.Generator       # batches, t, ε
+    rng: random.Random         # the DC subset, DSC's earlier concept
+    log: bool = True
+
+
 def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     """Learn one concept on top of `state` (already applied to `model`); returns the new state (unsaved)."""
-    hp = Hparams(**state.hparams)
+    hp = state.hparams
     name = name or os.path.basename(os.path.normpath(folder))
-    token = f"<{name}>"
     if any(c["name"] == name for c in state.concepts):
         raise CPError(f"concept {name!r} is already learned in this state (use --name to pick another name)")
     images, notes = load_images(folder, model.resolution)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    task = len(state.concepts)
-    seed = hp.seed * 1000 + task
+    n = len(state.concepts)
+    seed = hp.seed * 1000 + n
     torch.manual_seed(seed)
-    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    adapter = (f"task{n}" if hp.uses("clora") else "current") if hp.uses("lora") else None
+    token = f"<{name}>"
+    task = Task(n, name, token, concept_prompt(token, class_word), class_word, base_prompt(class_word), adapter,
+                Batches(model, images, hp.batch_size, gen), gen, random.Random(seed), log)
+
     started = time.time()
+    metrics = {"task": n, "name": name, "images": len(images)}
+    metrics["train"], row = train_task(model, state, task)
+    if hp.uses("dsc"):
+        metrics["consolidate"] = consolidate(model, state, task)
+    fisher, anchor = state.fisher, state.anchor
+    if hp.uses("ewc"):
+        fisher_started = time.time()
+        fisher, anchor = update_fisher(model, state, task)
+        metrics["fisher_seconds"] = round(time.time() - fisher_started, 1)
+    metrics["seconds"] = round(time.time() - started, 1)
+    return next_state(model, state, task, row, fisher, anchor, metrics)
 
-    # the new token: its embedding row trains during this task only
-    ids = add_tokens(model, {**{t: None for t in state.tokens}, token: None})
-    row, hook = trainable_row(model, ids[token])
+
+def train_task(model, state, task):
+    """Train the new token's embedding row and the task's adapter on L_denoise (+ δ L_DC) + the method's penalty.
+    Returns the last loss terms and the trained row."""
+    hp = state.hparams
+    token_id = add_tokens(model, {**{t: None for t in state.tokens}, task.token: None})[task.token]
+    row, hook = trainable_row(model, token_id)
     groups = [{"params": [row], "lr": hp.token_lr}]
+    if task.adapter:
+        if task.adapter not in lora.adapter_names(model.unet):
+            install_adapter(model.unet, task.adapter, None, hp)
+        groups.append({"params": lora.set_trainable(model.unet, task.adapter), "lr": hp.lr})
+    with_dc = hp.uses("dc") and hp.dc_weight > 0
+    fisher, anchor = _on(model.device, state.fisher), _on(model.device, state.anchor)
 
-    adapter = None
-    if hp.uses("lora"):
-        adapter = f"task{task}" if hp.uses("clora") else "current"
-        if adapter not in lora.adapter_names(model.unet):
-            install_adapter(model.unet, adapter, None, hp)
-        groups.append({"params": lora.set_trainable(model.unet, adapter), "lr": hp.lr})
-    params = lora.lora_parameters(model.unet, [adapter]) if adapter else []
-
-    target, c0 = concept_prompt(token, class_word), base_prompt(class_word)
-    batches = Batches(model, images, hp.batch_size, gen)
-    prompts_fn = (lambda: dc_subset(state, target, c0, hp, rng)) if hp.uses("dc") else (lambda: [target])
-
-    # the state keeps the EWC statistics on the CPU: move them to the LoRA's device once, not at every step
-    ewc_stats = replace(state, fisher={k: v.to(model.device) for k, v in state.fisher.items()},
-                        anchor={k: v.to(model.device) for k, v in state.anchor.items()})
-
-    def train_loss():
-        terms = task_loss(model, batches(), prompts_fn(), hp, gen)
+    def loss():
+        prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if with_dc else [task.target]
+        terms = task_loss(model, task.batches(), prompts, hp, task.gen)
         if hp.uses("ewc"):
-            terms["ewc"] = ewc_penalty(model.unet, adapter, ewc_stats, hp)
+            terms["ewc"] = ewc_penalty(model.unet, task.adapter, fisher, anchor, hp.ewc_lambda)
         if hp.uses("clora"):
-            terms["clora"] = clora_penalty(model.unet, adapter, hp)
+            terms["clora"] = clora_penalty(model.unet, task.adapter, hp.clora_lambda)
         return terms
 
-    metrics = {"task": task, "name": name, "images": len(images)}
     try:
-        metrics["train"] = optimize(groups, hp.steps, train_loss, f"[{name}] train", log)
+        metrics = optimize(groups, hp.steps, loss, f"[{task.name}] train", task.log)
     finally:  # a failed task must not leave the row spliced into a model that may be used again
         hook.remove()
     with torch.no_grad():
-        model.text_encoder.get_input_embeddings().weight[ids[token]] = row
-    new_tokens = {**state.tokens, token: row.detach().clone().cpu()}
+        model.text_encoder.get_input_embeddings().weight[token_id] = row
+    return metrics, row.detach().clone().cpu()
 
-    fisher, anchor = state.fisher, state.anchor
-    if hp.uses("dsc"):
-        teacher1 = snapshot(model.unet, adapter)
-        install_adapter(model.unet, "teacher1", teacher1, hp)
-        teacher2 = None
-        if state.pool:
-            teacher2 = "teacher2"
-            install_adapter(model.unet, teacher2, None, hp)
-        lora.set_trainable(model.unet, adapter)
 
-        def consolidation_loss():
-            j = rng.randrange(len(state.concepts)) if state.concepts else None
-            if j is not None:
-                lora.set_adapter(model.unet, teacher2, state.pool[j])
-            prompts = [target, c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
-            terms = dsc_loss(model, batches(), prompts, len(prompts) - 1, teacher2, hp, gen)
-            if hp.uses("ewc"):
-                terms["ewc"] = ewc_penalty(model.unet, adapter, ewc_stats, hp)
-            return terms
+def consolidate(model, state, task):
+    """DSC: distil into the adapter T1 (the adapter as trained on this task), on c_n, and T2 (the pool's adapter
+    after a random earlier concept c_j; the base model on the first task), on c_j (c₀ on the first task)."""
+    hp = state.hparams
+    install_adapter(model.unet, "teacher1", snapshot(model.unet, task.adapter), hp)
+    teacher2 = "teacher2" if state.pool else None
+    if teacher2:
+        install_adapter(model.unet, teacher2, None, hp)
+    params = lora.set_trainable(model.unet, task.adapter)
+    fisher, anchor = _on(model.device, state.fisher), _on(model.device, state.anchor)
 
-        metrics["consolidate"] = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, consolidation_loss,
-                                          f"[{name}] consolidate", log)
-        for n in ("teacher1", teacher2):
-            if n:
-                lora.remove(model.unet, n)
-        lora.set_enabled(model.unet, adapter, True)
+    def loss():
+        j = task.rng.randrange(len(state.concepts)) if state.concepts else None
+        if j is not None:
+            lora.set_adapter(model.unet, teacher2, state.pool[j])
+        prompts = [task.target, task.c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
+        terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen)
+        if hp.uses("ewc"):
+            terms["ewc"] = ewc_penalty(model.unet, task.adapter, fisher, anchor, hp.ewc_lambda)
+        return terms
 
-    final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, adapter).items()} if adapter else {}
-    if hp.uses("ewc"):
-        f_hat = fisher_diagonal(model, params, batches, prompts_fn, hp, gen)
-        anchor = flat(final)
-        fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
-        metrics["fisher_mean"] = float(np.mean([f.mean().item() for f in fisher.values()]))
+    metrics = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, loss, f"[{task.name}] consolidate", task.log)
+    for name in ("teacher1", teacher2):
+        if name:
+            lora.remove(model.unet, name)
+    enable_only(model.unet, task.adapter)
+    return metrics
 
-    for p in params:
+
+def update_fisher(model, state, task):
+    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ. F̂ (`fisher_diagonal`) is taken of L_denoise
+    for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over S = {c_n, c₀, earlier concepts} for the
+    DC-informed methods: the Fisher then weighs the parameters that tell c_n apart from what the model knew."""
+    hp = state.hparams
+    if hp.uses("dc"):
+        sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
+                                      hp, task.gen)
+    else:
+        sample_loss = lambda: task_loss(model, task.batches(1), [task.target], hp, task.gen)["denoise"]
+    anchor = flat(snapshot(model.unet, task.adapter))
+    f_hat = fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, hp.fisher_samples)
+    fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
+    return fisher, {k: v.cpu() for k, v in anchor.items()}
+
+
+def next_state(model, state, task, row, fisher, anchor, metrics):
+    """The state after the task: its token row, the adapter (carried, and added to the pool), the EWC statistics."""
+    hp = state.hparams
+    final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, task.adapter).items()} if task.adapter else {}
+    for p in lora.lora_parameters(model.unet, [task.adapter]) if task.adapter else []:
         p.requires_grad_(False)
-    with torch.no_grad():
-        metrics["lora_norm"] = float(sum(w.square().sum() for w in lora.deltas(model.unet, adapter).values()) ** 0.5)
-    metrics["seconds"] = round(time.time() - started, 1)
-    concept = {"name": name, "token": token, "prompt": target, "class_word": class_word, "task": task}
+    if task.adapter:
+        with torch.no_grad():
+            deltas = lora.deltas(model.unet, task.adapter).values()
+            metrics["lora_norm"] = float(sum(w.square().sum() for w in deltas) ** 0.5)
+    concept = {"name": task.name, "token": task.token, "prompt": task.target, "class_word": task.class_word,
+               "task": task.index}
     projection = lora.get_projection(model.unet)
-    return State(model=state.model, hparams=state.hparams, concepts=state.concepts + [concept],
+    return State(model=state.model, hparams=hp, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
-                 lora=None if hp.uses("clora") or not adapter else final,
-                 pool=state.pool + ([final] if adapter else []), tokens=new_tokens, fisher=fisher, anchor=anchor,
-                 base=state.base, projection=tuple(P.cpu() for P in projection) if projection else None)
+                 lora=None if hp.uses("clora") or not task.adapter else final,
+                 pool=state.pool + ([final] if task.adapter else []), tokens={**state.tokens, task.token: row},
+                 fisher=fisher, anchor=anchor, base=state.base,
+                 projection=tuple(P.cpu() for P in projection) if projection else None)
+
+
+def _on(device, tensors):
+    """The state keeps the EWC statistics on the CPU: move them to the adapter's device once per task."""
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,7 +570,7 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
 
 def new_state(model, hp):
     check_hparams(hp)
-    return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=asdict(hp))
+    return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=hp)
 
 
 def lock_state(folder):
@@ -593,14 +654,14 @@ def save_state(state, folder):
     if old != state.base:
         raise CPError(f"the state in {folder} changed since this run loaded it (another run saved to it); "
                       "nothing was saved")
-    attempt, n, hp = os.urandom(4).hex(), len(state.concepts), Hparams(**state.hparams)
+    attempt, n, hp = os.urandom(4).hex(), len(state.concepts), state.hparams
     kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
     files = {"tokens": f"tokens_{n:03d}_{attempt}.safetensors", "ewc": f"ewc_{n:03d}_{attempt}.safetensors",
              "lora": f"lora_{n:03d}_{attempt}.safetensors" if state.lora else None,
              "pool": kept + [f"pool/task_{i:03d}_{attempt}.safetensors" for i in range(len(kept), len(state.pool))]}
     tensors = {"tokens": state.tokens, "ewc": {**{"fisher." + k: v for k, v in state.fisher.items()},
                                                **{"anchor." + k: v for k, v in state.anchor.items()}}}
-    manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=state.hparams,
+    manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=asdict(hp),
                                concepts=state.concepts, history=state.history, files=files), indent=1)
     write_lora = lambda w, projection=None: lambda p: (
         lora.write_vera(w, p, projection) if hp.adapter == "vera" else
@@ -652,7 +713,7 @@ def _read_state(folder, m):
         hp = Hparams(**m["hparams"])
         check_hparams(hp)
         concepts, files = m["concepts"], m["files"]
-        state = State(model=m["model"], hparams=m["hparams"], concepts=concepts, history=m["history"],
+        state = State(model=m["model"], hparams=hp, concepts=concepts, history=m["history"],
                       base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
         tokens = {c["token"] for c in concepts}
     except (CPError, KeyError, TypeError) as e:
@@ -697,7 +758,7 @@ def check_model(state, model):
                       f"{state.model['fingerprint']}); the model given has fingerprint {model.fingerprint}")
     if state.base is None:
         return
-    files, hp = state.base["files"], Hparams(**state.hparams)  # file names are relative to the state folder
+    files, hp = state.base["files"], state.hparams  # file names are relative to the state folder
     dim = model.text_encoder.get_input_embeddings().weight.shape[1]
     if any(row.shape != (dim,) for row in state.tokens.values()):
         raise _damaged("", files["tokens"], f"holds token rows not of the model's width {dim}")

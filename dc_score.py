@@ -18,26 +18,32 @@ from unet import add_noise
 
 
 def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction="sum", chunk_size=None,
-                     prompts=None, return_pred=False):
+                     prompts=None, rows=None, return_pred=False):
     """e[B, K]: errors of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
     (or one int) with noise [B, C, h, w] shared across prompts. Differentiable when called under grad.
 
     prompts: optional LongTensor [B, K'] choosing, per image, which rows of context to score (default: all K).
-    chunk_size: most UNet rows per call (default: all B*K at once).
-    return_pred: also return the noise predictions [B, K, C, h, w], as (e, pred).
+    rows: optional (image [R], prompt [R]): score only these (image, prompt) pairs, a ragged batch; e is then [R].
+    chunk_size: most UNet rows per call (default: all rows at once).
+    return_pred: also return the noise predictions ([B, K, C, h, w], or [R, C, h, w] with rows), as (e, pred).
     """
-    B = latents.shape[0]
-    if prompts is None:
-        prompts = torch.arange(context.shape[0], device=latents.device).expand(B, -1)
-    K = prompts.shape[1]
-    t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(B)
+    B, dev = latents.shape[0], latents.device
+    t = torch.as_tensor(t, device=dev).reshape(-1).expand(B)
+    ragged = rows is not None
+    if not ragged:
+        if prompts is None:
+            prompts = torch.arange(context.shape[0], device=dev).expand(B, -1)
+        rows = torch.arange(B, device=dev).repeat_interleave(prompts.shape[1]), prompts.reshape(-1)  # r = b*K + k
+    image, prompt = (r.to(dev) for r in rows)
     x_t = add_noise(latents, noise, t, alphas_cumprod)
-    image = torch.arange(B, device=latents.device).repeat_interleave(K)  # UNet row r = b*K + k
-    prompt = prompts.reshape(-1).to(latents.device)
-    n = chunk_size or B * K
-    preds = [unet(x_t[image[s:s + n]], t[image[s:s + n]], context[prompt[s:s + n]]) for s in range(0, B * K, n)]
-    pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).view(B, K, *latents.shape[1:])
-    e = dc_errors(pred, noise, reduction)
+    n, R = chunk_size or len(image), len(image)
+    preds = [unet(x_t[image[s:s + n]], t[image[s:s + n]], context[prompt[s:s + n]]) for s in range(0, R, n)]
+    pred = preds[0] if len(preds) == 1 else torch.cat(preds)
+    if ragged:  # every row against its own image's noise (a gather of R noise tensors)
+        e = dc_errors(pred.unsqueeze(1), noise[image], reduction)[:, 0]
+    else:
+        pred = pred.view(B, prompts.shape[1], *latents.shape[1:])
+        e = dc_errors(pred, noise, reduction)
     return (e, pred) if return_pred else e
 
 

@@ -14,7 +14,7 @@ import inspect
 import os
 import re
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields, replace
 
 import torch
 from safetensors.torch import save_file
@@ -57,21 +57,23 @@ def parse_args(argv):
 
 
 def resolve_hparams(args, state):
+    """The flags given, over the state's values (or the defaults); the state's adapter layout cannot change."""
     given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams) if getattr(args, f.name) is not None}
     cp.check_hparams(cp.Hparams(**given))
     if state is None:
-        return asdict(cp.Hparams(**given))
+        return cp.Hparams(**given)
     for k in FIXED:
-        if k in given and given[k] != state.hparams[k]:
-            raise cp.CPError(f"this state uses {k}={state.hparams[k]!r}; start a new --state to use {given[k]!r}")
-    return {**state.hparams, **given}
+        if k in given and given[k] != getattr(state.hparams, k):
+            raise cp.CPError(f"this state uses {k}={getattr(state.hparams, k)!r}; start a new --state to use "
+                             f"{given[k]!r}")
+    return replace(state.hparams, **given)
 
 
 def export(model, state, folder):
     """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA), VeRA as PEFT's
     adapter_model.safetensors + adapter_config.json, and the tokens."""
     os.makedirs(folder, exist_ok=True)
-    hp = cp.Hparams(**state.hparams)
+    hp = state.hparams
     weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
     written = []
     if weights and hp.adapter == "vera":
@@ -106,7 +108,7 @@ def run(args):
     if state is not None:
         cp.check_model(state, model)
     if state is None:
-        state = cp.new_state(model, cp.Hparams(**hparams))
+        state = cp.new_state(model, hparams)
     state.hparams = hparams
     cp.apply_state(model, state)
 

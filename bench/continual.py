@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -55,12 +55,15 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import unet  # noqa: E402
 
-FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=8, n_real=16, sample_steps=25, dc_timesteps=10)
-# the toy concepts, most learnable first: oracle accuracy of each learned alone with `seq` and the defaults
-# (README, Status); a concept the tiny model cannot learn at all would only add zeros to every method's row
-TOY_ORDER = ["pine_tree", "checkered_heart", "house", "striped_ring", "striped_star", "flower", "bullseye",
-             "polka_square", "smiley", "mushroom", "rainbow", "eye", "ladybug", "dice", "sailboat", "traffic_light"]
-RUN_ONLY = ("out", "jobs", "quiet", "resume", "device", "chunk", "methods", "seeds")  # no effect on a run's results
+FULL = dict(tasks=5, methods=",".join(cp.METHODS), seeds=3, n_samples=16, n_real=16, sample_steps=25,
+            dc_timesteps=10)
+# The toy concepts, split once before any result was seen (random.Random(0).shuffle of the sorted names): methods
+# are tuned on TUNING only (bench/tune.py) and compared on EVALUATION only, in these orders.
+SPLITS = {"tuning": ["rainbow", "striped_star", "house", "checkered_heart", "polka_square"],
+          "evaluation": ["dice", "eye", "sailboat", "striped_ring", "mushroom", "pine_tree", "flower", "bullseye",
+                         "ladybug", "traffic_light", "smiley"]}
+# no effect on a run's results (--tuned: its values are compared instead, per method)
+RUN_ONLY = ("out", "jobs", "quiet", "resume", "device", "chunk", "methods", "seeds", "tuned")
 QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  # training as in the full run
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -124,9 +127,10 @@ def toy_concepts(args, tmp):
         if unknown:
             sys.exit(f"error: without --clip, concept folders must be named after toy concepts: {', '.join(unknown)}")
     else:
-        if args.tasks > len(world.CONCEPTS):
-            sys.exit(f"error: the toy world has {len(world.CONCEPTS)} concepts, not {args.tasks}")
-        folders = [os.path.join(ROOT, "examples", "concepts", n) for n in TOY_ORDER[:args.tasks]]
+        order = SPLITS[args.split]
+        if args.tasks > len(order):
+            sys.exit(f"error: the {args.split} split has {len(order)} concepts, not {args.tasks}")
+        folders = [os.path.join(ROOT, "examples", "concepts", n) for n in order[:args.tasks]]
         if not all(os.path.isdir(f) for f in folders):
             world.write_examples(os.path.join(tmp, "concepts"))
             folders = [f if os.path.isdir(f) else os.path.join(tmp, "concepts", os.path.basename(f)) for f in folders]
@@ -279,7 +283,7 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
         samples = last
     A, P, F_ = apf(acc)
     final = lambda a: float(np.mean(a[:, -1]))
-    run = {"seed": seed, "A": A, "P": P, "F": None if np.isnan(F_) else F_, "dc_acc": float(np.mean(dc)),
+    run = {"seed": seed, "hparams": asdict(state.hparams), "A": A, "P": P, "F": None if np.isnan(F_) else F_, "dc_acc": float(np.mean(dc)),
            "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids), "acc": nones(acc),
            "feat_sim_matrix": nones(sim), "kid_matrix": nones(kids),
            "confusion": confusion.tolist(), "tasks": tasks}
@@ -418,7 +422,12 @@ def parse_args(argv):
     p.add_argument("--out", default="runs/continual", help="folder for results.md, results.json, grid.png, plot.png")
     p.add_argument("--quick", action="store_true", help=f"small run: {QUICK} (flags given explicitly win)")
     p.add_argument("--model", default=os.path.join(ROOT, "toy", "model"), help="diffusers folder or checkpoint")
-    p.add_argument("--concepts", help="comma-separated concept folders (default: the first --tasks toy concepts)")
+    p.add_argument("--concepts", help="comma-separated concept folders (default: the first --tasks toy concepts of "
+                   "--split)")
+    p.add_argument("--split", choices=list(SPLITS), default="evaluation", help="which toy concepts (default: the "
+                   "evaluation sequence; tuning happens on the other one)")
+    p.add_argument("--tuned", help="JSON {method: {hparam: value}} of per-method values (bench/tune.py writes "
+                   "bench/tuning/chosen.json); flags given explicitly win")
     p.add_argument("--class-words", help="comma-separated class words, one per concept (real-model mode)")
     p.add_argument("--clip", help="local CLIP folder (transformers.CLIPModel + tokenizer), the judge in place of "
                    "the oracle")
@@ -488,9 +497,26 @@ def _run_job(job):
     if "ctx" not in w:  # in a job, not in the initializer: an error here reaches main instead of killing the worker
         w["ctx"] = setup(w["args"], w["tmp"], w["resolution"])
     c = w["ctx"]
-    run, samples = run_method(method, seed, w["args"], w["hparams"], c["names"], c["folders"], c["words"], c["real"],
+    run, samples = run_method(method, seed, w["args"], w["hparams"][method], c["names"], c["folders"], c["words"], c["real"],
                               c["judge"], c["real_feats"], c["text"], w["tmp"])
     return method, run, samples
+
+
+def method_hparams(args, methods):
+    """{method: the hparams it runs with beyond cp.Hparams' defaults}: --tuned's values, then the flags given."""
+    given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams)
+             if f.name not in ("method", "seed") and getattr(args, f.name) is not None}
+    tuned = {}
+    if args.tuned:
+        with open(args.tuned) as f:
+            tuned = json.load(f)
+    out = {m: {**tuned.get(m, {}), **given} for m in methods}
+    for m in methods:
+        try:
+            cp.check_hparams(cp.Hparams(**out[m], method=m))
+        except (TypeError, cp.CPError) as e:
+            sys.exit(f"error: {m}: {e}")
+    return out
 
 
 def main(argv=None):
@@ -501,8 +527,7 @@ def main(argv=None):
     bad = [m for m in methods if m not in cp.METHODS]
     if bad:
         sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(cp.METHODS)})")
-    hparams = {f.name: getattr(args, f.name) for f in fields(cp.Hparams)
-               if f.name not in ("method", "seed") and getattr(args, f.name) is not None}
+    hparams = method_hparams(args, methods)
     os.makedirs(args.out, exist_ok=True)
     tmp, pool = tempfile.mkdtemp(prefix="cp-continual-"), None
     try:
@@ -514,7 +539,7 @@ def main(argv=None):
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": device_name,
                   "judge": ctx["judge_name"], "judge_acc_real": judge_acc, "concepts": ctx["names"],
-                  "seeds": args.seeds, "args": vars(args), "runs": {}, "summary": {}}
+                  "seeds": args.seeds, "args": vars(args), "hparams": hparams, "runs": {}, "summary": {}}
         names, real = ctx["names"], ctx["real"]
         grid, earlier = {}, 0.0
         results_path, samples_dir = os.path.join(args.out, "results.json"), os.path.join(args.out, "samples")
@@ -522,7 +547,8 @@ def main(argv=None):
         if args.resume and os.path.exists(results_path):
             with open(results_path) as f:
                 old = json.load(f)
-            if settings(old) != settings(report):
+            if settings(old) != settings(report) or \
+                    any(old["hparams"][m] != hparams[m] for m in methods if m in old["runs"]):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
             report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}

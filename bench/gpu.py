@@ -189,7 +189,7 @@ def step_train(ctx, method=None, concept=CONCEPTS[0]):
     wall = time.perf_counter() - start
     state = cp.load_state(state_dir)  # the state reloads
     rates = {args[3].split()[-1] + "_steps_per_s": args[1] / seconds for args, seconds in phases}
-    return dict(command=shlex.join(["python", "train.py"] + argv), method=state.hparams["method"], wall_s=wall,
+    return dict(command=shlex.join(["python", "train.py"] + argv), method=state.hparams.method, wall_s=wall,
                 task_s=state.history[-1]["seconds"], concepts=len(state.concepts), losses=state.history[-1]["train"],
                 **rates, **peak_memory())
 

@@ -228,6 +228,8 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
     A step's cost is (time of n2 steps − time of n1 steps) / (n2 − n1): fixed costs (Fisher, setup) cancel.
     DSC's consolidation step is timed the same way through dsc_steps.
     """
+    from dataclasses import replace
+
     import cp
     model_path = model_path or os.path.join(ROOT, "toy", "model")
     folders = sorted(os.path.join(ROOT, "examples", "concepts", d) for d in os.listdir(os.path.join(ROOT, "examples", "concepts")))[:2]
@@ -237,7 +239,7 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
             model = unet.load_model(model_path, device)
             state = cp.new_state(model, cp.Hparams(method=method, steps=2, dsc_steps=2, fisher_samples=2))
             state = cp.learn_concept(model, state, folders[0], log=False)
-            state.hparams = dict(state.hparams, steps=n, dsc_steps=dsc_n, fisher_samples=2)
+            state.hparams = replace(state.hparams, steps=n, dsc_steps=dsc_n, fisher_samples=2)
             t0 = time.perf_counter()
             cp.learn_concept(model, state, folders[1], log=False)
             sync(device)

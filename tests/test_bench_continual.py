@@ -128,15 +128,32 @@ def test_clip_mode(tiny_model_dir, tmp_path):
     assert report["summary"]["ewc-dc"]["A"][1] is not None  # std over the 2 seeds
 
 
-def test_resume_keeps_finished_runs(tiny_model_dir, tmp_path):
-    out = str(tmp_path / "out")
+def test_resume_keeps_finished_runs_and_tuned_values_reach_their_method(tiny_model_dir, tmp_path):
+    out, tuned = str(tmp_path / "out"), tmp_path / "chosen.json"
+    tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 3.0}, "clora": {"clora_lambda": 7.0}}))
     common = ["--quick", "--model", tiny_model_dir, "--out", out, *TINY]
-    run_bench(*common, "--methods", "seq")
+    run_bench(*common, "--methods", "seq", "--tuned", str(tuned))
     first = json.load(open(os.path.join(out, "results.json")))["runs"]["seq"]
-    r = run_bench(*common, "--methods", "seq,ewc", "--resume")
+    r = run_bench(*common, "--methods", "seq,ewc", "--resume", "--tuned", str(tuned))
     assert "resuming: 1 runs kept" in r.stdout and "[seq seed 0]" not in r.stdout and "[ewc seed 0]" in r.stdout
     report = check_outputs(out, ["seq", "ewc"], 2, 1)
     assert report["runs"]["seq"] == first
-    bad = subprocess.run([sys.executable, "bench/continual.py", *common, "--methods", "seq", "--resume",
-                          "--n-samples", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
+    assert report["concepts"] == continual.SPLITS["evaluation"][:2]
+    assert report["runs"]["ewc"][0]["hparams"]["ewc_lambda"] == 3.0 and first[0]["hparams"]["ewc_lambda"] == 1.0
+    for change in (["--n-samples", "3"], ["--methods", "ewc"]):  # other settings; other tuned values for ewc
+        tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 4.0}}))
+        bad = subprocess.run([sys.executable, "bench/continual.py", *common, "--methods", "seq", "--resume",
+                              "--tuned", str(tuned), *change], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_method_hparams_tuned_then_flags(tmp_path):
+    args = continual.parse_args(["--ewc-gamma", "0.5"])
+    assert continual.method_hparams(args, ["seq", "ewc"]) == {"seq": {"ewc_gamma": 0.5}, "ewc": {"ewc_gamma": 0.5}}
+    args.tuned = str(tmp_path / "chosen.json")
+    (tmp_path / "chosen.json").write_text(json.dumps({"ewc": {"ewc_lambda": 9.0, "ewc_gamma": 0.1}}))
+    assert continual.method_hparams(args, ["seq", "ewc"]) == {"seq": {"ewc_gamma": 0.5},
+                                                              "ewc": {"ewc_lambda": 9.0, "ewc_gamma": 0.5}}
+    (tmp_path / "chosen.json").write_text(json.dumps({"ewc": {"ewc_lambda": -1.0}}))
+    with pytest.raises(SystemExit, match="ewc: --ewc-lambda -1.0"):
+        continual.method_hparams(args, ["ewc"])

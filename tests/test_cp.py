@@ -31,7 +31,7 @@ def concepts(tmp_path_factory):
 
 def fresh(tiny_model_dir, method, **kw):
     model = unet.load_model(tiny_model_dir)
-    return model, cp.new_state(model, cp.Hparams(method=method, **FAST, **kw))
+    return model, cp.new_state(model, cp.Hparams(method=method, **{**FAST, **kw}))
 
 
 def state_tensors(state):
@@ -65,53 +65,131 @@ def test_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, method):
                               atol=1e-5)
 
 
-def test_ewc_penalty_zero_at_anchor_positive_away(tiny_model_dir, concepts):
-    model, state = fresh(tiny_model_dir, "ewc")
-    state = cp.learn_concept(model, state, concepts[0], log=False)
-    cp.apply_state(model := unet.load_model(tiny_model_dir), state)
-    hp = cp.Hparams(**state.hparams)
-    assert cp.ewc_penalty(model.unet, "current", state, hp).item() == 0.0
+def randomize(unet, name, seed, scale=0.1):
+    """Give adapter `name` non-zero weights of its own (a fresh LoRA has B = 0: every adapter would be the base)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for A, B in lora.get_adapter(model.unet, "current").values():
-            B += 0.01
-    assert cp.ewc_penalty(model.unet, "current", state, hp).item() > 0.0
+        for A, B in lora.get_adapter(unet, name).values():
+            A.copy_(torch.randn(A.shape, generator=g) * scale)
+            B.copy_(torch.randn(B.shape, generator=g) * scale)
 
 
-def test_fisher_nonnegative_and_shaped_like_lora(tiny_model_dir, concepts):
+def test_ewc_penalty_by_hand(tiny_model_dir):
+    model = unet.load_model(tiny_model_dir)
+    cp.install_adapter(model.unet, "current", None, cp.Hparams())
+    randomize(model.unet, "current", 0)
+    live = cp.flat(lora.get_adapter(model.unet, "current"))
+    g = torch.Generator().manual_seed(1)
+    fisher = {k: torch.rand(v.shape, generator=g) for k, v in live.items()}
+    anchor = {k: v.detach() + torch.randn(v.shape, generator=g) for k, v in live.items()}
+    by_hand = sum(float((fisher[k] * (live[k].detach() - anchor[k]) ** 2).sum()) for k in live)
+    assert cp.ewc_penalty(model.unet, "current", fisher, anchor, 0.3).item() == pytest.approx(0.3 / 2 * by_hand,
+                                                                                               rel=1e-5)
+    assert cp.ewc_penalty(model.unet, "current", fisher, {k: v.detach() for k, v in live.items()}, 0.3).item() == 0
+    assert cp.ewc_penalty(model.unet, "current", {}, {}, 0.3).item() == 0  # before the first Fisher
+
+
+def test_fisher_nonnegative_mean_one_and_shaped_like_lora(tiny_model_dir, concepts):
     for method in ("ewc", "ewc-dc"):
         model, state = fresh(tiny_model_dir, method)
         state = cp.learn_concept(model, state, concepts[0], log=False)
         live = cp.flat(lora.get_adapter(model.unet, "current"))
         assert state.fisher.keys() == live.keys()
         assert all(state.fisher[k].shape == live[k].shape and (state.fisher[k] >= 0).all() for k in live)
-        assert sum(f.sum() for f in state.fisher.values()) > 0
+        total = sum(f.sum() for f in state.fisher.values()) / sum(f.numel() for f in state.fisher.values())
+        assert total.item() == pytest.approx(1.0, rel=1e-5)  # the first task: F* = F̂, rescaled to mean 1
+        assert all(torch.equal(state.anchor[k], live[k].detach()) for k in live)
 
 
-def test_dc_fisher_differs_from_plain_fisher(tiny_model_dir, concepts):
-    fishers = []
-    for method in ("ewc", "ewc-dc"):
-        model, state = fresh(tiny_model_dir, method, dc_weight=10.0)
-        fishers.append(cp.learn_concept(model, state, concepts[0], log=False).fisher)
-    assert any(not torch.allclose(fishers[0][k], fishers[1][k]) for k in fishers[0])
+def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
+    """F* ← γ F* + F̂ at the end of every task, the anchor the adapter after it."""
+    made = []
+
+    def fixed_fisher(params, sample_loss, n):
+        made.append([torch.full_like(p, float(len(made) + 1)) * torch.rand_like(p) for p in params])
+        return made[-1]
+    monkeypatch.setattr(cp, "fisher_diagonal", fixed_fisher)
+    model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7)
+    first = cp.learn_concept(model, state, concepts[0], log=False)
+    second = cp.learn_concept(model, first, concepts[1], log=False)
+    keys = list(cp.flat(lora.get_adapter(model.unet, "current")))
+    for i, k in enumerate(keys):
+        torch.testing.assert_close(first.fisher[k], made[0][i])
+        torch.testing.assert_close(second.fisher[k], 0.7 * made[0][i] + made[1][i])
+        torch.testing.assert_close(second.anchor[k], cp.flat(second.lora)[k])
+    assert not torch.equal(first.anchor[keys[-1]], second.anchor[keys[-1]])
 
 
-@pytest.mark.parametrize("method,dc_batch", [("seq", 2), ("ewc-dc", 2), ("ewc-dc", 3), ("ewc-dc", 0)])
-def test_task_loss_matches_full_batch_of_errors(tiny_model_dir, method, dc_batch):
-    """The ragged UNet batch (dc_batch images × K prompts, the rest × the target) gives the same L_denoise and L_DC
-    as scoring every image under every prompt and keeping the rows each term uses."""
+def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_model_dir, concepts):
+    """`ewc-dc`'s F̂, against a hand computation that scores each prompt with its own UNet call: the mean over single
+    images of (∇_φ −log p_φ(c_n | x))² over S, rescaled to mean 1."""
     model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method=method, dc_batch=dc_batch, dc_weight=0.5)
+    hp = cp.Hparams(method="ewc-dc", fisher_samples=3, dc_k=3, dc_temp=0.05)
+    cp.install_adapter(model.unet, "current", None, hp)
+    randomize(model.unet, "current", 2)
+    params = lora.set_trainable(model.unet, "current")
+    state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"},
+                                                     {"prompt": "a red star"}])
+    images, _ = cp.load_images(concepts[0], model.resolution)
+
+    def task(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return cp.Task(2, "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
+                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), False)
+    fisher, anchor = cp.update_fisher(model, state, task(5))
+
+    t_ = task(5)  # the same draws, consumed in the same order
+    squares = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        x0 = t_.batches(1)
+        prompts = cp.dc_subset(state, t_.target, t_.c0, hp, t_.rng)
+        assert prompts[:2] == ["a photo of a red star", "a photo"] and len(prompts) == 3
+        t, eps = cp.draw_noise(model, x0, t_.gen)
+        x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
+        e = torch.stack([((model.unet(x_t, t, model.encode_text([p])) - eps) ** 2).mean() for p in prompts])
+        ce = -torch.log_softmax(-e / hp.dc_temp, 0)[0]
+        for s, g in zip(squares, torch.autograd.grad(ce, params)):
+            s += g ** 2
+    mean = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
+    for k, s in zip(cp.flat(lora.get_adapter(model.unet, "current")), squares):
+        torch.testing.assert_close(fisher[k], s / mean, rtol=1e-3, atol=1e-4)  # F̂ has mean 1
+
+
+@pytest.mark.parametrize("method,dc_batch,dc_weight", [("seq", 2, 0.5), ("ewc-dc", 2, 0.5), ("ewc-dc", 3, 0.5),
+                                                      ("ewc-dc", 0, 0.5), ("ewc-dc", 2, 0.0)])
+def test_task_loss_matches_full_batch_of_errors(tiny_model_dir, method, dc_batch, dc_weight):
+    """The ragged UNet batch (dc_batch images × K prompts, the rest × the target) gives the same L_denoise and L_DC
+    as scoring every image under every prompt and keeping the rows each term uses; δ = 0 (the default) adds no DC
+    term."""
+    model = unet.load_model(tiny_model_dir)
+    hp = cp.Hparams(method=method, dc_batch=dc_batch, dc_weight=dc_weight)
     x0, prompts = torch.randn(3, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
     given = prompts if method == "ewc-dc" else prompts[:1]
     terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1))
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
     e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
     assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
-    if method == "seq" or dc_batch == 0:
+    if method == "seq" or dc_batch == 0 or dc_weight == 0:
         assert "dc" not in terms
     else:
         ce = -torch.log_softmax(-e[:dc_batch] / hp.dc_temp, -1)[:, 0].mean()
         assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
+
+
+def test_dc_subset():
+    hp = cp.Hparams(dc_k=4)
+    state = cp.State(model={}, hparams=hp, concepts=[{"prompt": f"p{i}"} for i in range(5)])
+    rng = cp.random.Random(0)
+    seen = set()
+    for _ in range(50):
+        s = cp.dc_subset(state, "target", "c0", hp, rng)
+        assert s[:2] == ["target", "c0"] and len(s) == 4 and len(set(s[2:])) == 2 and set(s[2:]) <= {"p0", "p1", "p2", "p3", "p4"}
+        seen.update(s[2:])
+    assert len(seen) == 5  # every earlier concept gets drawn
+    assert cp.dc_subset(cp.State(model={}, hparams=hp), "target", "c0", hp, rng) == ["target", "c0"]
+    two = cp.State(model={}, hparams=hp, concepts=[{"prompt": "p0"}])
+    assert cp.dc_subset(two, "target", "c0", hp, rng) == ["target", "c0", "p0"]
+    assert cp.dc_subset(state, "target", "c0", cp.Hparams(dc_k=2), rng) == ["target", "c0"]
 
 
 def test_clora_penalty_by_hand():
@@ -125,34 +203,64 @@ def test_clora_penalty_by_hand():
         layer.lora_B["task1"].copy_(torch.tensor([[2.0], [0.0]]))
     net = torch.nn.Sequential(layer)
     # old = 2·B0A0 = [[2,0,4],[6,0,12]]; new = 1·B1A1 = [[1,2,2],[0,0,0]]; old⊙new = [[2,0,8],[0,0,0]] → 4+64 = 68
-    hp = cp.Hparams(clora_lambda=0.5)
-    assert cp.clora_penalty(net, "task1", hp).item() == pytest.approx(0.5 * 68.0)
+    assert cp.clora_penalty(net, "task1", 0.5).item() == pytest.approx(0.5 * 68.0)
 
 
-def test_dsc_loss_zero_iff_student_matches_teachers(tiny_model_dir):
+def test_dsc_loss_by_hand_with_three_different_adapters(tiny_model_dir):
+    """Student "current", teachers "teacher1" and "teacher2", all different: each term against predictions made by
+    hand, one UNet call per (adapter, prompt). T1 is distilled on c_n (column 0), T2 on c_j (column j)."""
     model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method="dsc")
-    for name in ("current", "teacher1", "teacher2"):
+    hp = cp.Hparams(method="dsc", dsc_w_h=0.7, dsc_w_n=1.3, dc_temp=0.05)
+    for i, name in enumerate(("current", "teacher1", "teacher2")):
         cp.install_adapter(model.unet, name, None, hp)
-    with torch.no_grad():  # all three adapters equal and non-zero
-        for A, B in lora.get_adapter(model.unet, "current").values():
-            B.copy_(torch.randn_like(B) * 0.1)
-    for n in ("teacher1", "teacher2"):
-        lora.set_adapter(model.unet, n, cp.snapshot(model.unet, "current"))
+        randomize(model.unet, name, 10 + i)
     x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
-    same = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
-    # H(p, p) is the entropy of p, not zero: compare with it
+    got = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
-    e, _ = cp.teacher_outputs(model, "current", x0, model.encode_text(prompts), t, eps)
-    p = torch.softmax(-e / hp.dc_temp, -1)
-    entropy = -(p * torch.log(p)).sum(-1).mean()
-    assert same["dsc_n"].item() == pytest.approx(0.0, abs=1e-10)
-    assert same["dsc_h"].item() == pytest.approx(2 * entropy.item(), rel=1e-5)
+    x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
+    out = {}
     with torch.no_grad():
-        for A, B in lora.get_adapter(model.unet, "current").values():
-            B += 0.05
-    moved = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
-    assert moved["dsc_n"].item() > 1e-8 and moved["dsc_h"].item() > same["dsc_h"].item() - 1e-6
+        for name in ("current", "teacher1", "teacher2"):
+            cp.enable_only(model.unet, name)
+            pred = torch.stack([model.unet(x_t, t, model.encode_text([p]).expand(2, -1, -1)) for p in prompts], 1)
+            out[name] = pred, ((pred - eps[:, None]) ** 2).mean((2, 3, 4))
+    log_s = torch.log_softmax(-out["current"][1] / hp.dc_temp, -1)
+    h = sum(-(torch.softmax(-out[n][1] / hp.dc_temp, -1) * log_s).sum(-1) for n in ("teacher1", "teacher2"))
+    n_term = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean() + \
+        (out["current"][0][:, 2] - out["teacher2"][0][:, 2]).square().mean()
+    assert got["dsc_h"].item() == pytest.approx(0.7 * h.mean().item(), rel=1e-4)
+    assert got["dsc_n"].item() == pytest.approx(1.3 * n_term.item(), rel=1e-4)
+
+
+def test_dsc_teacher2_is_the_pool_entry_of_the_earlier_concept_it_distils(tiny_model_dir, concepts, tmp_path,
+                                                                           monkeypatch):
+    """T2 = the LoRA saved after task j, distilled on c_j's prompt; on the first task the base model, on c₀."""
+    folders = concepts + [write_concept(str(tmp_path / "gamma"), 7)]
+    seen = []
+    real = cp.dsc_loss
+
+    def recording(model, x0, prompts, j_index, teacher2, hp, gen):
+        weights = cp.snapshot(model.unet, teacher2) if teacher2 else None
+        seen.append((list(prompts), j_index, teacher2, weights))
+        return real(model, x0, prompts, j_index, teacher2, hp, gen)
+    monkeypatch.setattr(cp, "dsc_loss", recording)
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4)
+    for i, folder in enumerate(folders):
+        before, seen[:] = state, []
+        state = cp.learn_concept(model, state, folder, log=False)
+        for prompts, j_index, teacher2, weights in seen:
+            assert prompts[:2] == [state.concepts[-1]["prompt"], "a photo"]
+            if i == 0:
+                assert teacher2 is None and j_index == 1 and len(prompts) == 2
+                continue
+            assert teacher2 == "teacher2" and j_index == 2 and len(prompts) == 3
+            j = [c["prompt"] for c in before.concepts].index(prompts[2])
+            pool = before.pool[j]
+            assert all(torch.equal(weights[p][0], pool[p][0]) and torch.equal(weights[p][1], pool[p][1])
+                       for p in pool)
+        if i == 2:  # over the steps, both earlier concepts were drawn, and their LoRAs differ
+            assert len({p[2] for p, *_ in seen}) == 2
+            assert not torch.equal(*[cp.flat(w)[next(iter(cp.flat(w)))] for w in before.pool])
 
 
 def test_ti_changes_only_the_token_row(tiny_model_dir, concepts):

@@ -44,7 +44,7 @@ def copy_state(saved, tmp_path):
 def continue_state(folder, tiny_model_dir, concept, **hparams):
     """Load a state into a fresh model and learn one more concept (not saved)."""
     model, state = unet.load_model(tiny_model_dir), cp.load_state(folder)
-    state.hparams.update(hparams)
+    state.hparams = dataclasses.replace(state.hparams, **hparams)
     cp.apply_state(model, state)
     return cp.learn_concept(model, state, concept, log=False)
 
@@ -122,7 +122,7 @@ import os, signal, sys
 import cp, unet
 folder, concept, model_dir = sys.argv[1:]
 model, state = unet.load_model(model_dir), cp.load_state(folder)
-state.hparams["lr"] *= 3  # this attempt's LoRA differs from the next one's
+state.hparams.lr *= 3  # this attempt's LoRA differs from the next one's
 cp.apply_state(model, state)
 state = cp.learn_concept(model, state, concept, log=False)
 write = cp._write_file

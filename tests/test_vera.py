@@ -193,11 +193,11 @@ def test_vera_cli_round_trip_sample_export_and_refusals(tiny_model_dir, tmp_path
     a, b = write_concept(str(tmp_path / "alpha"), 0), write_concept(str(tmp_path / "beta"), 1)
     state = str(tmp_path / "state")
     run_cli("train.py", "--concept", a, "--state", state, "--model", tiny_model_dir, "--adapter", "vera",
-            "--method", "ewc", *CLI_FAST)
+            "--method", "ewc", *CLI_FAST, "--lr", "0.1")  # 3 steps at 0.1: b moves far enough to show in an image
     r = run_cli("train.py", "--concept", b, "--state", state, *CLI_FAST, "--export", str(tmp_path / "export"))
     assert "learned <beta>" in r.stdout and "2 concepts" in r.stdout
     loaded = cp.load_state(state)
-    assert loaded.hparams["adapter"] == "vera"
+    assert loaded.hparams.adapter == "vera"
     assert len(loaded.pool) == 2 and all(d.ndim == 1 for d, _ in loaded.lora.values())
     # sample.py --state applies the VeRA: its image is ours with the adapter, not without it
     prompt = "a photo of a <alpha> and a <beta>"
