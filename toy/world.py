@@ -1,4 +1,4 @@
-"""The toy world (README "Status"): a deterministic procedural renderer of 64x64 RGB images with captions.
+"""The toy world (bench/TOY.md): a deterministic procedural renderer of 64x64 RGB images with captions.
 
 Pretraining images are one shape on a plain background, either of one color ("a photo of a red star on a blue
 background") or patterned in two colors ("a red and white checkered heart"): stripes, checkers, dots or rings, the
