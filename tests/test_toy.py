@@ -80,6 +80,22 @@ def test_prompt_following_prompts_are_held_out_and_cover_every_pattern():
             assert (shape, w["pattern"], frozenset({color, color2})) not in world.LOOKALIKES and color2 != bg
 
 
+def test_seen_prompts_are_patterned_pretraining_combinations():
+    prompts, want = oracle.seen_prompts()
+    assert len(prompts) == 96 and {w["pattern"] for w in want} == set(world.PATTERNS[1:])
+    for p, w in zip(prompts, want):
+        words = p.split()
+        color, color2, bg = words[4], words[6], words[-2]
+        assert p == f"a photo of a {color} and {color2} {w['pattern']} {w['shape']} on a {bg} background"
+        assert (w["shape"], color, bg) not in world.HELD_OUT and bg not in (color, color2)
+        assert (w["shape"], w["pattern"], frozenset({color, color2})) not in world.LOOKALIKES
+
+
+def test_text_separation_measures_each_word(tiny_model_dir):
+    d = oracle.text_separation(tiny_model_dir)  # a random text encoder: every word moves the encoding
+    assert set(d) == {"pattern", "shape", "color"} and all(v > 0 for v in d.values())
+
+
 def _tiny_model():
     import unet
     return unet.load_model(MODEL)

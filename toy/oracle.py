@@ -13,6 +13,8 @@ an image with a concept's colors but not its structure is not taken for the conc
     python -m toy.oracle --eval-model toy/model  # prompt following of a model on HELD_OUT captions
     python -m toy.oracle --eval-state runs/default  # concept accuracy of samples of every concept in a state
     python -m toy.oracle --eval-vae toy/model    # concept accuracy on the model's VAE reconstructions of renders
+    python -m toy.oracle --eval-model toy/model --seen   # ... on patterned combinations pretraining does show
+    python -m toy.oracle --eval-text toy/model   # does the text encoder tell pattern, shape and color words apart?
 """
 import argparse
 import os
@@ -196,13 +198,48 @@ def held_out_prompts(n_plain=8, n_patterned=2):
     return prompts, want
 
 
-def eval_model(path, steps=50, guidance=7.5, seed=0):
-    """Prompt following on held_out_prompts(): the oracle's shape, color and pattern accuracy on generated images
-    (color over the plain prompts, pattern over the patterned ones, shape over all)."""
+def seen_prompts(n=96, seed=0):
+    """Patterned prompts on shape x color x background combinations that pretraining does show (neither HELD_OUT nor
+    a lookalike): can the model draw what it was trained on? Same return as held_out_prompts."""
+    rng, held = np.random.default_rng(seed), set(world.HELD_OUT)
+    prompts, want = [], []
+    while len(prompts) < n:
+        shape, color = world.SHAPES[rng.integers(6)], list(world.COLORS)[rng.integers(len(world.COLORS))]
+        bg = list(world.BACKGROUNDS)[rng.integers(len(world.BACKGROUNDS))]
+        if (shape, color, bg) in held or bg == color:
+            continue
+        pattern = world.PATTERNS[1 + rng.integers(len(world.PATTERNS) - 1)]
+        others = [c for c in world.SECOND_COLORS if c not in (color, bg)
+                  and (shape, pattern, frozenset({color, c})) not in world.LOOKALIKES]
+        color2 = others[rng.integers(len(others))]
+        prompts.append(f"a photo of a {world.describe(shape, color, pattern=pattern, color2=color2)} on a {bg} "
+                       "background")
+        want.append({"shape": shape, "color": None, "pattern": pattern})
+    return prompts, want
+
+
+@torch.no_grad()
+def text_separation(path):
+    """How far the text encoder moves "a photo of a red and white striped heart on a gray background" (the whole
+    [77, d] output, L2) when one word changes: the pattern word (mean over the three other patterns), the shape
+    word (heart -> circle), the color word (red -> blue). A word the encoder cannot tell apart cannot condition."""
+    import unet
+    model = unet.load_model(path)
+    words = {"pattern": ["checkered", "dotted", "ringed"], "shape": ["circle"], "color": ["blue"]}
+    text = "a photo of a {color} and white {pattern} {shape} on a gray background"
+    base = dict(color="red", pattern="striped", shape="heart")
+    ref = model.encode_text([text.format(**base)])[0]
+    return {k: float(np.mean([(model.encode_text([text.format(**{**base, k: w})])[0] - ref).norm().item()
+                              for w in ws])) for k, ws in words.items()}
+
+
+def eval_model(path, steps=50, guidance=7.5, seed=0, seen=False):
+    """Prompt following on held_out_prompts() (seen: on seen_prompts()): the oracle's shape, color and pattern
+    accuracy on generated images (color over the plain prompts, pattern over the patterned ones, shape over all)."""
     import sample
     import unet
     model = unet.load_model(path)
-    prompts, want = held_out_prompts()
+    prompts, want = seen_prompts() if seen else held_out_prompts()
     images = torch.cat([sample.sample(model, prompts[i:i + 32], steps=steps, guidance=guidance, seed=seed + i)
                         for i in range(0, len(prompts), 32)])
     pred = predict(images)
@@ -210,7 +247,7 @@ def eval_model(path, steps=50, guidance=7.5, seed=0):
     for head in ("shape", "color", "pattern"):
         hits = [p == w[head] for p, w in zip(pred[head], want) if w[head] is not None and
                 (head != "pattern" or w[head] != "plain")]
-        out[head] = float(np.mean(hits))
+        out[head] = float(np.mean(hits)) if hits else float("nan")
     return out, images
 
 
@@ -247,7 +284,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--eval", action="store_true")
-    ap.add_argument("--eval-model", default=None)
+    ap.add_argument("--eval-model", default=None, help="a model folder: prompt following on held-out combinations")
+    ap.add_argument("--seen", action="store_true", help="--eval-model on patterned prompts of combinations that "
+                    "pretraining shows instead")
+    ap.add_argument("--eval-text", default=None, help="a model folder: how far its text encoder moves a prompt "
+                    "when the pattern, shape or color word changes")
     ap.add_argument("--eval-vae", default=None, help="a model folder: oracle concept accuracy on VAE reconstructions")
     ap.add_argument("--eval-state", default=None, help="a train.py state: oracle concept accuracy of its samples")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of --eval-model/--eval-state (as sample.py)")
@@ -268,11 +309,15 @@ def main():
               {k: round(v, 4) for k, v in accuracy(load_oracle(), images, labels).items()}, flush=True)
     if args.eval_model:
         t0 = time.time()
-        acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance)
-        print(f"prompt following of {args.eval_model} on {acc['n']} held-out captions "
+        acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance, seed=0, seen=args.seen)
+        print(f"prompt following of {args.eval_model} on {acc['n']} {'seen' if args.seen else 'held-out'} captions "
               f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f}, "
               f"pattern {acc['pattern']:.3f} (on {acc['n_patterned']} patterned) "
               f"({time.time() - t0:.0f} s)", flush=True)
+    if args.eval_text:
+        d = text_separation(args.eval_text)
+        print(f"text encoder of {args.eval_text}: L2 change of the prompt's encoding when one word changes: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in d.items()), flush=True)
     if args.eval_vae:
         t0 = time.time()
         import unet
