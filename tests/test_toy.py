@@ -166,6 +166,34 @@ def test_pretraining_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch,
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
 
 
+def test_pretrained_text_encoder_names_what_captions_say_and_stays_frozen(tmp_path, monkeypatch):
+    """--text pretrained: a text stage, then the UNet on top of the frozen encoder (the export carries it as it was)."""
+    import sys
+    import unet
+    from toy import pretrain
+    for name, value in (("N_IMAGES", 48), ("N_CLUTTER", 16), ("VAE_STEPS", 2)):
+        monkeypatch.setattr(pretrain, name, value)
+    work, out = tmp_path / "work", tmp_path / "model"
+    monkeypatch.setattr(sys, "argv", ["pretrain", "--work", str(work), "--out", str(out), "--unet-steps", "3",
+                                      "--text", "pretrained", "--text-steps", "3"])
+    pretrain.main()
+    trained = torch.load(work / "text.pt", weights_only=True)["text"]
+    exported = unet.load_model(str(out)).text_encoder.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in trained.items())
+    fresh = pretrain.text_encoder_from(pretrain.stage_tokenizer(str(work))).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in trained.items())  # the text stage did train
+    captions = ["a red heart", "a small red and white striped heart, gray background", "circle, blue background"]
+    labels = [("heart", "red", "green", "plain", ""), ("heart", "red", "gray", "striped", "white"),
+              ("circle", "blue", "blue", "plain", "")]
+    targets, sizes = pretrain.caption_targets(captions, labels)
+    assert sizes == [len(world.SHAPES), len(world.COLORS), len(world.BACKGROUNDS), len(world.PATTERNS),
+                     len(world.SECOND_COLORS)]
+    assert targets[0, 2] == -100 and targets[0, 4] == -100  # no background named, plain: no second color
+    assert targets[1].tolist() == [world.SHAPES.index("heart"), list(world.COLORS).index("red"),
+                                   list(world.BACKGROUNDS).index("gray"), world.PATTERNS.index("striped"),
+                                   list(world.SECOND_COLORS).index("white")]
+
+
 def test_pretraining_cost_of_every_candidate_is_measured():
     import sys
     sys.path.insert(0, os.path.join(ROOT, "bench"))

@@ -8,7 +8,8 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
   vae       AutoencoderKL 64x64x3 -> 16x16x4 on half captioned, half clutter images: L1 + MSE reconstruction
             + small KL; scaling_factor = 1 / std(latents of the captioned images); then the oracle judges its
             reconstructions of every concept (a concept it cannot reconstruct cannot be learned)
-  unet      UNet + CLIP text encoder trained jointly on the diffusion loss
+  text      (--text pretrained only) the text encoder alone, taught to name what each caption says
+  unet      UNet + CLIP text encoder trained jointly on the diffusion loss (--text pretrained: UNet alone)
             E || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2, weighted min(SNR_t, 5) / SNR_t,
             SD v1 scaled_linear schedule (beta 0.00085 -> 0.012, T = 1000), captions dropped to "" 10% of the time (CFG)
   export    EMA weights -> toy/model/
@@ -37,6 +38,7 @@ SEED = 0
 N_IMAGES, N_CLUTTER = 12000, 4000
 VAE_STEPS, VAE_BATCH, VAE_CROP = 2000, 16, 32
 UNET_STEPS, UNET_BATCH, UNET_LR = 7000, 32, 8e-4
+TEXT_STEPS, TEXT_BATCH, TEXT_LR = 1500, 128, 1e-3
 T = 1000
 
 
@@ -113,7 +115,7 @@ def stage_data(work):
         np.save(clutter_path, np.stack([world.render_clutter(rng) for _ in range(N_CLUTTER)]))
         print(f"data: rendered {N_CLUTTER} clutter images in {time.time() - t0:.0f} s", flush=True)
     d = np.load(path)
-    return d["images"], [str(c) for c in d["captions"]], np.load(clutter_path)
+    return d["images"], [str(c) for c in d["captions"]], np.load(clutter_path), d["labels"]
 
 
 def caption_corpus():
@@ -264,12 +266,59 @@ def text_encoder_from(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg=UNET_CFG, total=UNET_STEPS):
+def caption_targets(captions, labels):
+    """What each caption says, as class indices per head (-100 where it says nothing: the background of a caption
+    that names none, the second color of a plain object)."""
+    heads = {"shape": world.SHAPES, "color": list(world.COLORS), "background": list(world.BACKGROUNDS),
+             "pattern": world.PATTERNS, "color2": list(world.SECOND_COLORS)}
+    out = torch.full((len(captions), len(heads)), -100)
+    for i, (cap, (shape, color, bg, pattern, color2)) in enumerate(zip(captions, labels)):
+        said = [shape, color, bg if f"{bg} background" in cap else None, pattern, color2 or None]
+        out[i] = torch.tensor([-100 if v is None else values.index(v) for v, values in zip(said, heads.values())])
+    return out, [len(v) for v in heads.values()]
+
+
+def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS):
+    """`--text pretrained`: the text encoder alone first learns to say what a caption names (shape, color,
+    background, pattern, second color: one linear head each on its pooled output), so that the words are told apart
+    before the UNet conditions on them, as SD v1 starts from a CLIP text encoder trained on its own."""
+    torch.manual_seed(SEED)
+    text = text_encoder_from(tokenizer)
+    done = _ckpt(work, "text")
+    if done is not None:
+        text.load_state_dict(done["text"])
+        return text
+    targets, sizes = caption_targets(captions, labels)
+    heads = torch.nn.ModuleList(torch.nn.Linear(text.config.hidden_size, n) for n in sizes)
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(list(text.parameters()) + list(heads.parameters()), lr=TEXT_LR, weight_decay=0.01)
+    prog = Progress("text", total, 0)
+    for step in range(total):
+        idx = torch.from_numpy(np.random.default_rng([SEED, 5, step]).integers(len(captions), size=TEXT_BATCH))
+        pooled = text(ids[idx]).pooler_output
+        for group in opt.param_groups:
+            group["lr"] = lr_at(TEXT_LR, step, total, warmup=100)
+        loss = sum(F.cross_entropy(h(pooled), targets[idx, k], ignore_index=-100) for k, h in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog(step, loss.item())
+    _ckpt(work, "text", {"text": text.state_dict()})
+    return text
+
+
+def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg=UNET_CFG, total=UNET_STEPS,
+               pretrained_text=None):
+    """The UNet and the text encoder trained together on the diffusion loss; with a pretrained text encoder, the
+    UNet alone on top of it (frozen)."""
     torch.manual_seed(SEED)
     unet, text = U.UNet(cfg), text_encoder_from(tokenizer)
+    if pretrained_text is not None:
+        text.load_state_dict(pretrained_text.state_dict())
+        text.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]  # a frozen parameter's average stays itself
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=UNET_LR, weight_decay=0.01)
     start, state = 0, _ckpt(work, "unet")
     if state is not None:
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
@@ -356,12 +405,16 @@ def main():
     ap.add_argument("--vae", choices=list(VAES), default="v1", help="VAE candidate (default: the shipped one)")
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps")
     ap.add_argument("--vae-from", default=None, help="take the VAE of this model folder instead of training one")
+    ap.add_argument("--text", choices=["joint", "pretrained"], default="joint", help="joint: the text encoder trains "
+                    "with the UNet (the shipped model); pretrained: first on its own to name what captions say, then "
+                    "frozen under the UNet")
+    ap.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="steps of the --text pretrained stage")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     t0 = time.time()
-    images, captions, clutter = stage_data(args.work)
+    images, captions, clutter, labels = stage_data(args.work)
     tokenizer = stage_tokenizer(args.work)
     if args.stop_after in ("data", "tokenizer"):
         return
@@ -374,9 +427,9 @@ def main():
     if args.stop_after == "vae":
         return
     lat_mean, lat_std = encode_dataset(args.work, vae, images)
-    cfg = UNETS[args.unet]
-    unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg,
-                                 args.unet_steps)
+    text = stage_text(args.work, tokenizer, captions, labels, args.text_steps) if args.text == "pretrained" else None
+    unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor, UNETS[args.unet],
+                                 args.unet_steps, text)
     if args.stop_after == "unet":
         return
     export(args.out, args.work, vae, scaling_factor, unet, text, ema)
