@@ -82,6 +82,7 @@ class Hparams:
         """Which ingredients the method combines: 'lora', 'ewc', 'dc', 'dsc', 'clora'."""
         m = self.method
         return {"lora": m != "ti", "ewc": "ewc" in m, "dc": m.endswith("ewc-dc"),
+                "dc_loss": m.endswith("ewc-dc") and self.dc_weight > 0,
                 "dsc": m.startswith("dsc"), "clora": m == "clora"}[part]
 
 
@@ -309,7 +310,7 @@ def task_loss(model, x0, prompts, hp, gen):
     other images under the target only."""
     t, eps = draw_noise(model, x0, gen)
     B, K = len(x0), len(prompts)
-    n_dc = min(hp.dc_batch, B) if hp.uses("dc") and hp.dc_weight > 0 and K > 1 else 0
+    n_dc = min(hp.dc_batch, B) if hp.uses("dc_loss") and K > 1 else 0
     image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)])
     prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)])
     e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean",
@@ -426,6 +427,7 @@ class Task:
     batches: Batches           # the task's images, as latents
     gen: torch.Generator       # batches, t, ε
     rng: random.Random         # the DC subset, DSC's earlier concept
+    ewc: tuple                 # (F*, φ*) of the state, on the adapter's device
     log: bool = True
 
 
@@ -444,21 +446,24 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     gen = torch.Generator().manual_seed(seed)
     adapter = (f"task{n}" if hp.uses("clora") else "current") if hp.uses("lora") else None
     token = f"<{name}>"
+    # the state keeps the EWC statistics on the CPU: move them to the adapter's device once per task
+    ewc = tuple({k: v.to(model.device) for k, v in stats.items()} for stats in (state.fisher, state.anchor))
     task = Task(n, name, token, concept_prompt(token, class_word), class_word, base_prompt(class_word), adapter,
-                Batches(model, images, hp.batch_size, gen), gen, random.Random(seed), log)
+                Batches(model, images, hp.batch_size, gen), gen, random.Random(seed), ewc, log)
 
     started = time.time()
     metrics = {"task": n, "name": name, "images": len(images)}
     metrics["train"], row = train_task(model, state, task)
     if hp.uses("dsc"):
         metrics["consolidate"] = consolidate(model, state, task)
+    final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, adapter).items()} if adapter else {}
     fisher, anchor = state.fisher, state.anchor
     if hp.uses("ewc"):
         fisher_started = time.time()
-        fisher, anchor = update_fisher(model, state, task)
+        fisher, anchor = update_fisher(model, state, task, final)
         metrics["fisher_seconds"] = round(time.time() - fisher_started, 1)
     metrics["seconds"] = round(time.time() - started, 1)
-    return next_state(model, state, task, row, fisher, anchor, metrics)
+    return next_state(model, state, task, row, final, fisher, anchor, metrics)
 
 
 def train_task(model, state, task):
@@ -472,14 +477,12 @@ def train_task(model, state, task):
         if task.adapter not in lora.adapter_names(model.unet):
             install_adapter(model.unet, task.adapter, None, hp)
         groups.append({"params": lora.set_trainable(model.unet, task.adapter), "lr": hp.lr})
-    with_dc = hp.uses("dc") and hp.dc_weight > 0
-    fisher, anchor = _on(model.device, state.fisher), _on(model.device, state.anchor)
 
     def loss():
-        prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if with_dc else [task.target]
+        prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if hp.uses("dc_loss") else [task.target]
         terms = task_loss(model, task.batches(), prompts, hp, task.gen)
         if hp.uses("ewc"):
-            terms["ewc"] = ewc_penalty(model.unet, task.adapter, fisher, anchor, hp.ewc_lambda)
+            terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         if hp.uses("clora"):
             terms["clora"] = clora_penalty(model.unet, task.adapter, hp.clora_lambda)
         return terms
@@ -502,7 +505,6 @@ def consolidate(model, state, task):
     if teacher2:
         install_adapter(model.unet, teacher2, None, hp)
     params = lora.set_trainable(model.unet, task.adapter)
-    fisher, anchor = _on(model.device, state.fisher), _on(model.device, state.anchor)
 
     def loss():
         j = task.rng.randrange(len(state.concepts)) if state.concepts else None
@@ -511,7 +513,7 @@ def consolidate(model, state, task):
         prompts = [task.target, task.c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
         terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen)
         if hp.uses("ewc"):
-            terms["ewc"] = ewc_penalty(model.unet, task.adapter, fisher, anchor, hp.ewc_lambda)
+            terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         return terms
 
     metrics = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, loss, f"[{task.name}] consolidate", task.log)
@@ -522,8 +524,8 @@ def consolidate(model, state, task):
     return metrics
 
 
-def update_fisher(model, state, task):
-    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ. F̂ (`fisher_diagonal`) is taken of L_denoise
+def update_fisher(model, state, task, final):
+    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it). F̂ (`fisher_diagonal`) is taken of L_denoise
     for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over S = {c_n, c₀, earlier concepts} for the
     DC-informed methods: the Fisher then weighs the parameters that tell c_n apart from what the model knew."""
     hp = state.hparams
@@ -532,16 +534,15 @@ def update_fisher(model, state, task):
                                       hp, task.gen)
     else:
         sample_loss = lambda: task_loss(model, task.batches(1), [task.target], hp, task.gen)["denoise"]
-    anchor = flat(snapshot(model.unet, task.adapter))
+    anchor = flat(final)
     f_hat = fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, hp.fisher_samples)
-    fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
-    return fisher, {k: v.cpu() for k, v in anchor.items()}
+    return {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}, anchor
 
 
-def next_state(model, state, task, row, fisher, anchor, metrics):
-    """The state after the task: its token row, the adapter (carried, and added to the pool), the EWC statistics."""
+def next_state(model, state, task, row, final, fisher, anchor, metrics):
+    """The state after the task: its token row, the adapter `final` (carried, and added to the pool), the EWC
+    statistics."""
     hp = state.hparams
-    final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, task.adapter).items()} if task.adapter else {}
     for p in lora.lora_parameters(model.unet, [task.adapter]) if task.adapter else []:
         p.requires_grad_(False)
     if task.adapter:
@@ -558,10 +559,6 @@ def next_state(model, state, task, row, fisher, anchor, metrics):
                  fisher=fisher, anchor=anchor, base=state.base,
                  projection=tuple(P.cpu() for P in projection) if projection else None)
 
-
-def _on(device, tensors):
-    """The state keeps the EWC statistics on the CPU: move them to the adapter's device once per task."""
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

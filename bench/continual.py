@@ -283,8 +283,8 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
         samples = last
     A, P, F_ = apf(acc)
     final = lambda a: float(np.mean(a[:, -1]))
-    run = {"seed": seed, "hparams": asdict(state.hparams), "A": A, "P": P, "F": None if np.isnan(F_) else F_, "dc_acc": float(np.mean(dc)),
-           "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids), "acc": nones(acc),
+    run = {"seed": seed, "hparams": asdict(state.hparams), "A": A, "P": P, "F": None if np.isnan(F_) else F_,
+           "dc_acc": float(np.mean(dc)), "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids), "acc": nones(acc),
            "feat_sim_matrix": nones(sim), "kid_matrix": nones(kids),
            "confusion": confusion.tolist(), "tasks": tasks}
     if text is not None:

@@ -52,9 +52,8 @@ def run_cell(method, setting, out, args):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "continual.py"), "--split", "tuning", "--seeds", "1",
            "--methods", method, "--out", out, "--model", args.model, "--adapter", args.adapter, "--quiet", "--resume",
            *flags(setting)]
-    log = open(os.path.join(out, "log.txt"), "w")
-    done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{method} {cell_name(setting)} failed (exit {done.returncode}); see {out}/log.txt")
     with open(os.path.join(out, "results.json")) as f:

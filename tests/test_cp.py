@@ -135,8 +135,8 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
     def task(seed):
         gen = torch.Generator().manual_seed(seed)
         return cp.Task(2, "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
-                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), False)
-    fisher, anchor = cp.update_fisher(model, state, task(5))
+                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
+    fisher, anchor = cp.update_fisher(model, state, task(5), cp.snapshot(model.unet, "current"))
 
     t_ = task(5)  # the same draws, consumed in the same order
     squares = [torch.zeros_like(p) for p in params]

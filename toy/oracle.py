@@ -204,7 +204,8 @@ def seen_prompts(n=96, seed=0):
     rng, held = np.random.default_rng(seed), set(world.HELD_OUT)
     prompts, want = [], []
     while len(prompts) < n:
-        shape, color = world.SHAPES[rng.integers(6)], list(world.COLORS)[rng.integers(len(world.COLORS))]
+        shape = world.SHAPES[rng.integers(len(world.SHAPES))]
+        color = list(world.COLORS)[rng.integers(len(world.COLORS))]
         bg = list(world.BACKGROUNDS)[rng.integers(len(world.BACKGROUNDS))]
         if (shape, color, bg) in held or bg == color:
             continue

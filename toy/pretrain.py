@@ -312,10 +312,8 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg
     """The UNet and the text encoder trained together on the diffusion loss; with a pretrained text encoder, the
     UNet alone on top of it (frozen)."""
     torch.manual_seed(SEED)
-    unet, text = U.UNet(cfg), text_encoder_from(tokenizer)
-    if pretrained_text is not None:
-        text.load_state_dict(pretrained_text.state_dict())
-        text.requires_grad_(False)
+    unet = U.UNet(cfg)
+    text = text_encoder_from(tokenizer) if pretrained_text is None else pretrained_text.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]  # a frozen parameter's average stays itself
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=UNET_LR, weight_decay=0.01)
