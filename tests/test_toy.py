@@ -194,6 +194,35 @@ def test_pretrained_text_encoder_names_what_captions_say_and_stays_frozen(tmp_pa
                                    list(world.SECOND_COLORS).index("white")]
 
 
+def test_clutter_share_puts_clutter_under_the_empty_prompt(tmp_path, monkeypatch):
+    """--clutter-share: that share of every UNet batch is clutter latents, each under the empty prompt."""
+    import unet
+    from toy import pretrain
+    seen = []
+
+    class Recording(unet.UNet):
+        def forward(self, x, t, context):
+            seen.append((x.detach().clone(), context.detach().clone()))
+            return super().forward(x, t, context)
+    monkeypatch.setattr(unet, "UNet", Recording)
+    tokenizer = pretrain.stage_tokenizer(str(tmp_path))
+    captions = ["a red heart", "a blue circle on a gray background"]
+    ones = torch.ones(4, 4, 16, 16)
+    text = pretrain.text_encoder_from(tokenizer)  # given as pretrained: frozen, so its encodings can be checked
+    ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = text(ids).last_hidden_state[0]
+    for share, expected in ((0.0, 0), (0.25, 8)):
+        seen.clear()
+        (tmp_path / str(share)).mkdir()
+        pretrain.stage_unet(str(tmp_path / str(share)), tokenizer, 100 * ones, 0 * ones, captions, 1.0,
+                            pretrain.UNETS["a8"], 1, text, clutter=(-100 * ones, 0 * ones), clutter_share=share)
+        x, context = seen[0]
+        from_clutter = x.mean((1, 2, 3)) < 0  # |z0| = 100 outweighs the noise at every t
+        assert int(from_clutter.sum()) == expected
+        assert all(torch.allclose(c, empty, atol=1e-5) for c in context[from_clutter])
+
+
 def test_pretraining_cost_of_every_candidate_is_measured():
     import sys
     sys.path.insert(0, os.path.join(ROOT, "bench"))

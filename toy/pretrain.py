@@ -3,7 +3,8 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
 
   data      render N captioned images (toy/world.py: plain and patterned shapes), horizontal flips double them
             (every shape is symmetric),
-            and M uncaptioned "clutter" images (random patterned blobs) that only the VAE sees
+            and M uncaptioned "clutter" images (random patterned blobs) for the VAE (and with --clutter-share, the
+            UNet under the empty prompt)
   tokenizer CLIP-style BPE (`</w>` end-of-word suffix, <|startoftext|>/<|endoftext|>) trained on the caption corpus
   vae       AutoencoderKL 64x64x3 -> 16x16x4 on half captioned, half clutter images: L1 + MSE reconstruction
             + small KL; scaling_factor = 1 / std(latents of the captioned images); then the oracle judges its
@@ -242,13 +243,14 @@ def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
     return vae, scaling_factor
 
 
-def encode_dataset(work, vae, images):
-    """Posterior mean and std of every image and of its mirror, [2N, 4, 16, 16] each."""
-    path = os.path.join(work, "latents.pt")
+def encode_dataset(work, vae, images, name="latents", flips=(False, True)):
+    """Posterior mean and std of every image and (with flips (False, True)) of its mirror, [2N, 4, 16, 16] each,
+    cached as WORK/name.pt."""
+    path = os.path.join(work, f"{name}.pt")
     if not os.path.exists(path):
         means, stds = [], []
         with torch.no_grad():
-            for flip in (False, True):
+            for flip in flips:
                 for i in range(0, len(images), 256):
                     x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
                     m, s = vae.encode(x.flip(3) if flip else x)
@@ -308,9 +310,11 @@ def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS):
 
 
 def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg=UNET_CFG, total=UNET_STEPS,
-               pretrained_text=None):
+               pretrained_text=None, clutter=None, clutter_share=0.0):
     """The UNet and the text encoder trained together on the diffusion loss; with a pretrained text encoder, the
-    UNet alone on top of it (frozen)."""
+    UNet alone on top of it (frozen). With `clutter` = (mean, std) latents, a `clutter_share` of every batch are
+    clutter images under the empty prompt: unconditional data that shows the UNet more ways to draw than the
+    captions' single shapes."""
     torch.manual_seed(SEED)
     unet = U.UNet(cfg)
     text = text_encoder_from(tokenizer) if pretrained_text is None else pretrained_text.requires_grad_(False)
@@ -334,8 +338,14 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg
         rng = np.random.default_rng([SEED, 3, step])
         g = torch.Generator().manual_seed(SEED * 100019 + step)
         idx = torch.from_numpy(rng.integers(2 * n, size=UNET_BATCH))
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scaling_factor
+        mean, std = lat_mean[idx], lat_std[idx]
         cap = torch.where(torch.from_numpy(rng.random(UNET_BATCH) < 0.1), n, idx % n)  # 10% empty prompt
+        if clutter_share > 0:
+            k = int(round(clutter_share * UNET_BATCH))
+            j = torch.from_numpy(rng.integers(len(clutter[0]), size=k))
+            mean, std = torch.cat([mean[k:], clutter[0][j]]), torch.cat([std[k:], clutter[1][j]])
+            cap = torch.cat([cap[k:], torch.full((k,), n)])
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling_factor
         t = torch.randint(0, T, (UNET_BATCH,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
@@ -407,6 +417,8 @@ def main():
                     "with the UNet (the shipped model); pretrained: first on its own to name what captions say, then "
                     "frozen under the UNet")
     ap.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="steps of the --text pretrained stage")
+    ap.add_argument("--clutter-share", type=float, default=0.0, help="share of every UNet batch drawn from the "
+                    "clutter images under the empty prompt (default 0: captioned images only)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -426,8 +438,9 @@ def main():
         return
     lat_mean, lat_std = encode_dataset(args.work, vae, images)
     text = stage_text(args.work, tokenizer, captions, labels, args.text_steps) if args.text == "pretrained" else None
+    clutter_lat = encode_dataset(args.work, vae, clutter, "clutter_latents", (False,)) if args.clutter_share else None
     unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor, UNETS[args.unet],
-                                 args.unet_steps, text)
+                                 args.unet_steps, text, clutter_lat, args.clutter_share)
     if args.stop_after == "unet":
         return
     export(args.out, args.work, vae, scaling_factor, unet, text, ema)
