@@ -149,6 +149,7 @@ def test_pretraining_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch,
     monkeypatch.setattr(pretrain, "N_IMAGES", 48)
     monkeypatch.setattr(pretrain, "N_CLUTTER", 16)
     monkeypatch.setattr(pretrain, "VAE_STEPS", 2)
+    monkeypatch.setattr(pretrain, "TEXT_STEPS", 2)
     work, out = tmp_path / "work", tmp_path / "model"
     argv = ["pretrain", "--work", str(work), "--out", str(out), "--unet-steps", "3"]
     monkeypatch.setattr(sys, "argv", argv)

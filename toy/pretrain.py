@@ -15,8 +15,8 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
             SD v1 scaled_linear schedule (beta 0.00085 -> 0.012, T = 1000), captions dropped to "" 10% of the time (CFG)
   export    EMA weights -> toy/model/
 
-    python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]     # the shipped model (a8 + v1)
-    python -m toy.pretrain --unet a16 --vae v2 --vae-steps 6000 --work W --out W/model   # the candidate of bench/TOY.md
+    python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]     # the shipped model (a16 + v2, text stage)
+    python -m toy.pretrain --unet a8 --vae v1 --vae-steps 2000 --text joint --work W --out W/model   # the first one
     python -m toy.pretrain --unet a16w48 --unet-steps 900 --vae-from toy/model --work /tmp/probe --out /tmp/probe/model
                                             # a probe: another UNet candidate, a short run, the shipped VAE
 """
@@ -37,7 +37,7 @@ from toy import oracle, world
 
 SEED = 0
 N_IMAGES, N_CLUTTER = 12000, 4000
-VAE_STEPS, VAE_BATCH, VAE_CROP = 2000, 16, 32
+VAE_STEPS, VAE_BATCH, VAE_CROP = 6000, 16, 32
 UNET_STEPS, UNET_BATCH, UNET_LR = 7000, 32, 8e-4
 TEXT_STEPS, TEXT_BATCH, TEXT_LR = 1500, 128, 1e-3
 T = 1000
@@ -52,9 +52,9 @@ def vae_config(channels, layers_per_block):
                 scaling_factor=1.0)
 
 
-# candidates by name; the shipped model's VAE is "v1" (2,000 steps); bench/TOY.md says how they compare
+# candidates by name; the shipped model's VAE is "v2" (6,000 steps); bench/TOY.md says how they compare
 VAES = {"v1": vae_config([32, 64, 64], 1), "v2": vae_config([32, 64, 64], 2), "v3": vae_config([64, 128, 128], 2)}
-VAE_CFG = VAES["v1"]
+VAE_CFG = VAES["v2"]
 
 
 def unet_config(channels, attention_levels):
@@ -69,11 +69,11 @@ def unet_config(channels, attention_levels):
                 mid_block_scale_factor=1.0, norm_eps=1e-5, center_input_sample=False)
 
 
-# Candidates compared by pretraining runs (bench/TOY.md); the shipped model's UNet is "a8".
+# Candidates compared by pretraining runs (bench/TOY.md); the shipped model's UNet is "a16".
 UNETS = {"a8": unet_config([32, 64, 64], {1}),            # attention at 8x8 only
          "a16": unet_config([32, 64, 64], {0, 1}),        # attention at 16x16 and 8x8, as SD v1
          "a16w48": unet_config([48, 96, 96], {0, 1})}     # the same, 1.5x wider
-UNET_CFG = UNETS["a8"]
+UNET_CFG = UNETS["a16"]
 TEXT_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128)
 SCHEDULER_CFG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -408,14 +408,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--stop-after", choices=["data", "tokenizer", "vae", "unet"], default=None)
-    ap.add_argument("--unet", choices=list(UNETS), default="a8", help="UNet candidate (default: the shipped one)")
+    ap.add_argument("--unet", choices=list(UNETS), default="a16", help="UNet candidate (default: the shipped one)")
     ap.add_argument("--unet-steps", type=int, default=UNET_STEPS, help="UNet training steps (shorter: a probe run)")
-    ap.add_argument("--vae", choices=list(VAES), default="v1", help="VAE candidate (default: the shipped one)")
+    ap.add_argument("--vae", choices=list(VAES), default="v2", help="VAE candidate (default: the shipped one)")
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps")
     ap.add_argument("--vae-from", default=None, help="take the VAE of this model folder instead of training one")
-    ap.add_argument("--text", choices=["joint", "pretrained"], default="joint", help="joint: the text encoder trains "
-                    "with the UNet (the shipped model); pretrained: first on its own to name what captions say, then "
-                    "frozen under the UNet")
+    ap.add_argument("--text", choices=["joint", "pretrained"], default="pretrained", help="pretrained (the shipped "
+                    "model): first on its own to name what captions say, then frozen under the UNet; joint: the text "
+                    "encoder trains with the UNet (the first generation)")
     ap.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="steps of the --text pretrained stage")
     ap.add_argument("--clutter-share", type=float, default=0.0, help="share of every UNet batch drawn from the "
                     "clutter images under the empty prompt (default 0: captioned images only)")
