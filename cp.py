@@ -525,9 +525,10 @@ def consolidate(model, state, task):
 
 
 def update_fisher(model, state, task, final):
-    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it). F̂ (`fisher_diagonal`) is taken of L_denoise
-    for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over S = {c_n, c₀, earlier concepts} for the
-    DC-informed methods: the Fisher then weighs the parameters that tell c_n apart from what the model knew."""
+    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
+    F̂ (`fisher_diagonal`) is taken of L_denoise for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over
+    S = {c_n, c₀, earlier concepts} for the DC-informed methods: the Fisher then weighs the parameters that tell c_n
+    apart from what the model knew."""
     hp = state.hparams
     if hp.uses("dc"):
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
@@ -558,7 +559,6 @@ def next_state(model, state, task, row, final, fisher, anchor, metrics):
                  pool=state.pool + ([final] if task.adapter else []), tokens={**state.tokens, task.token: row},
                  fisher=fisher, anchor=anchor, base=state.base,
                  projection=tuple(P.cpu() for P in projection) if projection else None)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -284,8 +284,8 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
     A, P, F_ = apf(acc)
     final = lambda a: float(np.mean(a[:, -1]))
     run = {"seed": seed, "hparams": asdict(state.hparams), "A": A, "P": P, "F": None if np.isnan(F_) else F_,
-           "dc_acc": float(np.mean(dc)), "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids), "acc": nones(acc),
-           "feat_sim_matrix": nones(sim), "kid_matrix": nones(kids),
+           "dc_acc": float(np.mean(dc)), "dc_acc_per_concept": dc, "feat_sim": final(sim), "kid": final(kids),
+           "acc": nones(acc), "feat_sim_matrix": nones(sim), "kid_matrix": nones(kids),
            "confusion": confusion.tolist(), "tasks": tasks}
     if text is not None:
         run.update(clip_i=final(clip_i), clip_t=final(clip_t))
@@ -497,8 +497,8 @@ def _run_job(job):
     if "ctx" not in w:  # in a job, not in the initializer: an error here reaches main instead of killing the worker
         w["ctx"] = setup(w["args"], w["tmp"], w["resolution"])
     c = w["ctx"]
-    run, samples = run_method(method, seed, w["args"], w["hparams"][method], c["names"], c["folders"], c["words"], c["real"],
-                              c["judge"], c["real_feats"], c["text"], w["tmp"])
+    run, samples = run_method(method, seed, w["args"], w["hparams"][method], c["names"], c["folders"], c["words"],
+                              c["real"], c["judge"], c["real_feats"], c["text"], w["tmp"])
     return method, run, samples
 
 

@@ -310,7 +310,7 @@ def main():
               {k: round(v, 4) for k, v in accuracy(load_oracle(), images, labels).items()}, flush=True)
     if args.eval_model:
         t0 = time.time()
-        acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance, seed=0, seen=args.seen)
+        acc, images = eval_model(args.eval_model, steps=args.steps, guidance=args.guidance, seen=args.seen)
         print(f"prompt following of {args.eval_model} on {acc['n']} {'seen' if args.seen else 'held-out'} captions "
               f"(DDIM {args.steps} steps, CFG {args.guidance}): color {acc['color']:.3f}, shape {acc['shape']:.3f}, "
               f"pattern {acc['pattern']:.3f} (on {acc['n_patterned']} patterned) "

@@ -244,7 +244,7 @@ def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
 
 
 def encode_dataset(work, vae, images, name="latents", flips=(False, True)):
-    """Posterior mean and std of every image and (with flips (False, True)) of its mirror, [2N, 4, 16, 16] each,
+    """Posterior mean and std of every image, then (flip True) of every mirror: [len(flips) * N, 4, 16, 16] each,
     cached as WORK/name.pt."""
     path = os.path.join(work, f"{name}.pt")
     if not os.path.exists(path):
