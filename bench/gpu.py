@@ -241,8 +241,8 @@ def find_diffusers(given, work):
         for folder in (given, os.path.join(given, "src")):
             if os.path.isfile(os.path.join(folder, "diffusers", "__init__.py")):
                 return folder
-        wheels = [given] if given.endswith(".whl") else glob.glob(os.path.join(given, "*.whl"))
-        if not wheels:
+        wheels = glob.glob(os.path.join(given, "*.whl")) if os.path.isdir(given) else [given]
+        if not wheels or not all(w.endswith(".whl") and os.path.isfile(w) for w in wheels):
             sys.exit(f"error: {given} is not a wheel, a folder of wheels or a folder holding diffusers/")
     else:
         wheels = sorted(glob.glob(os.path.join(ROOT, "diffusers-*.whl")) +

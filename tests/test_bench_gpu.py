@@ -74,7 +74,7 @@ def test_a_step_over_its_time_is_killed(tmp_path):
 
 
 def test_diffusers_from_a_wheel_or_a_folder_of_wheels(tmp_path):
-    wheels = tmp_path / "wheels"
+    wheels = tmp_path / ".whl"  # a folder named like a wheel is still a folder of wheels
     wheels.mkdir()
     with zipfile.ZipFile(wheels / "diffusers-9.9.9-py3-none-any.whl", "w") as z:
         z.writestr("diffusers/__init__.py", "__version__ = '9.9.9'\n")
