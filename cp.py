@@ -59,11 +59,11 @@ class Hparams:
     method: str = "ewc-dc"         # continual-personalization method (README "The method in one page")
     steps: int = 600               # optimizer steps on the new concept
     batch_size: int = 8            # images per optimizer step
-    lr: float = 1e-2               # LoRA (or VeRA) learning rate
+    lr: float = 3e-3               # LoRA (or VeRA) learning rate
     token_lr: float = 5e-2         # learning rate of the new token's embedding row
     rank: int = 8                  # LoRA rank r
     alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
-    targets: str = "kv"            # LoRA placement: "kv" (attn2.to_k/to_v) or "attn" (q/k/v/out of all attention)
+    targets: str = "kv+ff"         # LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)
     adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
     ewc_lambda: float = 1.0        # λ: weight of the EWC penalty (on a Fisher of mean 1)
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher

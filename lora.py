@@ -41,7 +41,8 @@ from safetensors.torch import save_file
 
 KV = ("attn2.to_k", "attn2.to_v")  # cross-attention keys and values (C-LoRA / Custom Diffusion)
 ATTN = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
-PRESETS = {"kv": KV, "attn": ATTN}
+FF = ("ff.net.0.proj", "ff.net.2")  # the transformer blocks' feed-forward (GEGLU in, Linear out)
+PRESETS = {"kv": KV, "attn": ATTN, "kv+ff": KV + FF}
 METADATA_KEY = "lora_adapter_metadata"
 ADAPTERS = ("lora", "vera")
 VERA_D_INITIAL = 0.1  # PEFT's default d_initial

@@ -58,8 +58,9 @@ def add_mixed(net, name):
     lora.inject(net, ("attn1.to_out.0",), rank=3, alpha=1.0, name=name)
 
 
-@pytest.mark.parametrize("fmt,targets", [("diffusers", "kv"), ("diffusers", "attn"), ("diffusers", "mixed"),
-                                         ("kohya", "kv"), ("kohya", "attn")])
+@pytest.mark.parametrize("fmt,targets", [("diffusers", "kv"), ("diffusers", "attn"), ("diffusers", "kv+ff"),
+                                         ("diffusers", "mixed"), ("kohya", "kv"), ("kohya", "attn"),
+                                         ("kohya", "kv+ff")])
 def test_diffusers_loads_our_file(tmp_path, fmt, targets):
     net = make()
     pipe = diffusers_pipeline(net.state_dict())

@@ -154,7 +154,8 @@ def test_vera_task_trains_d_b_and_token_row_only(tiny_model_dir, concepts, monke
     monkeypatch.setattr(cp, "optimize", spy)
     state = cp.learn_concept(model, state, concepts[0], log=False)
     unet_names, text_names = seen[0]
-    assert len(unet_names) == 2 * 8 and all(".vera_lambda_" in n and n.endswith(".current") for n in unet_names)
+    layers = len(lora.target_modules(model.unet, state.hparams.targets))  # the defaults' kv+ff: 16 in the test UNet
+    assert len(unet_names) == 2 * layers and all(".vera_lambda_" in n and n.endswith(".current") for n in unet_names)
     assert text_names == []  # the new token's row trains as its own parameter (cp.trainable_row)
     emb = model.text_encoder.get_input_embeddings().weight.detach()
     token = model.tokenizer.convert_tokens_to_ids("<alpha>")
