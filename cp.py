@@ -546,10 +546,9 @@ def next_state(model, state, task, row, final, fisher, anchor, metrics):
     hp = state.hparams
     for p in lora.lora_parameters(model.unet, [task.adapter]) if task.adapter else []:
         p.requires_grad_(False)
-    if task.adapter:
-        with torch.no_grad():
-            deltas = lora.deltas(model.unet, task.adapter).values()
-            metrics["lora_norm"] = float(sum(w.square().sum() for w in deltas) ** 0.5)
+    with torch.no_grad():  # ‖ΔW‖ of the task's adapter; 0 for `ti`, which trains none
+        deltas = lora.deltas(model.unet, task.adapter).values() if task.adapter else []
+        metrics["lora_norm"] = float(sum(w.square().sum() for w in deltas) ** 0.5)
     concept = {"name": task.name, "token": task.token, "prompt": task.target, "class_word": task.class_word,
                "task": task.index}
     projection = lora.get_projection(model.unet)

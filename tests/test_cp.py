@@ -56,6 +56,7 @@ def test_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, method):
     assert [c["token"] for c in state.concepts] == ["<alpha>", "<beta>"]
     assert len(state.pool) == (0 if method == "ti" else 2) and (state.lora is None) == (method in ("ti", "clora"))
     assert bool(state.fisher) == ("ewc" in method)
+    assert all((h["lora_norm"] == 0) == (method == "ti") for h in state.history)  # bench/continual.py reads it
     # a fresh model with the loaded state gives the same UNet output as the trained one
     again = unet.load_model(tiny_model_dir)
     cp.apply_state(again, cp.load_state(str(tmp_path)))
