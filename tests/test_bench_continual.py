@@ -134,12 +134,15 @@ def test_resume_keeps_finished_runs_and_tuned_values_reach_their_method(tiny_mod
     common = ["--quick", "--model", tiny_model_dir, "--out", out, *TINY]
     run_bench(*common, "--methods", "seq", "--tuned", str(tuned))
     first = json.load(open(os.path.join(out, "results.json")))["runs"]["seq"]
+    os.remove(os.path.join(out, "samples", "seq.safetensors"))  # as in a clean clone: samples are not in git
     r = run_bench(*common, "--methods", "seq,ewc", "--resume", "--tuned", str(tuned))
     assert "resuming: 1 runs kept" in r.stdout and "[seq seed 0]" not in r.stdout and "[ewc seed 0]" in r.stdout
+    assert "seq.safetensors is missing" in r.stdout
     report = check_outputs(out, ["seq", "ewc"], 2, 1)
     assert report["runs"]["seq"] == first
     assert report["concepts"] == continual.SPLITS["evaluation"][:2]
-    assert report["runs"]["ewc"][0]["hparams"]["ewc_lambda"] == 3.0 and first[0]["hparams"]["ewc_lambda"] == 1.0
+    assert report["runs"]["ewc"][0]["hparams"]["ewc_lambda"] == 3.0
+    assert first[0]["hparams"]["ewc_lambda"] == continual.cp.Hparams().ewc_lambda  # seq: the default
     for change in (["--n-samples", "3"], ["--methods", "ewc"]):  # other settings; other tuned values for ewc
         tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 4.0}}))
         bad = subprocess.run([sys.executable, "bench/continual.py", *common, "--methods", "seq", "--resume",
