@@ -552,11 +552,11 @@ def main(argv=None):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
             report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}
-            for m, runs in report["runs"].items():  # seed 0's samples make the grid picture
-                path = os.path.join(samples_dir, f"{m}.safetensors")
-                if any(r["seed"] == 0 for r in runs) and os.path.exists(path):
+            for m in (m for m, runs in report["runs"].items() if any(r["seed"] == 0 for r in runs)):
+                path = os.path.join(samples_dir, f"{m}.safetensors")  # seed 0's samples make the grid picture
+                if os.path.exists(path):
                     grid[m] = list(load_file(path)["samples"])
-                elif any(r["seed"] == 0 for r in runs):
+                else:
                     print(f"note: {path} is missing (samples are not kept in git): {m} has no column in "
                           "grid.png", flush=True)
             earlier = old.get("seconds_so_far", 0.0)

@@ -26,20 +26,23 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ on a Fisher rescaled to mean 1 (cp.fisher_diagonal)
+
+
+def dsc_grid(knob, values, lower):
+    """DSC: how long and how hard to consolidate (consolidation costs plasticity): steps {25, 100} × two values of
+    the weight, plus, for the same budget of five, the weight's next lower value at the longer consolidation."""
+    return [{"dsc_steps": s, knob: v} for s in (25, 100) for v in values] + [{"dsc_steps": 100, knob: lower}]
+
+
 GRID = {
     "seq": [{}],
     "ti": [{}],
     "clora": [{"clora_lambda": v} for v in (1e0, 1e1, 1e2, 1e3, 1e4)],
     "ewc": [{"ewc_lambda": v} for v in LAMBDAS],
     "ewc-dc": [{"ewc_lambda": v} for v in LAMBDAS],
-    # DSC: how long and how hard to consolidate (the issue it must solve: consolidation costing plasticity); a 2×2
-    # grid plus, for the same budget of five, the weight's next lower value at the longer consolidation
-    "dsc": [{"dsc_steps": s, "dsc_w_h": w} for s in (25, 100) for w in (0.1, 1.0)]
-    + [{"dsc_steps": 100, "dsc_w_h": 0.01}],
-    "dsc-ewc": [{"dsc_steps": s, "ewc_lambda": v} for s in (25, 100) for v in (1.0, 10.0)]
-    + [{"dsc_steps": 100, "ewc_lambda": 0.1}],
-    "dsc-ewc-dc": [{"dsc_steps": s, "ewc_lambda": v} for s in (25, 100) for v in (1.0, 10.0)]
-    + [{"dsc_steps": 100, "ewc_lambda": 0.1}],
+    "dsc": dsc_grid("dsc_w_h", (0.1, 1.0), 0.01),
+    "dsc-ewc": dsc_grid("ewc_lambda", (1.0, 10.0), 0.1),
+    "dsc-ewc-dc": dsc_grid("ewc_lambda", (1.0, 10.0), 0.1),
 }
 
 
