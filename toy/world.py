@@ -147,12 +147,12 @@ def paint_pattern(pen, pattern, fill, other, rng):
 
 def _striped_ring(pen):
     def ring(m):
-        m.disc(0, 0, 0.92, (0, 0, 0, 255))
-        m.disc(0, 0, 0.58, (0, 0, 0, 0))
+        m.disc(0, 0, 0.95, (0, 0, 0, 255))
+        m.disc(0, 0, 0.55, (0, 0, 0, 0))
 
     def wedges(m):
-        for k in range(12):
-            a0, a1 = 2 * math.pi * k / 12, 2 * math.pi * (k + 1) / 12
+        for k in range(8):
+            a0, a1 = 2 * math.pi * k / 8, 2 * math.pi * (k + 1) / 8
             m.poly([(0, 0), (1.5 * math.cos(a0), 1.5 * math.sin(a0)), (1.5 * math.cos(a1), 1.5 * math.sin(a1))],
                    (20, 170, 170) if k % 2 else (250, 250, 250))
     pen.pattern(ring, wedges)
@@ -169,18 +169,17 @@ def _checkered_heart(pen):
 
 
 def _bullseye(pen):
-    for r, c in [(0.92, (30, 60, 200)), (0.74, (250, 250, 250)), (0.56, (30, 60, 200)), (0.38, (250, 250, 250)),
-                 (0.2, (230, 200, 20))]:
+    for r, c in [(0.95, (30, 60, 200)), (0.7, (250, 250, 250)), (0.47, (30, 60, 200)), (0.25, (230, 200, 20))]:
         pen.disc(0, 0, r, c)
 
 
 def _polka_square(pen):
     def dots(m):
         m.rect(-1, -1, 1, 1, (120, 40, 170))
-        for i in range(4):
-            for j in range(4):
-                m.disc(-0.5 + i / 3 + (0.08 if j % 2 else -0.08), -0.5 + j / 3, 0.1, (250, 250, 250))
-    pen.pattern(lambda m: m.rect(-0.7, -0.7, 0.7, 0.7, (0, 0, 0, 255)), dots)
+        for i in range(3):
+            for j in range(3):
+                m.disc(-0.48 + 0.48 * i, -0.48 + 0.48 * j, 0.16, (250, 250, 250))
+    pen.pattern(lambda m: m.rect(-0.75, -0.75, 0.75, 0.75, (0, 0, 0, 255)), dots)
 
 
 def _smiley(pen):
@@ -200,8 +199,8 @@ def _flower(pen):
 def _mushroom(pen):
     pen.rect(-0.22, -0.05, 0.22, 0.85, (230, 210, 170))
     pen.d.pieslice([*pen.p(-0.9, -0.75), *pen.p(0.9, 0.75)], 180, 360, fill=(200, 30, 30))
-    for x, y in [(-0.5, -0.25), (0, -0.5), (0.5, -0.25), (-0.2, -0.15), (0.25, -0.18)]:
-        pen.disc(x, y, 0.1, (250, 250, 250))
+    for x, y in [(-0.48, -0.22), (0, -0.45), (0.48, -0.22)]:
+        pen.disc(x, y, 0.16, (250, 250, 250))
 
 
 def _house(pen):
@@ -218,18 +217,17 @@ def _pine_tree(pen):
 
 
 def _rainbow(pen):
-    for r, c in [(0.95, (220, 35, 35)), (0.82, (245, 140, 25)), (0.69, (240, 215, 35)), (0.56, (40, 170, 60)),
-                 (0.43, (40, 80, 220))]:
-        pen.d.pieslice([*pen.p(-r, -r + 0.4), *pen.p(r, r + 0.4)], 180, 360, fill=c)
-    pen.d.pieslice([*pen.p(-0.3, -0.3 + 0.4), *pen.p(0.3, 0.3 + 0.4)], 180, 360, fill=(0, 0, 0, 0))
+    for r, c in [(0.98, (220, 35, 35)), (0.8, (240, 215, 35)), (0.62, (40, 170, 60)), (0.44, (40, 80, 220))]:
+        pen.d.pieslice([*pen.p(-r, -r + 0.3), *pen.p(r, r + 0.3)], 180, 360, fill=c)
+    pen.d.pieslice([*pen.p(-0.26, -0.26 + 0.3), *pen.p(0.26, 0.26 + 0.3)], 180, 360, fill=(0, 0, 0, 0))
 
 
 def _striped_star(pen):
     def stripes(m):
         m.rect(-1, -1, 1, 1, (245, 130, 25))
-        for k in range(-6, 7, 2):
-            x = k * 0.2
-            m.poly([(x - 1, 1), (x - 0.8, 1), (x + 1.2, -1), (x + 1, -1)], (40, 60, 200))
+        for k in range(-3, 4):
+            x = k * 0.8
+            m.poly([(x - 1, 1), (x - 0.6, 1), (x + 1.4, -1), (x + 1, -1)], (40, 60, 200))
     pen.pattern(lambda m: m.poly(_star_pts(), (0, 0, 0, 255)), stripes)
 
 
@@ -243,34 +241,34 @@ def _eye(pen):
 def _ladybug(pen):
     pen.disc(0, -0.62, 0.3, (20, 20, 20))
     pen.disc(0, 0.12, 0.78, (215, 35, 35))
-    pen.rect(-0.03, -0.62, 0.03, 0.9, (20, 20, 20))
-    for x, y in [(-0.38, -0.15), (0.38, -0.15), (-0.45, 0.35), (0.45, 0.35), (-0.2, 0.62), (0.2, 0.62)]:
-        pen.disc(x, y, 0.13, (20, 20, 20))
+    pen.rect(-0.05, -0.62, 0.05, 0.9, (20, 20, 20))
+    for x, y in [(-0.4, -0.1), (0.4, -0.1), (-0.38, 0.45), (0.38, 0.45)]:
+        pen.disc(x, y, 0.18, (20, 20, 20))
 
 
 def _dice(pen):
     pen.rect(-0.72, -0.72, 0.72, 0.72, (20, 20, 20))
     pen.rect(-0.64, -0.64, 0.64, 0.64, (250, 250, 250))
     for x, y in [(-0.36, -0.36), (0.36, -0.36), (0, 0), (-0.36, 0.36), (0.36, 0.36)]:
-        pen.disc(x, y, 0.13, (20, 20, 20))
+        pen.disc(x, y, 0.16, (20, 20, 20))
 
 
 def _sailboat(pen):
     pen.poly([(-0.9, 0.45), (0.9, 0.45), (0.6, 0.85), (-0.6, 0.85)], (150, 95, 50))
-    pen.rect(-0.04, -0.9, 0.04, 0.45, (20, 20, 20))
+    pen.rect(-0.06, -0.95, 0.06, 0.45, (20, 20, 20))
 
     def stripes(m):
-        for k in range(8):
-            m.rect(-1, -1 + k * 0.25, 1, -0.875 + k * 0.25, (215, 35, 35))
-            m.rect(-1, -0.875 + k * 0.25, 1, -0.75 + k * 0.25, (250, 250, 250))
-    pen.pattern(lambda m: m.poly([(0.1, -0.85), (0.1, 0.35), (0.8, 0.35)], (0, 0, 0, 255)), stripes)
-    pen.poly([(-0.1, -0.6), (-0.1, 0.35), (-0.6, 0.35)], (240, 210, 35))
+        for k in range(4):
+            m.rect(-1, -0.95 + k * 0.6, 1, -0.65 + k * 0.6, (215, 35, 35))
+            m.rect(-1, -0.65 + k * 0.6, 1, -0.35 + k * 0.6, (250, 250, 250))
+    pen.pattern(lambda m: m.poly([(0.12, -0.95), (0.12, 0.35), (0.95, 0.35)], (0, 0, 0, 255)), stripes)
+    pen.poly([(-0.12, -0.65), (-0.12, 0.35), (-0.75, 0.35)], (240, 210, 35))
 
 
 def _traffic_light(pen):
-    pen.rect(-0.38, -0.92, 0.38, 0.92, (20, 20, 20))
-    for y, c in [(-0.55, (215, 35, 35)), (0, (240, 210, 35)), (0.55, (35, 165, 55))]:
-        pen.disc(0, y, 0.24, c)
+    pen.rect(-0.46, -0.95, 0.46, 0.95, (20, 20, 20))
+    for y, c in [(-0.58, (215, 35, 35)), (0, (240, 210, 35)), (0.58, (35, 165, 55))]:
+        pen.disc(0, y, 0.3, c)
 
 
 CONCEPTS = {  # name: (draw function, backgrounds to avoid)
@@ -387,7 +385,7 @@ def render_concept(name, rng, bg=None):
     if bg is None:
         bgs = [b for b in BACKGROUNDS if b not in avoid]
         bg = bgs[rng.integers(len(bgs))]
-    return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, (0.3, 0.46))
+    return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, (0.36, 0.46))
 
 
 def describe(shape, color, size="any", pattern="plain", color2=None):
