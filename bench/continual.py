@@ -552,8 +552,10 @@ def main(argv=None):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
             report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}
-            for m in (m for m, runs in report["runs"].items() if any(r["seed"] == 0 for r in runs)):
+            for m, runs in report["runs"].items():
                 path = os.path.join(samples_dir, f"{m}.safetensors")  # seed 0's samples make the grid picture
+                if not any(r["seed"] == 0 for r in runs):
+                    continue
                 if os.path.exists(path):
                     grid[m] = list(load_file(path)["samples"])
                 else:

@@ -144,6 +144,8 @@ def paint_pattern(pen, pattern, fill, other, rng):
 
 
 # ---- concepts: composite objects with fixed colors; `avoid` lists backgrounds they would vanish into ----
+# Every part is about 2 latent pixels (8 px) or more at the smallest size render_concept draws: finer parts were
+# beyond what the tiny model can learn (bench/TOY.md, "Coarser concept drawings").
 
 def _striped_ring(pen):
     def ring(m):
