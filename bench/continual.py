@@ -169,12 +169,12 @@ def photo_concepts(args, tmp, resolution):
 def oracle_judge(names):
     """score(images [N,3,H,W] in [0,1]) -> (concept index into `names`, -1 for any other label [N]; features [N, d])."""
     from toy import oracle
-    net = oracle.load_oracle()
+    judge = oracle.load_oracle()
 
     def score(images):
-        pred = oracle.predict(images, net)["concept"]
+        pred = oracle.predict(images, judge)["concept"]
         return np.array([names.index(p) if p in names else -1 for p in pred]), \
-            oracle.features(images, net).double().numpy()
+            oracle.features(images, judge).double().numpy()
     return score
 
 

@@ -66,6 +66,29 @@ def test_oracle_classifies_fresh_renders():
     assert f.shape == (4, 128) and torch.isfinite(f).all()
 
 
+def test_judge_is_the_argmax_of_its_members_mean_probabilities():
+    judge = oracle.load_oracle()
+    assert len(judge) == oracle.MEMBERS
+    images, _ = oracle.render_set(60, seed=[999, 4])
+    noisy = np.clip(images + np.random.default_rng(0).normal(0, 60, images.shape), 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        probs = [net(oracle.to_input(noisy))["concept"].softmax(1) for net in judge]
+    want = np.array(oracle.CONCEPT_LABELS)[torch.stack(probs).mean(0).argmax(1).numpy()]
+    assert (oracle.predict(noisy, judge)["concept"] == want).all()
+    # noise makes the members disagree, so a judge that ignored a member would differ somewhere
+    singles = [np.array(oracle.CONCEPT_LABELS)[p.argmax(1).numpy()] for p in probs]
+    assert any((s != want).any() for s in singles)
+    # probabilities, not logits: members sure of concepts 0 and 2 (logits 5, 4, -100 and -100, 4, 5) give
+    # mean probabilities (0.37, 0.27, 0.37), so concept 0; mean logits would pick concept 1
+    pair = torch.nn.ModuleList(oracle.Oracle().eval() for _ in range(2))
+    for net, first, last in zip(pair, (5.0, -100.0), (-100.0, 5.0)):
+        head = net.heads["concept"]
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.constant_(head.bias, -200.0)
+        head.bias.data[:3] = torch.tensor([first, 4.0, last])
+    assert (oracle.predict(images[:4], pair)["concept"] == oracle.CONCEPT_LABELS[0]).all()
+
+
 def test_prompt_following_prompts_are_held_out_and_cover_every_pattern():
     prompts, want = oracle.held_out_prompts()
     plain = [w for w in want if w["pattern"] == "plain"]

@@ -4,11 +4,14 @@ Four heads on shared features: shape (world.SHAPES), color (world.COLORS), patte
 striped, checkered, dotted, ringed) and concept (world.CONCEPTS + "none").
 It is trained only on rendered images, never on generated ones, so it can judge the tiny model's prompt following
 and a personalized model's concept fidelity; `features` (the penultimate layer) serves the benchmark's KID.
+The judge is an ensemble of MEMBERS such oracles trained from different seeds, and its verdict the argmax of their
+mean probabilities: on generated images, which are unlike any render, single oracles disagree (one concept's score
+moved by up to 0.4 between two seeds, bench/TOY.md), and the mean of three is a steadier judge.
 Renders are degraded at random (blur, noise, color shift) so that the softer images a diffusion model makes are
 still read correctly. "none" is learned from pretraining shapes, clutter and concepts cut into shuffled tiles, so
 an image with a concept's colors but not its structure is not taken for the concept.
 
-    python -m toy.oracle --train                 # fit, report held-out accuracy, write toy/oracle.safetensors
+    python -m toy.oracle --train --threads 1     # fit 3 oracles, report held-out accuracy, write toy/oracle.safetensors
     python -m toy.oracle --eval                  # held-out accuracy of the shipped weights on fresh renders
     python -m toy.oracle --eval-model toy/model  # prompt following of a model on HELD_OUT captions
     python -m toy.oracle --eval-state runs/default  # concept accuracy of samples of every concept in a state
@@ -30,6 +33,7 @@ from toy import world
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracle.safetensors")
 CONCEPT_LABELS = list(world.CONCEPTS) + ["none"]
+MEMBERS = 3  # oracles in the judge, one per training seed (one alone is a noisy judge of generated images)
 HEADS = {"shape": world.SHAPES, "color": list(world.COLORS), "pattern": world.PATTERNS, "concept": CONCEPT_LABELS}
 
 
@@ -66,31 +70,35 @@ _CACHE = {}
 
 
 def load_oracle(path=WEIGHTS):
+    """The judge: every Oracle stored in `path` (keys "0.body...", "1.body...": an nn.ModuleList's state dict)."""
     if path not in _CACHE:
-        net = Oracle()
-        net.load_state_dict(load_file(path))
-        _CACHE[path] = net.eval()
+        state = load_file(path)
+        judge = nn.ModuleList(Oracle() for _ in range(1 + max(int(k.split(".")[0]) for k in state)))
+        judge.load_state_dict(state)
+        _CACHE[path] = judge.eval()
     return _CACHE[path]
 
 
 @torch.no_grad()
-def predict(images, oracle=None, batch=256):
-    """{"shape", "color", "pattern", "concept"}: arrays of label names (concept "none" = not a concept)."""
-    oracle = oracle or load_oracle()
+def predict(images, judge=None, batch=256):
+    """{"shape", "color", "pattern", "concept"}: arrays of label names (concept "none" = not a concept), each the
+    argmax of the members' mean probabilities."""
+    judge = judge or load_oracle()
     x = to_input(images)
     idx = {k: [] for k in HEADS}
     for i in range(0, len(x), batch):
-        for k, v in oracle(x[i:i + batch]).items():
-            idx[k].append(v.argmax(1))
+        outs = [net(x[i:i + batch]) for net in judge]
+        for k in HEADS:
+            idx[k].append(sum(o[k].softmax(1) for o in outs).argmax(1))
     return {k: np.array(HEADS[k])[torch.cat(v).numpy()] for k, v in idx.items()}
 
 
 @torch.no_grad()
-def features(images, oracle=None, batch=256):
-    """Penultimate features [N, 128] (float32 tensor)."""
-    oracle = oracle or load_oracle()
+def features(images, judge=None, batch=256):
+    """Penultimate features [N, 128] of the first member (float32 tensor)."""
+    net = (judge or load_oracle())[0]
     x = to_input(images)
-    return torch.cat([oracle.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([net.features(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def shuffle_tiles(image, rng):
@@ -145,8 +153,8 @@ def degrade(x, g):
     return x.clamp(-1, 1)
 
 
-def accuracy(net, images, labels):
-    pred = predict(images, net)
+def accuracy(judge, images, labels):
+    pred = predict(images, judge)
     out = {}
     for k in HEADS:
         keep = labels[k] >= 0
@@ -284,6 +292,7 @@ def eval_state(folder, n=32, steps=50, guidance=7.5, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--members", type=int, default=MEMBERS, help="--train: oracles in the judge (seeds 0, 1, ...)")
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--eval-model", default=None, help="a model folder: prompt following on held-out combinations")
     ap.add_argument("--seen", action="store_true", help="--eval-model on patterned prompts of combinations that "
@@ -300,8 +309,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train:
-        net = train()
-        save_file(net.state_dict(), WEIGHTS)
+        judge = nn.ModuleList(train(seed=seed) for seed in range(args.members))
+        save_file(judge.state_dict(), WEIGHTS)
         _CACHE.clear()
         args.eval = True
     if args.eval:

@@ -15,7 +15,9 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
             SD v1 scaled_linear schedule (beta 0.00085 -> 0.012, T = 1000), captions dropped to "" 10% of the time (CFG)
   export    EMA weights -> toy/model/
 
-    python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]     # the shipped model (a16 + v2, text stage)
+    python -m toy.pretrain --vae-from toy/model --work W --out W/model   # the shipped model (a16, text stage, and
+                                            # the v2 VAE it ships, which the defaults would train again: 6,000 steps)
+    python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]     # all from scratch (a16 + v2, text stage)
     python -m toy.pretrain --unet a8 --vae v1 --vae-steps 2000 --text joint --work W --out W/model   # the first one
     python -m toy.pretrain --unet a16w48 --unet-steps 900 --vae-from toy/model --work /tmp/probe --out /tmp/probe/model
                                             # a probe: another UNet candidate, a short run, the shipped VAE

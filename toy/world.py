@@ -116,27 +116,29 @@ def draw_shape(pen, shape, fill):
 
 
 def paint_pattern(pen, pattern, fill, other, rng):
-    """Fill the whole sprite with `pattern` in colors `fill` and `other` (Pen.pattern clips it to the shape)."""
+    """Fill the whole sprite with `pattern` in colors `fill` and `other` (Pen.pattern clips it to the shape).
+    k is in units of the object's radius: bands, cells, dots and rings are 6-9 px (about 2 latent pixels) at the
+    median radius of 21 px; finer ones the tiny UNet drew as a worm-like texture (bench/TOY.md)."""
     pen.rect(-1, -1, 1, 1, fill)
     if pattern == "striped":    # vertical, horizontal or diagonal bands
-        k, kind = rng.uniform(0.17, 0.24), rng.integers(3)
+        k, kind = rng.uniform(0.3, 0.4), rng.integers(3)
         for x in np.arange(-3, 3, 2 * k):
             pts = [(x, -1), (x + k, -1), (x + k, 1), (x, 1)] if kind < 2 else \
                 [(x - 1, 1), (x + k - 1, 1), (x + k + 1, -1), (x + 1, -1)]
             pen.poly([(y, x) for x, y in pts] if kind == 1 else pts, other)
     elif pattern == "checkered":
-        k = rng.uniform(0.22, 0.3)
+        k = rng.uniform(0.35, 0.45)
         for i, x in enumerate(np.arange(-1, 1, k)):
             for j, y in enumerate(np.arange(-1, 1, k)):
                 if (i + j) % 2:
                     pen.rect(x, y, x + k, y + k, other)
     elif pattern == "dotted":
-        k = rng.uniform(0.3, 0.38)
+        k = rng.uniform(0.5, 0.6)
         for i, x in enumerate(np.arange(-1, 1, k)):
             for y in np.arange(-1, 1, k):
-                pen.disc(x + k / 2 + (k / 4 if i % 2 else 0), y + k / 2, k * 0.3, other)
+                pen.disc(x + k / 2 + (k / 4 if i % 2 else 0), y + k / 2, k * 0.36, other)
     elif pattern == "ringed":   # concentric rings around the center
-        k = rng.uniform(0.16, 0.22)
+        k = rng.uniform(0.3, 0.38)
         for i, r in enumerate(np.arange(1.4, 0, -k)):
             pen.disc(0, 0, r, other if i % 2 else fill)
     elif pattern != "plain":
