@@ -389,7 +389,7 @@ def render_concept(name, rng, bg=None):
     if bg is None:
         bgs = [b for b in BACKGROUNDS if b not in avoid]
         bg = bgs[rng.integers(len(bgs))]
-    return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, (0.36, 0.46))
+    return _compose(draw, _jitter(BACKGROUNDS[bg], rng, 10), rng, SIZES["large"])  # parts stay >= 2 latent px
 
 
 def describe(shape, color, size="any", pattern="plain", color2=None):
