@@ -2,9 +2,8 @@
 folder layout (toy/model/). Stages, each cached in the work dir so an interrupted run resumes where it stopped:
 
   data      render N captioned images (toy/world.py: plain and patterned shapes), horizontal flips double them
-            (every shape is symmetric),
-            and M uncaptioned "clutter" images (random patterned blobs) for the VAE (and with --clutter-share, the
-            UNet under the empty prompt)
+            (every shape is symmetric), and when a stage needs them M uncaptioned "clutter" images (random
+            patterned blobs) for the VAE (and with --clutter-share, the UNet under the empty prompt)
   tokenizer CLIP-style BPE (`</w>` end-of-word suffix, <|startoftext|>/<|endoftext|>) trained on the caption corpus
   vae       AutoencoderKL 64x64x3 -> 16x16x4 on half captioned, half clutter images: L1 + MSE reconstruction
             + small KL; scaling_factor = 1 / std(latents of the captioned images); then the oracle judges its
@@ -21,6 +20,8 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
     python -m toy.pretrain --unet a8 --vae v1 --vae-steps 2000 --text joint --work W --out W/model   # the first one
     python -m toy.pretrain --unet a16w48 --unet-steps 900 --vae-from toy/model --work /tmp/probe --out /tmp/probe/model
                                             # a probe: another UNet candidate, a short run, the shipped VAE
+    python -m toy.pretrain --stop-after tokenizer --work W     # then, on a CUDA machine, with W copied there (13 MB):
+    python -m toy.pretrain --device cuda --unet-batch 128 --vae-from toy/model --work W --out W/model
 """
 import argparse
 import json
@@ -105,20 +106,26 @@ class Progress:
 
 
 def stage_data(work):
+    """The captioned images, compressed (12 MB: flat colors compress well, so a work dir can travel to a GPU)."""
     path = os.path.join(work, "data.npz")
     if not os.path.exists(path):
         t0 = time.time()
         images, captions, labels = world.sample_caption_batch(N_IMAGES, np.random.default_rng(SEED))
-        np.savez(path, images=images, captions=np.array(captions), labels=np.array(labels))
+        np.savez_compressed(path, images=images, captions=np.array(captions), labels=np.array(labels))
         print(f"data: rendered {N_IMAGES} images in {time.time() - t0:.0f} s", flush=True)
-    clutter_path = os.path.join(work, "clutter.npy")
-    if not os.path.exists(clutter_path):
+    d = np.load(path)
+    return d["images"], [str(c) for c in d["captions"]], d["labels"]
+
+
+def stage_clutter(work):
+    """The uncaptioned clutter images, rendered only when a stage needs them (the VAE, --clutter-share)."""
+    path = os.path.join(work, "clutter.npy")
+    if not os.path.exists(path):
         t0 = time.time()
         rng = np.random.default_rng([SEED, 4])
-        np.save(clutter_path, np.stack([world.render_clutter(rng) for _ in range(N_CLUTTER)]))
+        np.save(path, np.stack([world.render_clutter(rng) for _ in range(N_CLUTTER)]))
         print(f"data: rendered {N_CLUTTER} clutter images in {time.time() - t0:.0f} s", flush=True)
-    d = np.load(path)
-    return d["images"], [str(c) for c in d["captions"]], np.load(clutter_path), d["labels"]
+    return np.load(path)
 
 
 def caption_corpus():
@@ -185,7 +192,7 @@ def _ckpt(work, name, state=None):
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
     elif os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _batch_images(images, idx, rng):
@@ -194,13 +201,14 @@ def _batch_images(images, idx, rng):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
+def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS, device="cpu"):
     torch.manual_seed(SEED)
     vae = U.VAE(cfg)
     done = _ckpt(work, "vae_final")
     if done is not None:
         vae.load_state_dict(done["model"])
         return vae, done["scaling_factor"]
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start, state = 0, _ckpt(work, "vae")
     if state is not None:
@@ -215,11 +223,11 @@ def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
                        _batch_images(clutter, rng.integers(len(clutter), size=VAE_BATCH - half), rng)])
         # random crops: the network is convolutional, and a quarter of the pixels cost a quarter of the time
         i, j = rng.integers(0, 64 - VAE_CROP + 1, size=2) // 4 * 4
-        x = x[:, :, i:i + VAE_CROP, j:j + VAE_CROP]
+        x = x[:, :, i:i + VAE_CROP, j:j + VAE_CROP].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(1e-3, step, total, warmup=100)
         mean, std = vae.encode(x)
-        z = mean + std * torch.randn(mean.shape, generator=g)
+        z = mean + std * torch.randn(mean.shape, generator=g).to(device)
         rec = vae.decode(z)
         kl = 0.5 * (mean ** 2 + std ** 2 - 1 - 2 * torch.log(std)).mean()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
@@ -231,7 +239,7 @@ def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
         if time.time() - last > 120 or step + 1 == total:
             _ckpt(work, "vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
             last = time.time()
-    vae.eval()
+    vae.cpu().eval()
     with torch.no_grad():
         x = _batch_images(images, np.arange(min(512, len(images))), np.random.default_rng([SEED, 2]))
         mean, _ = vae.encode(x)
@@ -245,18 +253,20 @@ def stage_vae(work, images, clutter, cfg=VAE_CFG, total=VAE_STEPS):
     return vae, scaling_factor
 
 
-def encode_dataset(work, vae, images, name="latents", flips=(False, True)):
+def encode_dataset(work, vae, images, name="latents", flips=(False, True), device="cpu"):
     """Posterior mean and std of every image, then (flip True) of every mirror: [len(flips) * N, 4, 16, 16] each,
     cached as WORK/name.pt."""
     path = os.path.join(work, f"{name}.pt")
     if not os.path.exists(path):
         means, stds = [], []
+        vae.to(device)
         with torch.no_grad():
             for flip in flips:
                 for i in range(0, len(images), 256):
-                    x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                    x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
                     m, s = vae.encode(x.flip(3) if flip else x)
-                    means.append(m), stds.append(s)
+                    means.append(m.cpu()), stds.append(s.cpu())
+        vae.cpu()
         torch.save({"mean": torch.cat(means), "std": torch.cat(stds)}, path)
     d = torch.load(path, weights_only=True)
     return d["mean"], d["std"]
@@ -282,7 +292,7 @@ def caption_targets(captions, labels):
     return out, [len(v) for v in heads.values()]
 
 
-def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS):
+def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS, device="cpu"):
     """`--text pretrained`: the text encoder alone first learns to say what a caption names (shape, color,
     background, pattern, second color: one linear head each on its pooled output), so that the words are told apart
     before the UNet conditions on them, as SD v1 starts from a CLIP text encoder trained on its own."""
@@ -294,11 +304,15 @@ def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS):
         return text
     targets, sizes = caption_targets(captions, labels)
     heads = torch.nn.ModuleList(torch.nn.Linear(text.config.hidden_size, n) for n in sizes)
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    text.to(device), heads.to(device)
+    targets = targets.to(device)
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
     opt = torch.optim.AdamW(list(text.parameters()) + list(heads.parameters()), lr=TEXT_LR, weight_decay=0.01)
     prog = Progress("text", total, 0)
     for step in range(total):
-        idx = torch.from_numpy(np.random.default_rng([SEED, 5, step]).integers(len(captions), size=TEXT_BATCH))
+        rng = np.random.default_rng([SEED, 5, step])
+        idx = torch.from_numpy(rng.integers(len(captions), size=TEXT_BATCH)).to(device)
         pooled = text(ids[idx]).pooler_output
         for group in opt.param_groups:
             group["lr"] = lr_at(TEXT_LR, step, total, warmup=100)
@@ -308,53 +322,54 @@ def stage_text(work, tokenizer, captions, labels, total=TEXT_STEPS):
         opt.step()
         prog(step, loss.item())
     _ckpt(work, "text", {"text": text.state_dict()})
-    return text
+    return text.cpu()
 
 
 def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg=UNET_CFG, total=UNET_STEPS,
-               pretrained_text=None, clutter=None, clutter_share=0.0):
+               pretrained_text=None, clutter=None, clutter_share=0.0, batch=UNET_BATCH, device="cpu"):
     """The UNet and the text encoder trained together on the diffusion loss; with a pretrained text encoder, the
     UNet alone on top of it (frozen). With `clutter` = (mean, std) latents, a `clutter_share` of every batch are
     clutter images under the empty prompt: unconditional data that shows the UNet more ways to draw than the
-    captions' single shapes."""
+    captions' single shapes. Batches and noise are drawn on the CPU, so every device trains on the same ones."""
     torch.manual_seed(SEED)
     unet = U.UNet(cfg)
     text = text_encoder_from(tokenizer) if pretrained_text is None else pretrained_text.requires_grad_(False)
+    unet.to(device), text.to(device)
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]  # a frozen parameter's average stays itself
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=UNET_LR, weight_decay=0.01)
     start, state = 0, _ckpt(work, "unet")
     if state is not None:
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
-        ema, start = state["ema"], state["step"]
+        ema, start = [e.to(device) for e in state["ema"]], state["step"]
     if start >= total:
-        return unet, text, ema
+        return unet.cpu(), text.cpu(), [e.cpu() for e in ema]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
                     return_tensors="pt").input_ids
     abar = U.alphas_cumprod_from_config(SCHEDULER_CFG)
     snr = abar / (1 - abar)
-    weight = torch.clamp(snr, max=5.0) / snr
+    weight = (torch.clamp(snr, max=5.0) / snr).to(device)
     n = len(captions)
     prog, last = Progress("unet", total, start), time.time()
     for step in range(start, total):
         rng = np.random.default_rng([SEED, 3, step])
         g = torch.Generator().manual_seed(SEED * 100019 + step)
-        idx = torch.from_numpy(rng.integers(2 * n, size=UNET_BATCH))
+        idx = torch.from_numpy(rng.integers(2 * n, size=batch))
         mean, std = lat_mean[idx], lat_std[idx]
-        cap = torch.where(torch.from_numpy(rng.random(UNET_BATCH) < 0.1), n, idx % n)  # 10% empty prompt
+        cap = torch.where(torch.from_numpy(rng.random(batch) < 0.1), n, idx % n)  # 10% empty prompt
         if clutter_share > 0:
-            k = int(round(clutter_share * UNET_BATCH))
+            k = int(round(clutter_share * batch))
             j = torch.from_numpy(rng.integers(len(clutter[0]), size=k))
             mean, std = torch.cat([mean[k:], clutter[0][j]]), torch.cat([std[k:], clutter[1][j]])
             cap = torch.cat([cap[k:], torch.full((k,), n)])
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling_factor
-        t = torch.randint(0, T, (UNET_BATCH,), generator=g)
+        t = torch.randint(0, T, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        xt, noise, t = (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), noise.to(device), t.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(UNET_LR, step, total, warmup=200)
-        pred = unet(xt, t, text(ids[cap]).last_hidden_state)
+        pred = unet(xt, t, text(ids[cap].to(device)).last_hidden_state)
         loss = (weight[t] * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -369,7 +384,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg
             _ckpt(work, "unet", {"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                                  "ema": ema, "step": step + 1})
             last = time.time()
-    return unet, text, ema
+    return unet.cpu(), text.cpu(), [e.cpu() for e in ema]
 
 
 def export(out, work, vae, scaling_factor, unet, text, ema):
@@ -409,9 +424,11 @@ def main():
     ap.add_argument("--work", default="/tmp/cp/pretrain")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--device", default="cpu", help="where the VAE, text and UNet stages train (e.g. cuda)")
     ap.add_argument("--stop-after", choices=["data", "tokenizer", "vae", "unet"], default=None)
     ap.add_argument("--unet", choices=list(UNETS), default="a16", help="UNet candidate (default: the shipped one)")
     ap.add_argument("--unet-steps", type=int, default=UNET_STEPS, help="UNet training steps (shorter: a probe run)")
+    ap.add_argument("--unet-batch", type=int, default=UNET_BATCH, help="images per UNet step")
     ap.add_argument("--vae", choices=list(VAES), default="v2", help="VAE candidate (default: the shipped one)")
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps")
     ap.add_argument("--vae-from", default=None, help="take the VAE of this model folder instead of training one")
@@ -426,7 +443,7 @@ def main():
         torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     t0 = time.time()
-    images, captions, clutter, labels = stage_data(args.work)
+    images, captions, labels = stage_data(args.work)
     tokenizer = stage_tokenizer(args.work)
     if args.stop_after in ("data", "tokenizer"):
         return
@@ -435,14 +452,17 @@ def main():
         vae, scaling_factor = model.vae, model.scaling_factor
     else:
         vae_cfg = VAES[args.vae]
-        vae, scaling_factor = stage_vae(args.work, images, clutter, vae_cfg, args.vae_steps)
+        vae, scaling_factor = stage_vae(args.work, images, stage_clutter(args.work), vae_cfg, args.vae_steps,
+                                        args.device)
     if args.stop_after == "vae":
         return
-    lat_mean, lat_std = encode_dataset(args.work, vae, images)
-    text = stage_text(args.work, tokenizer, captions, labels, args.text_steps) if args.text == "pretrained" else None
-    clutter_lat = encode_dataset(args.work, vae, clutter, "clutter_latents", (False,)) if args.clutter_share else None
+    lat_mean, lat_std = encode_dataset(args.work, vae, images, device=args.device)
+    text = (stage_text(args.work, tokenizer, captions, labels, args.text_steps, args.device)
+            if args.text == "pretrained" else None)
+    clutter_lat = (encode_dataset(args.work, vae, stage_clutter(args.work), "clutter_latents", (False,), args.device)
+                   if args.clutter_share else None)
     unet, text, ema = stage_unet(args.work, tokenizer, lat_mean, lat_std, captions, scaling_factor, UNETS[args.unet],
-                                 args.unet_steps, text, clutter_lat, args.clutter_share)
+                                 args.unet_steps, text, clutter_lat, args.clutter_share, args.unet_batch, args.device)
     if args.stop_after == "unet":
         return
     export(args.out, args.work, vae, scaling_factor, unet, text, ema)
