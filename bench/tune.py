@@ -1,6 +1,6 @@
 """Tune every method the same way, on the tuning concepts only (bench/RESULTS.md, "Protocol").
 
-Every method with a knob gets the same budget: the five settings of GRID[method], each one run of
+Every method with a knob gets the same budget: the six settings of GRID[method], each one run of
 bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks, 1 seed). The chosen setting has the highest
 final accuracy A (ties: the lower forgetting F). `seq` and `ti` have no knob of their own (the training defaults
 are shared by every method): one run each, for reference. The evaluation concepts and their renders are never
@@ -25,24 +25,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ on a Fisher rescaled to mean 1 (cp.fisher_diagonal)
+LAMBDAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # λ on a Fisher rescaled to mean 1 (cp.fisher_diagonal)
 
 
 def dsc_grid(knob, values, lower):
     """DSC: how long and how hard to consolidate (consolidation costs plasticity): steps {25, 100} × two values of
-    the weight, plus, for the same budget of five, the weight's next lower value at the longer consolidation."""
-    return [{"dsc_steps": s, knob: v} for s in (25, 100) for v in values] + [{"dsc_steps": 100, knob: lower}]
+    the weight, plus, for the same budget of six, the weight's two next lower values at the longer consolidation."""
+    return [{"dsc_steps": s, knob: v} for s in (25, 100) for v in values] + [{"dsc_steps": 100, knob: v}
+                                                                               for v in lower]
 
 
 GRID = {
     "seq": [{}],
     "ti": [{}],
-    "clora": [{"clora_lambda": v} for v in (1e0, 1e1, 1e2, 1e3, 1e4)],
+    "clora": [{"clora_lambda": v} for v in (1e-1, 1e0, 1e1, 1e2, 1e3, 1e4)],
     "ewc": [{"ewc_lambda": v} for v in LAMBDAS],
     "ewc-dc": [{"ewc_lambda": v} for v in LAMBDAS],
-    "dsc": dsc_grid("dsc_w_h", (0.1, 1.0), 0.01),
-    "dsc-ewc": dsc_grid("ewc_lambda", (1.0, 10.0), 0.1),
-    "dsc-ewc-dc": dsc_grid("ewc_lambda", (1.0, 10.0), 0.1),
+    "dsc": dsc_grid("dsc_w_h", (0.1, 1.0), (0.01, 0.001)),
+    "dsc-ewc": dsc_grid("ewc_lambda", (1.0, 10.0), (0.1, 0.01)),
+    "dsc-ewc-dc": dsc_grid("ewc_lambda", (1.0, 10.0), (0.1, 0.01)),
 }
 
 

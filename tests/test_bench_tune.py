@@ -14,7 +14,7 @@ import tune  # noqa: E402
 def test_every_method_the_same_budget_on_real_knobs():
     assert set(tune.GRID) == set(cp.METHODS)
     budgets = {m: len(g) for m, g in tune.GRID.items() if m not in ("seq", "ti")}
-    assert set(budgets.values()) == {5}, budgets
+    assert set(budgets.values()) == {6}, budgets
     for m, grid in tune.GRID.items():
         for setting in grid:
             cp.check_hparams(cp.Hparams(method=m, **setting))
