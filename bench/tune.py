@@ -31,8 +31,8 @@ LAMBDAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # λ on a Fisher rescaled to mea
 def dsc_grid(knob, values, lower):
     """DSC: how long and how hard to consolidate (consolidation costs plasticity): steps {25, 100} × two values of
     the weight, plus, for the same budget of six, the weight's two next lower values at the longer consolidation."""
-    return [{"dsc_steps": s, knob: v} for s in (25, 100) for v in values] + [{"dsc_steps": 100, knob: v}
-                                                                               for v in lower]
+    return ([{"dsc_steps": s, knob: v} for s in (25, 100) for v in values]
+            + [{"dsc_steps": 100, knob: v} for v in lower])
 
 
 GRID = {

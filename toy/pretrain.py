@@ -345,7 +345,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg
     if start >= total:
         return unet.cpu(), text.cpu(), [e.cpu() for e in ema]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+                    return_tensors="pt").input_ids.to(device)
     abar = U.alphas_cumprod_from_config(SCHEDULER_CFG)
     snr = abar / (1 - abar)
     weight = (torch.clamp(snr, max=5.0) / snr).to(device)
@@ -369,7 +369,7 @@ def stage_unet(work, tokenizer, lat_mean, lat_std, captions, scaling_factor, cfg
         xt, noise, t = (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), noise.to(device), t.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(UNET_LR, step, total, warmup=200)
-        pred = unet(xt, t, text(ids[cap].to(device)).last_hidden_state)
+        pred = unet(xt, t, text(ids[cap.to(device)]).last_hidden_state)
         loss = (weight[t] * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
