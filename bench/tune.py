@@ -57,11 +57,13 @@ def flags(setting):
 
 def run_cell(method, setting, out, args):
     """One (method, setting): bench/continual.py in its own process, one thread; returns its results.json."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "continual.py"), "--split", "tuning", "--seeds", "1",
-           "--methods", method, "--out", out, "--model", args.model, "--adapter", args.adapter, "--quiet", "--resume",
-           *flags(setting)]
+    # run from the repository root with relative paths, so the cell's records read the same on every machine
+    cmd = [sys.executable, os.path.join("bench", "continual.py"), "--split", "tuning", "--seeds", "1",
+           "--methods", method, "--out", os.path.relpath(out, ROOT), "--model", os.path.relpath(args.model, ROOT),
+           "--adapter", args.adapter, "--quiet", "--resume", *flags(setting)]
     with open(os.path.join(out, "log.txt"), "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{method} {cell_name(setting)} failed (exit {done.returncode}); see {out}/log.txt")
     with open(os.path.join(out, "results.json")) as f:
