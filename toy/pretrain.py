@@ -14,11 +14,12 @@ folder layout (toy/model/). Stages, each cached in the work dir so an interrupte
             SD v1 scaled_linear schedule (beta 0.00085 -> 0.012, T = 1000), captions dropped to "" 10% of the time (CFG)
   export    EMA weights -> toy/model/
 
-    python -m toy.pretrain --vae-from toy/model --work W --out W/model   # the shipped model (a16, 14,000 UNet steps,
+    python -m toy.pretrain --vae-from toy/model --work W --out W/model   # the shipped model (a16, 20,000 UNet steps,
                                             # text stage, and the v2 VAE it ships, which the defaults would train again)
     python -m toy.pretrain [--work /tmp/cp/pretrain] [--out toy/model]     # all from scratch (a16 + v2, text stage)
     python -m toy.pretrain --unet a8 --vae v1 --vae-steps 2000 --text joint --unet-steps 7000 --work W --out W/model
-                                            # the first one (the second and third: 7,000 UNet steps too)
+                                            # the first one (the second and third: 7,000 UNet steps too,
+                                            # the fourth 14,000)
     python -m toy.pretrain --unet a16w48 --unet-steps 900 --vae-from toy/model --work /tmp/probe --out /tmp/probe/model
                                             # a probe: another UNet candidate, a short run, the shipped VAE
     python -m toy.pretrain --stop-after tokenizer --work W     # then, on a CUDA machine, with W copied there (13 MB):
@@ -42,7 +43,7 @@ from toy import oracle, world
 SEED = 0
 N_IMAGES, N_CLUTTER = 12000, 4000
 VAE_STEPS, VAE_BATCH, VAE_CROP = 6000, 16, 32
-UNET_STEPS, UNET_BATCH, UNET_LR = 14000, 32, 8e-4
+UNET_STEPS, UNET_BATCH, UNET_LR = 20000, 32, 8e-4
 TEXT_STEPS, TEXT_BATCH, TEXT_LR = 1500, 128, 1e-3
 T = 1000
 
