@@ -68,6 +68,13 @@ QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+def in_repo(path):
+    """A path inside the repository, written relative to it, so that a report reads (and resumes) the same in every
+    clone; any other path as given."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -539,7 +546,8 @@ def main(argv=None):
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": device_name,
                   "judge": ctx["judge_name"], "judge_acc_real": judge_acc, "concepts": ctx["names"],
-                  "seeds": args.seeds, "args": vars(args), "hparams": hparams, "runs": {}, "summary": {}}
+                  "seeds": args.seeds, "args": {**vars(args), "model": in_repo(args.model)}, "hparams": hparams,
+                  "runs": {}, "summary": {}}
         names, real = ctx["names"], ctx["real"]
         grid, earlier = {}, 0.0
         results_path, samples_dir = os.path.join(args.out, "results.json"), os.path.join(args.out, "samples")

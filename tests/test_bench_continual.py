@@ -150,6 +150,15 @@ def test_resume_keeps_finished_runs_and_tuned_values_reach_their_method(tiny_mod
         assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_model_inside_the_repository_is_recorded_relative_to_it(tmp_path, monkeypatch):
+    shipped = os.path.join(ROOT, "toy", "model")
+    assert continual.in_repo(shipped) == os.path.join("toy", "model")  # the default --model, an absolute path
+    monkeypatch.chdir(os.path.join(ROOT, "toy"))
+    assert continual.in_repo("model") == os.path.join("toy", "model")  # a relative one, from another folder
+    assert continual.in_repo(str(tmp_path)) == str(tmp_path)  # outside the repository: as given
+    assert continual.in_repo(ROOT + "-copy/toy/model") == ROOT + "-copy/toy/model"  # a sibling, not inside
+
+
 def test_method_hparams_tuned_then_flags(tmp_path):
     args = continual.parse_args(["--ewc-gamma", "0.5"])
     assert continual.method_hparams(args, ["seq", "ewc"]) == {"seq": {"ewc_gamma": 0.5}, "ewc": {"ewc_gamma": 0.5}}
