@@ -7,10 +7,13 @@ README "The method in one page"):
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
     L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀
+                (τ calibrated per task: median over draws of std_i e_i, so −e/τ spreads by about one nat)
     EWC       = (λ/2) Σ F*(φ − φ*)²,   F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1,  F* ← γ F* + F̂
+                (optionally F* rescaled to mean 1 too, so that λ weighs the same on every task)
                 (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`: the DC scores build the Fisher)
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²
     DSC       = w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
+                (first task: T2 = the base model on c₀, or no T2 terms)
 
 Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper).
 A task runs in four steps: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state.
@@ -27,7 +30,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -41,8 +44,11 @@ from kernels import dc_errors
 from unet import add_noise
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
+FISHER_NORMS = ("task", "total")
+DSC_FIRST = ("base", "none")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST = "manifest.json"
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
 LOCK = ".lock"
 # every name a save writes (data files carry the attempt's id), and the only names a state folder may hold
 # without a manifest (its lock, leftovers of a first save that was killed)
@@ -67,15 +73,17 @@ class Hparams:
     adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
     ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; ewc-dc's tuned value)
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
+    fisher_norm: str = "task"      # task: each F̂ rescaled to mean 1 (F* grows to 1/(1−γ)); total: F* too, after each update
     fisher_samples: int = 16       # per-image gradients averaged into F̂
     dc_weight: float = 0.0         # δ: weight of L_DC in ewc-dc's training loss (0: the DC scores only build the Fisher)
-    dc_temp: float = 0.01          # τ of the DC posterior over mean-over-dims errors (the paper's τ=1 on sums is 1/D)
+    dc_temp: str = "auto"          # τ of the DC posterior over mean-over-dims errors: a number, or auto (calibrated per task, cp.calibrate_temp)
     dc_k: int = 5                  # k: most prompts in the DC subset S
     dc_batch: int = 2              # images of each batch that δ·L_DC scores under all of S (its cost grows with k)
     clora_lambda: float = 1.0      # λ_c: C-LoRA self-regularization (its tuned value)
     dsc_steps: int = 100           # consolidation steps after training (dsc*)
     dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
     dsc_w_n: float = 1.0           # w_n: weight of the noise-prediction distillation
+    dsc_first: str = "base"        # T2 on the first task, which has no earlier concept: base (the base model on c₀) or none
     seed: int = 0                  # seed of task n is seed * 1000 + n (batches, noise, the DC subset)
 
     def uses(self, part):
@@ -120,14 +128,67 @@ def check_hparams(hp):
         if type(getattr(hp, name)) is not int or getattr(hp, name) < low:
             raise bad(name, f"an integer ≥ {low}")
     number = lambda v: type(v) in (int, float) and math.isfinite(v)
-    for name in ("lr", "token_lr", "alpha", "dc_temp"):
+    for name in ("lr", "token_lr", "alpha"):
         if not (number(getattr(hp, name)) and getattr(hp, name) > 0):
             raise bad(name, "a finite number > 0")
+    if hp.dc_temp != "auto" and not (fixed_temp(hp) or 0) > 0:
+        raise bad("dc_temp", "auto or a finite number > 0")
+    for name, choices in (("fisher_norm", FISHER_NORMS), ("dsc_first", DSC_FIRST)):
+        if getattr(hp, name) not in choices:
+            raise bad(name, " or ".join(choices))
     for name in ("ewc_lambda", "dc_weight", "clora_lambda", "dsc_w_h", "dsc_w_n"):
         if not (number(getattr(hp, name)) and getattr(hp, name) >= 0):
             raise bad(name, "a finite number ≥ 0 (0 turns the term off)")
     if not (number(hp.ewc_gamma) and 0 <= hp.ewc_gamma <= 1):
         raise bad("ewc_gamma", "between 0 and 1")
+
+
+def load_presets(path=PRESETS):
+    """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
+    "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
+    check_hparams refuses is a CPError naming it."""
+    try:
+        with open(path) as f:
+            presets = json.load(f)
+        models, methods, default = presets["models"], presets["methods"], presets["default_method"]
+        names = {f.name for f in fields(Hparams)} - {"method"}
+        for kind, values in models.items():
+            extra = set(values) - names - {"max_unet_params", "why"}
+            if extra:
+                raise CPError(f"model preset {kind!r} sets unknown hparams {sorted(extra)}")
+        for method, values in methods.items():
+            if method not in METHODS:
+                raise CPError(f"unknown method {method!r}")
+            if set(values) - names:
+                raise CPError(f"method preset {method!r} sets unknown hparams {sorted(set(values) - names)}")
+            check_hparams(Hparams(**values, method=method))
+        if default not in METHODS:
+            raise CPError(f"unknown default_method {default!r}")
+    except FileNotFoundError:
+        raise CPError(f"presets file {path} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CPError) as e:
+        raise CPError(f"presets file {path} is damaged: {type(e).__name__}: {e}") from None
+    return presets
+
+
+def model_preset(presets, unet):
+    """(kind, {hparam: value}) of the first model preset, smallest first, whose max_unet_params the UNet fits
+    (null: no bound); the base model's size picks the training settings."""
+    n = sum(p.numel() for p in unet.parameters())
+    bound = lambda kv: kv[1]["max_unet_params"] if kv[1]["max_unet_params"] is not None else math.inf
+    for kind, values in sorted(presets["models"].items(), key=bound):
+        if n <= bound((kind, values)):
+            return kind, {k: v for k, v in values.items() if k not in ("max_unet_params", "why")}
+    raise CPError(f"no model preset in presets.json fits a UNet of {n:,} parameters")
+
+
+def fixed_temp(hp):
+    """τ given as a number (from a flag, a preset or an older state), or None: auto, or not a finite number."""
+    try:
+        tau = float(hp.dc_temp)
+    except (TypeError, ValueError):
+        return None
+    return tau if math.isfinite(tau) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,9 +354,10 @@ class Batches:
         self.mean, self.std, self.scale = mean, std, model.scaling_factor
         self.batch_size, self.gen = batch_size, gen
 
-    def __call__(self, n=None):
-        idx = torch.randint(0, len(self.mean), (n or self.batch_size,), generator=self.gen)
-        eps = torch.randn(self.mean[idx].shape, generator=self.gen).to(self.mean)
+    def __call__(self, n=None, gen=None):
+        gen = gen or self.gen
+        idx = torch.randint(0, len(self.mean), (n or self.batch_size,), generator=gen)
+        eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean)
         return (self.mean[idx] + self.std[idx] * eps) * self.scale
 
 
@@ -304,8 +366,8 @@ def draw_noise(model, x0, gen):
     return t, torch.randn(x0.shape, generator=gen).to(x0)
 
 
-def task_loss(model, x0, prompts, hp, gen):
-    """L_denoise, and δ·L_DC when the method trains on it (δ > 0 and K > 1 prompts), from one ragged UNet batch:
+def task_loss(model, x0, prompts, hp, gen, tau=None):
+    """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged UNet batch:
     the first `dc_batch` images under all K prompts of S (target first; that column also serves L_denoise), the
     other images under the target only."""
     t, eps = draw_noise(model, x0, gen)
@@ -318,16 +380,36 @@ def task_loss(model, x0, prompts, hp, gen):
     e_dc = e[:n_dc * K].view(n_dc, K)
     terms = {"denoise": torch.cat([e_dc[:, 0], e[n_dc * K:]]).mean()}
     if n_dc:
-        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, hp.dc_temp).mean()
+        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, tau).mean()
     return terms
 
 
-def dc_loss(model, x0, prompts, hp, gen):
-    """L_DC = mean over images of −log p_φ(c_n | x): all K prompts of S (target first) in one UNet batch, one
-    (t, ε) per image shared by the K prompts (a paired comparison)."""
+def subset_errors(model, x0, prompts, gen):
+    """e[B, K]: all K prompts of S (target first) in one UNet batch, one (t, ε) per image shared by the K prompts
+    (a paired comparison)."""
     t, eps = draw_noise(model, x0, gen)
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
-    return dc_score.dc_cross_entropy(e, 0, hp.dc_temp).mean()
+    return dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
+
+
+def dc_loss(model, x0, prompts, tau, gen):
+    """L_DC = mean over images of −log p_φ(c_n | x) at temperature τ."""
+    return dc_score.dc_cross_entropy(subset_errors(model, x0, prompts, gen), 0, tau).mean()
+
+
+def calibrate_temp(model, state, task, n=16):
+    """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the spread (std) of the
+    errors among the prompts of a DC subset S. The logits −e/τ then spread by about one nat across S, so the
+    posterior neither saturates (τ far below the gaps) nor flattens (far above), and τ scales with the errors
+    themselves: it means the same on every base model and latent size. Its own random stream: calibrating changes
+    no other draw of the task."""
+    gen = torch.Generator().manual_seed(task.gen.initial_seed() + 7919)
+    prompts = dc_subset(state, task.target, task.c0, state.hparams, random.Random(gen.initial_seed()))
+    with torch.no_grad():
+        spread = subset_errors(model, task.batches(n, gen), prompts, gen).float().std(1).median().item()
+    if not spread > 0:
+        raise CPError(f"cannot calibrate --dc-temp: the prompts {prompts} give the same errors on the images; "
+                      "give --dc-temp a number")
+    return spread
 
 
 def dc_subset(state, target, c0, hp, rng):
@@ -345,21 +427,20 @@ def teacher_outputs(model, name, x0, context, t, eps):
     return e, pred
 
 
-def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen):
-    """L_DSC over the subset [c_n, c₀, (c_j)]: teachers T1 ("teacher1") and T2 (`teacher2`, None = base model),
-    student "current"."""
+def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2=True):
+    """L_DSC at temperature τ over the subset [c_n, c₀, (c_j)]: teachers T1 ("teacher1") and T2 (`teacher2`,
+    None = base model; use_t2=False drops its two terms), student "current"."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
-    e1, pred1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
-    e2, pred2 = teacher_outputs(model, teacher2, x0, context, t, eps)
+    teachers = [("teacher1", 0)] + ([(teacher2, j_index)] if use_t2 else [])  # (adapter, the column it teaches)
+    outputs = [teacher_outputs(model, name, x0, context, t, eps) for name, _ in teachers]
     enable_only(model.unet, "current")
     e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
                                         return_pred=True)
-    p1, p2 = dc_score.posterior(e1, hp.dc_temp), dc_score.posterior(e2, hp.dc_temp)
-    return {"dsc_h": hp.dsc_w_h * (dc_score.soft_cross_entropy(p1, e, hp.dc_temp) +
-                                   dc_score.soft_cross_entropy(p2, e, hp.dc_temp)).mean(),
-            "dsc_n": hp.dsc_w_n * ((pred[:, 0] - pred1[:, 0]).square().mean() +
-                                   (pred[:, j_index] - pred2[:, j_index]).square().mean())}
+    return {"dsc_h": hp.dsc_w_h * sum(dc_score.soft_cross_entropy(dc_score.posterior(e_t, tau), e, tau)
+                                      for e_t, _ in outputs).mean(),
+            "dsc_n": hp.dsc_w_n * sum((pred[:, k] - pred_t[:, k]).square().mean()
+                                      for (_, k), (_, pred_t) in zip(teachers, outputs))}
 
 
 def fisher_diagonal(params, sample_loss, n):
@@ -429,6 +510,7 @@ class Task:
     rng: random.Random         # the DC subset, DSC's earlier concept
     ewc: tuple                 # (F*, φ*) of the state, on the adapter's device
     log: bool = True
+    tau: float = None          # τ of the DC terms (the flag's number, or calibrated: calibrate_temp)
 
 
 def learn_concept(model, state, folder, name=None, class_word=None, log=True):
@@ -454,6 +536,8 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     started = time.time()
     metrics = {"task": n, "name": name, "images": len(images)}
     metrics["train"], row = train_task(model, state, task)
+    if hp.uses("dc") or hp.uses("dsc"):
+        metrics["dc_temp"] = task_temp(model, state, task)
     if hp.uses("dsc"):
         metrics["consolidate"] = consolidate(model, state, task)
     final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, adapter).items()} if adapter else {}
@@ -464,6 +548,15 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
         metrics["fisher_seconds"] = round(time.time() - fisher_started, 1)
     metrics["seconds"] = round(time.time() - started, 1)
     return next_state(model, state, task, row, final, fisher, anchor, metrics)
+
+
+def task_temp(model, state, task):
+    """τ of the task's DC terms: the number given, else calibrated once per task where the terms first need it:
+    before training when δ·L_DC trains, else after training, on the model that DSC's consolidation and the DC Fisher
+    then score."""
+    if task.tau is None:
+        task.tau = fixed_temp(state.hparams) or calibrate_temp(model, state, task)
+    return task.tau
 
 
 def train_task(model, state, task):
@@ -480,7 +573,7 @@ def train_task(model, state, task):
 
     def loss():
         prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if hp.uses("dc_loss") else [task.target]
-        terms = task_loss(model, task.batches(), prompts, hp, task.gen)
+        terms = task_loss(model, task.batches(), prompts, hp, task.gen, tau)
         if hp.uses("ewc"):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         if hp.uses("clora"):
@@ -488,6 +581,7 @@ def train_task(model, state, task):
         return terms
 
     try:
+        tau = task_temp(model, state, task) if hp.uses("dc_loss") else None
         metrics = optimize(groups, hp.steps, loss, f"[{task.name}] train", task.log)
     finally:  # a failed task must not leave the row spliced into a model that may be used again
         hook.remove()
@@ -498,8 +592,10 @@ def train_task(model, state, task):
 
 def consolidate(model, state, task):
     """DSC: distil into the adapter T1 (the adapter as trained on this task), on c_n, and T2 (the pool's adapter
-    after a random earlier concept c_j; the base model on the first task), on c_j (c₀ on the first task)."""
+    after a random earlier concept c_j), on c_j. The first task has no earlier concept: T2 is then the base model on
+    c₀ (`--dsc-first base`), or there is no T2 term (`none`)."""
     hp = state.hparams
+    use_t2, tau = bool(state.pool) or hp.dsc_first == "base", task_temp(model, state, task)
     install_adapter(model.unet, "teacher1", snapshot(model.unet, task.adapter), hp)
     teacher2 = "teacher2" if state.pool else None
     if teacher2:
@@ -511,7 +607,7 @@ def consolidate(model, state, task):
         if j is not None:
             lora.set_adapter(model.unet, teacher2, state.pool[j])
         prompts = [task.target, task.c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
-        terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen)
+        terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen, tau, use_t2)
         if hp.uses("ewc"):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         return terms
@@ -528,16 +624,22 @@ def update_fisher(model, state, task, final):
     """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
     F̂ (`fisher_diagonal`) is taken of L_denoise for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over
     S = {c_n, c₀, earlier concepts} for the DC-informed methods: the Fisher then weighs the parameters that tell c_n
-    apart from what the model knew."""
+    apart from what the model knew. `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs
+    the same on every task (with `task`, the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
     hp = state.hparams
     if hp.uses("dc"):
+        tau = task_temp(model, state, task)
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
-                                      hp, task.gen)
+                                      tau, task.gen)
     else:
         sample_loss = lambda: task_loss(model, task.batches(1), [task.target], hp, task.gen)["denoise"]
     anchor = flat(final)
     f_hat = fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, hp.fisher_samples)
-    return {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}, anchor
+    fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
+    if hp.fisher_norm == "total":
+        mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+        fisher = {k: f / mean for k, f in fisher.items()} if mean > 0 else fisher
+    return fisher, anchor
 
 
 def next_state(model, state, task, row, final, fisher, anchor, metrics):

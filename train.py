@@ -14,7 +14,7 @@ import inspect
 import os
 import re
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import torch
 from safetensors.torch import save_file
@@ -28,7 +28,7 @@ FIXED = ("method", "rank", "alpha", "targets", "adapter")  # a state's adapter l
 
 def add_hparam_flags(parser, skip=()):
     """Every cp.Hparams field as a flag, its help the comment beside the field; None means "the state's value, else
-    the default"."""
+    the presets', else cp.Hparams' default"."""
     defaults = cp.Hparams()
     comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.+)$", inspect.getsource(cp.Hparams), re.M))
     for f in fields(cp.Hparams):
@@ -36,12 +36,30 @@ def add_hparam_flags(parser, skip=()):
             what = comments.get(f.name, "")  # a field without a comment fails tests/test_state.py, not the CLI
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
                                 choices={"method": cp.METHODS, "targets": list(lora.PRESETS),
-                                         "adapter": lora.ADAPTERS}.get(f.name),
+                                         "adapter": lora.ADAPTERS, "fisher_norm": cp.FISHER_NORMS,
+                                         "dsc_first": cp.DSC_FIRST}.get(f.name),
                                 help=f"{what} (default {getattr(defaults, f.name)})".replace("%", "%%"))
 
 
+def presets_help():
+    """The epilog of -h: where defaults come from, and every preset's values."""
+    try:
+        presets = cp.load_presets()
+    except cp.CPError as e:
+        return f"presets: {e}"
+    show = lambda values: ", ".join(f"{k} {v}" for k, v in values.items() if k not in ("max_unet_params", "why")) \
+        or "no values of its own"
+    lines = [f"Defaults, weakest first: cp.Hparams, then a preset of {cp.PRESETS} for the base model's size, then "
+             f"the method's tuned preset ({presets['source']}); a continued state keeps its own values; flags win. "
+             f"Default method: {presets['default_method']}.", "model presets:"]
+    lines += [f"  {kind}: {show(v)}" for kind, v in presets["models"].items()]
+    lines += ["method presets:"] + [f"  {m}: {show(v)}" for m, v in presets["methods"].items()]
+    return "\n".join(lines)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Learn one concept with continual personalization.")
+    p = argparse.ArgumentParser(description="Learn one concept with continual personalization.", epilog=presets_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
     p.add_argument("--concept", help="folder of images of the new concept")
     p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
@@ -56,17 +74,27 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def resolve_hparams(args, state):
-    """The flags given, over the state's values (or the defaults); the state's adapter layout cannot change."""
+def resolve_hparams(args, state, presets, model_values=None):
+    """The flags given, over the state's values; for a new state, over the method's preset, over the model's
+    (model_values; None: flags are only being checked). The state's adapter layout cannot change."""
     given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams) if getattr(args, f.name) is not None}
-    cp.check_hparams(cp.Hparams(**given))
-    if state is None:
-        return cp.Hparams(**given)
-    for k in FIXED:
-        if k in given and given[k] != getattr(state.hparams, k):
-            raise cp.CPError(f"this state uses {k}={getattr(state.hparams, k)!r}; start a new --state to use "
-                             f"{given[k]!r}")
-    return replace(state.hparams, **given)
+    if state is not None:
+        for k in FIXED:
+            if k in given and given[k] != getattr(state.hparams, k):
+                raise cp.CPError(f"this state uses {k}={getattr(state.hparams, k)!r}; start a new --state to use "
+                                 f"{given[k]!r}")
+        hp = replace(state.hparams, **given)
+    else:
+        method = given.get("method", presets["default_method"])
+        hp = cp.Hparams(**{**(model_values or {}), **presets["methods"].get(method, {}), **given, "method": method})
+    cp.check_hparams(hp)
+    return hp
+
+
+def describe_settings(hp, source, given):
+    """The line printed at the start of a run: every setting, and where the defaults came from."""
+    flags = f"; flags given: {', '.join(given)}" if given else ""
+    return f"settings ({source}{flags}): " + ", ".join(f"{k} {v}" for k, v in asdict(hp).items())
 
 
 def export(model, state, folder):
@@ -98,18 +126,26 @@ def run(args):
         raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
-    resolve_hparams(args, None)  # every flag checked before any work
+    presets = cp.load_presets()
+    resolve_hparams(args, None, presets)  # every flag checked before any work
     lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
-    hparams = resolve_hparams(args, state)
+    hparams = resolve_hparams(args, state, presets)
     model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "toy", "model"))
     model = unet.load_model(model_path, device)
+    given = [f.name for f in fields(cp.Hparams) if getattr(args, f.name) is not None]
     if state is not None:
         cp.check_model(state, model)
-    if state is None:
+        source = f"the state's, {len(state.concepts)} concepts"
+    else:
+        kind, model_values = cp.model_preset(presets, model.unet)
+        hparams = resolve_hparams(args, None, presets, model_values)
         state = cp.new_state(model, hparams)
+        source = f"new state: model preset {kind}, method preset {hparams.method} of presets.json"
     state.hparams = hparams
+    if args.concept:
+        print(describe_settings(hparams, source, given), flush=True)
     cp.apply_state(model, state)
 
     if args.concept:

@@ -283,7 +283,7 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
         h = state.history[-1]
         tasks.append({"concept": names[m], "train_seconds": h["seconds"], "lora_norm": h["lora_norm"],
                       "eval_seconds": round(time.time() - trained, 1), "seconds": round(time.time() - started, 1),
-                      "train_loss": h["train"], **growth(state, state_dir)})
+                      "train_loss": h["train"], "dc_temp": h.get("dc_temp"), **growth(state, state_dir)})
         print(f"[{method} seed {seed}] task {m + 1}/{N} {names[m]}: train {h['seconds']:.0f}s, eval "
               f"{tasks[-1]['eval_seconds']:.0f}s | acc {' '.join(f'{a:.2f}' for a in acc[:m + 1, m])} | "
               f"lora norm {h['lora_norm']:.3g} | state {tasks[-1]['state_bytes'] / 1024:.0f} KB", flush=True)
@@ -433,8 +433,10 @@ def parse_args(argv):
                    "--split)")
     p.add_argument("--split", choices=list(SPLITS), default="evaluation", help="which toy concepts (default: the "
                    "evaluation sequence; tuning happens on the other one)")
-    p.add_argument("--tuned", help="JSON {method: {hparam: value}} of per-method values (bench/tune.py writes "
-                   "bench/tuning/chosen.json); flags given explicitly win")
+    p.add_argument("--tuned", help="JSON {method: {hparam: value}} of per-method values over presets.json's; flags "
+                   "given explicitly win")
+    p.add_argument("--no-presets", action="store_true", help="cp.Hparams' defaults, not presets.json's model and "
+                   "method presets (bench/tune.py's cells set every value they tune)")
     p.add_argument("--class-words", help="comma-separated class words, one per concept (real-model mode)")
     p.add_argument("--clip", help="local CLIP folder (transformers.CLIPModel + tokenizer), the judge in place of "
                    "the oracle")
@@ -509,15 +511,17 @@ def _run_job(job):
     return method, run, samples
 
 
-def method_hparams(args, methods):
-    """{method: the hparams it runs with beyond cp.Hparams' defaults}: --tuned's values, then the flags given."""
+def method_hparams(args, methods, model_values=None):
+    """{method: the hparams it runs with beyond cp.Hparams' defaults}, as train.py resolves them for a new state:
+    the model preset (model_values), the method's preset (none with --no-presets), --tuned's values, the flags."""
     given = {f.name: getattr(args, f.name) for f in fields(cp.Hparams)
              if f.name not in ("method", "seed") and getattr(args, f.name) is not None}
     tuned = {}
     if args.tuned:
         with open(args.tuned) as f:
             tuned = json.load(f)
-    out = {m: {**tuned.get(m, {}), **given} for m in methods}
+    presets = {} if args.no_presets else cp.load_presets()["methods"]
+    out = {m: {**(model_values or {}), **presets.get(m, {}), **tuned.get(m, {}), **given} for m in methods}
     for m in methods:
         try:
             cp.check_hparams(cp.Hparams(**out[m], method=m))
@@ -534,11 +538,14 @@ def main(argv=None):
     bad = [m for m in methods if m not in cp.METHODS]
     if bad:
         sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(cp.METHODS)})")
-    hparams = method_hparams(args, methods)
     os.makedirs(args.out, exist_ok=True)
     tmp, pool = tempfile.mkdtemp(prefix="cp-continual-"), None
     try:
-        resolution = unet.load_model(args.model, "cpu").resolution  # fails early on a bad --model
+        base = unet.load_model(args.model, "cpu")  # fails early on a bad --model
+        resolution = base.resolution
+        hparams = method_hparams(args, methods, None if args.no_presets else
+                                 cp.model_preset(cp.load_presets(), base.unet)[1])
+        del base
         ctx = setup(args, tmp, resolution)
         judge_acc = float(np.mean([np.mean(pred == i) for i, pred in enumerate(ctx["real_pred"])]))
         print(f"judge: {ctx['judge_name']}; its accuracy on the real images: {judge_acc:.3f}", flush=True)

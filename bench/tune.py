@@ -1,151 +1,258 @@
 """Tune every method the same way, on the tuning concepts only (bench/RESULTS.md, "Protocol").
 
-Every method with a knob gets the same budget: the six settings of GRID[method], each one run of
-bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks, 1 seed). The chosen setting has the highest
-final accuracy A (ties: the lower forgetting F). `seq` and `ti` have no knob of their own (the training defaults
-are shared by every method): one run each, for reference. The evaluation concepts and their renders are never
-touched here.
+A cell is one run of bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks) at one setting, for one
+or more seeds. Three stages, each started as soon as what it needs is finished:
 
-    python bench/tune.py --jobs 2                     # every cell not yet on disk (resumable: cells are kept)
-    python bench/tune.py --methods ewc,ewc-dc         # some methods
-    python bench/tune.py --report                     # only rewrite the table and chosen.json from finished cells
-    python bench/tune.py --adapter vera --methods seq,ewc,ewc-dc --out bench/tuning-vera   # VeRA's λ
+ 1. coarse: every method with a knob gets the same budget, the COARSE settings of GRID[method] (steps of 1, 3, 10:
+    at most half a decade apart; the DSC combinations' grid follows `dsc`'s, combo_grid), seed 0. `seq` and `ti`
+    have no knob: one cell, three seeds.
+ 2. confirm: each method's TOP coarse cells (by A, then the lower F) again with seeds 1 and 2; the method's choice is
+    the one with the higher mean A over the three seeds. No choice rests on a single seed.
+ 3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
+    concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's).
 
-Writes bench/tuning/<method>/<setting>/results.json per finished cell (bench/continual.py's output), then
-bench/tuning/README.md (every cell, the choice marked) and bench/tuning/chosen.json, which
-`bench/continual.py --tuned bench/tuning/chosen.json` reads.
+Every cell runs BASE (the grid's values of the design choices) under what it varies, and nothing of presets.json
+(`--no-presets`). The evaluation concepts and their renders are never touched here.
+
+    python bench/tune.py --jobs 2          # every cell not yet on disk (resumable: finished cells are kept)
+    python bench/tune.py --report          # only rewrite the table (and presets.json once everything is finished)
+    python bench/tune.py --adapter vera --methods seq,ewc,ewc-dc --out bench/tuning-vera --presets none
+
+Writes <out>/<method>/<setting>/results.json per cell (bench/continual.py's output), <out>/README.md (every cell,
+mean ± std over its seeds, the choices) and, once every stage is finished, the "methods", "default_method" (the
+highest mean A over three seeds) and "source" of presets.json, which `train.py --method X` then runs.
 """
 import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAMBDAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # λ on a Fisher rescaled to mean 1 (cp.fisher_diagonal)
+sys.path.insert(0, ROOT)
+import cp  # noqa: E402
 
-
-def dsc_grid(knob, values, lower):
-    """DSC: how long and how hard to consolidate (consolidation costs plasticity): steps {25, 100} × two values of
-    the weight, plus, for the same budget of six, the weight's two next lower values at the longer consolidation."""
-    return ([{"dsc_steps": s, knob: v} for s in (25, 100) for v in values]
-            + [{"dsc_steps": 100, knob: v} for v in lower])
-
-
+COARSE, TOP, SEEDS = 8, 2, 3
+LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ on a Fisher of mean 1 (cp.fisher_diagonal)
+W_H = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)  # w_h under the calibrated τ (logits spread ~1 nat)
 GRID = {
     "seq": [{}],
     "ti": [{}],
-    "clora": [{"clora_lambda": v} for v in (1e-1, 1e0, 1e1, 1e2, 1e3, 1e4)],
+    "clora": [{"clora_lambda": v} for v in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)],
     "ewc": [{"ewc_lambda": v} for v in LAMBDAS],
     "ewc-dc": [{"ewc_lambda": v} for v in LAMBDAS],
-    "dsc": dsc_grid("dsc_w_h", (0.1, 1.0), (0.01, 0.001)),
-    "dsc-ewc": dsc_grid("ewc_lambda", (1.0, 10.0), (0.1, 0.01)),
-    "dsc-ewc-dc": dsc_grid("ewc_lambda", (1.0, 10.0), (0.1, 0.01)),
+    "dsc": [{"dsc_w_h": v} for v in W_H],
+}
+# two knobs, the same budget: λ over the middle of LAMBDAS × w_h at `dsc`'s best coarse cell and the step below it
+# (adding EWC costs plasticity already), so these two grids start once `dsc`'s coarse cells are finished
+COMBO_LAMBDAS = (0.003, 0.01, 0.03, 0.1)
+COMBOS = ("dsc-ewc", "dsc-ewc-dc")
+
+
+def combo_grid(w_best):
+    i = max(W_H.index(w_best), 1)
+    return [{"ewc_lambda": v, "dsc_w_h": w} for v in COMBO_LAMBDAS for w in (W_H[i - 1], W_H[i])]
+# the grid's values of the open design choices, and dsc_steps (100 beat 25 in the earlier grid)
+BASE = {"fisher_norm": "total", "dc_temp": "auto", "dsc_first": "base", "dsc_steps": 100}
+# design choice: (its other value, the methods it is compared on, the methods whose preset it sets)
+CHOICES = {
+    "fisher_norm": ("task", ("ewc", "ewc-dc"), ("ewc", "ewc-dc", "dsc-ewc", "dsc-ewc-dc")),
+    "dc_temp": (0.01, ("ewc-dc", "dsc"), ("ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")),
+    "dsc_first": ("none", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
 }
 
 
 def cell_name(setting):
-    return ",".join(f"{k}={v:g}" for k, v in setting.items()) or "defaults"
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "defaults"
 
 
 def flags(setting):
-    return [x for k, v in setting.items() for x in (f"--{k.replace('_', '-')}", repr(v))]
+    return [x for k, v in setting.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def run_cell(method, setting, out, args):
-    """One (method, setting): bench/continual.py in its own process, one thread; returns its results.json."""
+def cell_dir(root, method, setting):
+    return os.path.join(root, method, cell_name(setting))
+
+
+def finished(out, method, seeds=1):
+    """The cell's runs of seeds 0 .. seeds−1 (bench/continual.py writes each run as it finishes), or None while any
+    of them is missing."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        runs = [r for r in json.load(f)["runs"].get(method, []) if r["seed"] < seeds]
+    return sorted(runs, key=lambda r: r["seed"]) if len(runs) == seeds else None
+
+
+def score(runs):
+    """(mean A, mean F, mean P, std A, minutes) over a cell's runs."""
+    mean = lambda k: statistics.fmean(r[k] or 0.0 for r in runs)
+    std = statistics.pstdev(r["A"] for r in runs)
+    return mean("A"), mean("F"), mean("P"), std, sum(t["seconds"] for r in runs for t in r["tasks"]) / 60
+
+
+def best(cells):
+    """[(setting, runs)] sorted by the higher mean A, then the lower mean F."""
+    return sorted(cells, key=lambda c: (-round(score(c[1])[0], 6), round(score(c[1])[1], 6)))
+
+
+def plan(root, methods):
+    """Every cell whose inputs are finished, as [(method, setting, seeds)], and what is decided so far:
+    {method: chosen setting} and {design choice: value}."""
+    cells, chosen, grids = [], {}, dict(GRID)
+    for m in methods:
+        if m in COMBOS:
+            dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]]
+            if not all(r for _, r in dsc):
+                continue
+            grids[m] = combo_grid(best(dsc)[0][0]["dsc_w_h"])
+        grid = grids[m]
+        first = SEEDS if len(grid) == 1 else 1
+        cells += [(m, s, first) for s in grid]
+        coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
+        if not all(r for _, r in coarse):
+            continue
+        top = [s for s, _ in best(coarse)[:TOP]]
+        cells += [(m, s, SEEDS) for s in top if first < SEEDS]
+        confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
+        if all(r for _, r in confirmed):
+            chosen[m] = best(confirmed)[0][0]
+    decided = {}
+    for key, (other, compared, _) in CHOICES.items():
+        on = [m for m in compared if m in methods]
+        if not on or not all(m in chosen for m in on):
+            continue
+        cells += [(m, {**chosen[m], key: other}, SEEDS) for m in on]
+        pairs = [[finished(cell_dir(root, m, setting), m, SEEDS) for setting in (chosen[m], {**chosen[m], key: other})]
+                 for m in on]
+        if all(a and b for a, b in pairs):
+            mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
+            decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
+    return cells, chosen, decided
+
+
+def run_cell(method, setting, seeds, args):
+    """One cell: bench/continual.py in its own process, one thread; more seeds resume the cell's earlier ones."""
+    out = cell_dir(args.out, method, setting)
+    os.makedirs(out, exist_ok=True)
     # run from the repository root with relative paths, so the cell's records read the same on every machine
-    cmd = [sys.executable, os.path.join("bench", "continual.py"), "--split", "tuning", "--seeds", "1",
+    cmd = [sys.executable, os.path.join("bench", "continual.py"), "--split", "tuning", "--seeds", str(seeds),
            "--methods", method, "--out", os.path.relpath(out, ROOT), "--model", os.path.relpath(args.model, ROOT),
-           "--adapter", args.adapter, "--quiet", "--resume", *flags(setting)]
-    with open(os.path.join(out, "log.txt"), "w") as log:
+           "--adapter", args.adapter, "--no-presets", "--quiet", "--resume", *flags({**BASE, **setting})]
+    with open(os.path.join(out, "log.txt"), "a") as log:
         done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{method} {cell_name(setting)} failed (exit {done.returncode}); see {out}/log.txt")
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
 
 
-def finished(out):
-    path = os.path.join(out, "results.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            report = json.load(f)
-        if "total_seconds" in report:
-            return report
-
-
-def choose(cells):
-    """The setting with the highest A; ties: the lower F. cells: [(setting, A, F)]."""
-    return max(cells, key=lambda c: (round(c[1], 6), -round(c[2] or 0.0, 6)))[0]
+def presets_of(root, methods, chosen, decided):
+    """presets.json's "methods" and "default_method": each method's chosen setting with the design choices that
+    concern it; the default is the method with the highest mean A over three seeds, at its chosen cell run with the
+    design choices that won (where such a cell was run)."""
+    values, final_a = {}, {}
+    for m in methods:
+        values[m] = {**chosen[m], **{k: v for k, v in decided.items() if m in CHOICES[k][2]}}
+        if cp.Hparams(method=m).uses("dsc"):
+            values[m]["dsc_steps"] = BASE["dsc_steps"]
+        won = {k: v for k, v in decided.items() if v != BASE[k] and m in CHOICES[k][1]}
+        final_a[m] = score(finished(cell_dir(root, m, {**chosen[m], **won}), m, SEEDS))[0]
+    return values, max(final_a, key=final_a.get), final_a
 
 
 def report(root, methods):
-    rows = ["| method | setting | A ↑ | P ↑ | F ↓ | minutes | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    chosen, missing = {}, 0
-    for method in methods:
-        cells = []
-        for setting in GRID[method]:
-            r = finished(os.path.join(root, method, cell_name(setting)))
-            if r is None:
-                missing += 1
-                continue
-            s = r["summary"][method]
-            cells.append((setting, s["A"][0], s["F"][0], s["P"][0], r["total_seconds"] / 60))
-        if len(cells) == len(GRID[method]):
-            chosen[method] = choose([c[:3] for c in cells])
-        for setting, A, F, P, minutes in cells:
-            mark = "**←**" if chosen.get(method) == setting and len(GRID[method]) > 1 else ""
-            rows.append(f"| `{method}` | {cell_name(setting)} | {A:.3f} | {P:.3f} | "
-                        f"{'n/a' if F is None else f'{F:.3f}'} | {minutes:.0f} | {mark} |")
-    return "\n".join(rows), {m: v for m, v in chosen.items() if v}, missing
+    """The table of every cell planned so far, and the decisions."""
+    cells, chosen, decided = plan(root, methods)
+    rows = ["| method | setting | seeds | A ↑ (mean ± std) | P ↑ | F ↓ | minutes | |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    missing, seen = 0, {}
+    for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
+        seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))
+    for m, setting, seeds in seen.values():
+        runs = finished(cell_dir(root, m, setting), m, seeds)
+        if runs is None:
+            missing += 1
+            continue
+        A, F, P, std, minutes = score(runs)
+        mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
+        rows.append(f"| `{m}` | {cell_name(setting)} | {seeds} | {A:.3f} ± {std:.3f} | {P:.3f} | {F:.3f} | "
+                    f"{minutes:.0f} | {mark} |")
+    lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
+             for k, v in decided.items()]
+    return "\n".join(rows), chosen, decided, missing, lines
+
+
+def write_presets(path, root, methods, chosen, decided, command):
+    values, default, final_a = presets_of(root, methods, chosen, decided)
+    with open(path) as f:
+        presets = json.load(f)
+    presets.update(default_method=default, methods=values,
+                   source=f"{command} (mean A over {SEEDS} seeds on the tuning concepts: "
+                          + ", ".join(f"{m} {a:.3f}" for m, a in final_a.items()) + ")")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(presets, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    cp.load_presets(tmp)  # what is written must load
+    os.replace(tmp, path)
+    return default
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default=",".join(GRID), help="comma-separated (default: all)")
+    ap.add_argument("--methods", default=",".join(cp.METHODS), help="comma-separated, in the order to run them "
+                    "(default: all)")
     ap.add_argument("--jobs", type=int, default=2, help="cells run at once, one torch thread each")
     ap.add_argument("--model", default=os.path.join(ROOT, "toy", "model"))
     ap.add_argument("--adapter", choices=["lora", "vera"], default="lora", help="the adapter every cell trains")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tuning"))
-    ap.add_argument("--report", action="store_true", help="only write the table and chosen.json")
+    ap.add_argument("--presets", default=cp.PRESETS, help="presets.json to write once every stage of every method "
+                    "is finished ('none': never)")
+    ap.add_argument("--report", action="store_true", help="run nothing: only write the table (and the presets)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in GRID]
+    bad = [m for m in methods if m not in GRID and m not in COMBOS]
     if bad:
-        sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(GRID)})")
-    todo = [(m, s) for m in methods for s in GRID[m] if not finished(os.path.join(args.out, m, cell_name(s)))]
-    print(f"tuning {len(methods)} methods: {len(todo)} of {sum(len(GRID[m]) for m in methods)} cells to run",
-          flush=True)
-    if not args.report and todo:
-        started = time.time()
-        with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
-            futures = {}
-            for m, s in todo:
-                out = os.path.join(args.out, m, cell_name(s))
-                os.makedirs(out, exist_ok=True)
-                futures[pool.submit(run_cell, m, s, out, args)] = (m, s)
-            for f in as_completed(futures):
-                m, s = futures[f]
-                A = f.result()["summary"][m]["A"][0]
-                print(f"{m} {cell_name(s)}: A {A:.3f} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
-    tried = [m for m in GRID if m in methods or os.path.isdir(os.path.join(args.out, m))]  # this call's and earlier
-    table, chosen, missing = report(args.out, tried)
+        sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(list(GRID) + list(COMBOS))})")
+    if set(COMBOS) & set(methods) and "dsc" not in methods:
+        sys.exit(f"error: {', '.join(COMBOS)} take their w_h from dsc's grid: add dsc to --methods")
+    started, running = time.time(), {}
+    with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
+        while not args.report:
+            cells = plan(args.out, methods)[0]
+            todo = [c for c in cells if not finished(cell_dir(args.out, c[0], c[1]), c[0], c[2])
+                    and (c[0], cell_name(c[1])) not in running]
+            for m, setting, seeds in todo[:max(0, args.jobs - len(running))]:
+                running[(m, cell_name(setting))] = pool.submit(run_cell, m, setting, seeds, args)
+                print(f"started {m} {cell_name(setting)} ({seeds} seeds)", flush=True)
+            if not running:
+                break
+            done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+            for key in [k for k, f in running.items() if f in done]:
+                running.pop(key).result()
+                print(f"finished {key[0]} {key[1]} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
+    table, chosen, decided, missing, lines = report(args.out, methods)
+    command = shlex.join(["python", "bench/tune.py"] + [a for a in argv if a != "--report"])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "chosen.json"), "w") as f:
-        json.dump(chosen, f, indent=1)
     with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write(f"# Tuning on the tuning concepts ({args.adapter})\n\n`{shlex.join(['python', 'bench/tune.py'] + argv)}` "
-                "(bench/RESULTS.md, \"Protocol\"): one seed per cell, A then F decide; the chosen settings are in "
-                "`chosen.json`.\n\n" + table + "\n" +
-                (f"\n{missing} cells not run yet.\n" if missing else ""))
+        f.write(f"# Tuning on the tuning concepts ({args.adapter})\n\n`{command}` (bench/RESULTS.md, \"Protocol\"): "
+                f"{COARSE} settings per method at seed 0, the best {TOP} again at seeds 1 and 2, chosen by mean A; "
+                f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
+                f"says otherwise.\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
+                + "\n" + (f"\n{missing} cells not finished yet.\n" if missing else ""))
     print(table)
-    print(f"wrote {args.out}/README.md and chosen.json" + (f" ({missing} cells not run yet)" if missing else ""))
+    complete = not missing and set(chosen) == set(methods) and len(decided) == len(
+        [k for k, (_, on, _) in CHOICES.items() if set(on) & set(methods)])
+    if complete and args.presets != "none":
+        default = write_presets(args.presets, args.out, methods, chosen, decided, command)
+        print(f"wrote {args.presets}: every method's preset; default method {default}")
+    print(f"wrote {args.out}/README.md" + (f" ({missing} cells not finished yet)" if missing else ""))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from conftest import ROOT, write_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
+import cp  # noqa: E402
 
 TINY = ["--steps", "2", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--sample-steps", "2",
         "--n-samples", "2", "--n-real", "3", "--dc-timesteps", "2", "--grid-n", "2", "--quiet"]
@@ -159,8 +160,14 @@ def test_model_inside_the_repository_is_recorded_relative_to_it(tmp_path, monkey
     assert continual.in_repo(ROOT + "-copy/toy/model") == ROOT + "-copy/toy/model"  # a sibling, not inside
 
 
-def test_method_hparams_tuned_then_flags(tmp_path):
+def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
+    """As train.py resolves a new state: the model preset, the method's preset, --tuned, the flags; --no-presets
+    leaves cp.Hparams' defaults under --tuned and the flags (bench/tune.py's cells)."""
+    presets = cp.load_presets()["methods"]
     args = continual.parse_args(["--ewc-gamma", "0.5"])
+    assert continual.method_hparams(args, ["seq", "ewc"], {"lr": 0.1}) == \
+        {"seq": {"lr": 0.1, **presets["seq"], "ewc_gamma": 0.5}, "ewc": {"lr": 0.1, **presets["ewc"], "ewc_gamma": 0.5}}
+    args.no_presets = True
     assert continual.method_hparams(args, ["seq", "ewc"]) == {"seq": {"ewc_gamma": 0.5}, "ewc": {"ewc_gamma": 0.5}}
     args.tuned = str(tmp_path / "chosen.json")
     (tmp_path / "chosen.json").write_text(json.dumps({"ewc": {"ewc_lambda": 9.0, "ewc_gamma": 0.1}}))

@@ -1,7 +1,11 @@
-"""bench/tune.py: the same budget for every method, the choice by A then F, resuming from finished cells."""
+"""bench/tune.py: the same budget for every method, no choice from one seed, design choices at the chosen cells,
+presets written only from a finished protocol, resuming from finished cells."""
 import json
 import os
+import shutil
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -11,39 +15,101 @@ import cp  # noqa: E402
 import tune  # noqa: E402
 
 
-def test_every_method_the_same_budget_on_real_knobs():
-    assert set(tune.GRID) == set(cp.METHODS)
-    budgets = {m: len(g) for m, g in tune.GRID.items() if m not in ("seq", "ti")}
-    assert set(budgets.values()) == {6}, budgets
-    for m, grid in tune.GRID.items():
+def test_every_method_the_same_budget_at_most_half_a_decade_apart():
+    grids = {**tune.GRID, **{m: tune.combo_grid(w) for m in tune.COMBOS for w in tune.W_H}}
+    assert set(grids) == set(cp.METHODS)
+    assert {m: len(g) for m, g in grids.items() if m not in ("seq", "ti")} == \
+        {m: tune.COARSE for m in cp.METHODS if m not in ("seq", "ti")}
+    for w in tune.W_H:  # the combinations' w_h: dsc's best coarse value and the step below it
+        assert {s["dsc_w_h"] for s in tune.combo_grid(w)} == {w, tune.W_H[tune.W_H.index(w) - 1]} if w != tune.W_H[0] \
+            else set(tune.W_H[:2])
+    for m, grid in grids.items():
         for setting in grid:
-            cp.check_hparams(cp.Hparams(method=m, **setting))
+            cp.check_hparams(cp.Hparams(method=m, **{**tune.BASE, **setting}))
         assert len({tune.cell_name(s) for s in grid}) == len(grid)
+        for knob in {k for s in grid for k in s}:
+            values = sorted({s[knob] for s in grid})
+            assert all(b / a <= 10 / 3 + 1e-9 for a, b in zip(values, values[1:])), (m, knob, values)
+    for key, (other, compared, concerns) in tune.CHOICES.items():
+        assert other != tune.BASE[key] and set(compared) <= set(concerns) <= set(cp.METHODS)
     assert not set(continual.SPLITS["tuning"]) & set(continual.SPLITS["evaluation"])
 
 
-def fake_cell(root, method, setting, A, F, P=0.5):
-    out = os.path.join(root, method, tune.cell_name(setting))
-    os.makedirs(out)
+def test_the_combinations_start_from_dscs_best_coarse_cell(tmp_path):
+    root = str(tmp_path)
+    assert [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"] == []
+    for w in tune.W_H:
+        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.1])
+    combo = [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
+    assert combo == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w}, 1) for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
+    with pytest.raises(SystemExit, match="add dsc"):
+        tune.main(["--out", root, "--report", "--methods", "dsc-ewc"])
+
+
+def fake_cell(root, method, setting, accs):
+    """A finished cell whose seed s has A = accs[s] (F = 1 − A, P = 0.5)."""
+    out = tune.cell_dir(root, method, setting)
+    os.makedirs(out, exist_ok=True)
+    runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}]} for s, a in enumerate(accs)]
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"summary": {method: {"A": [A, 0], "F": [F, 0], "P": [P, 0]}}, "total_seconds": 60.0}, f)
+        json.dump({"runs": {method: runs}, "seeds": len(accs)}, f)
 
 
-def test_choice_by_a_then_lower_f_and_only_when_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune, "GRID", {"ewc": [{"ewc_lambda": v} for v in (1.0, 2.0, 3.0)],
-                                       "clora": [{"clora_lambda": 1.0}, {"clora_lambda": 2.0}]})
-    for v, A, F in ((1.0, 0.5, 0.3), (2.0, 0.6, 0.2), (3.0, 0.6, 0.1)):  # a tie on A: the lower F wins
-        fake_cell(str(tmp_path), "ewc", {"ewc_lambda": v}, A, F)
-    fake_cell(str(tmp_path), "clora", {"clora_lambda": 1.0}, 0.9, 0.0)  # half its grid: no choice yet
-    table, chosen, missing = tune.report(str(tmp_path), ["ewc", "clora"])
-    assert chosen == {"ewc": {"ewc_lambda": 3.0}} and missing == 1
-    assert "| `ewc` | ewc_lambda=3 | 0.600 | 0.500 | 0.100 | 1 | **←** |" in table
-    tune.main(["--out", str(tmp_path), "--report", "--methods", "ewc"])
-    assert json.load(open(tmp_path / "chosen.json")) == {"ewc": {"ewc_lambda": 3.0}}
-    assert "ewc_lambda=1" in (tmp_path / "README.md").read_text()
+@pytest.fixture
+def small_grid(monkeypatch):
+    monkeypatch.setattr(tune, "GRID", {"seq": [{}], "ewc": [{"ewc_lambda": v} for v in (1.0, 2.0, 3.0)],
+                                       "dsc": [{"dsc_w_h": v} for v in (0.1, 0.2)]})
+    monkeypatch.setattr(tune, "CHOICES", {"fisher_norm": ("task", ("ewc",), ("ewc",)),
+                                          "dsc_first": ("none", ("dsc",), ("dsc",))})
+    monkeypatch.setattr(tune, "TOP", 2)
+
+
+def test_stages_follow_each_other_and_no_choice_rests_on_one_seed(tmp_path, small_grid):
+    root = str(tmp_path)
+    cells, chosen, decided = tune.plan(root, ["seq", "ewc"])
+    assert cells == [("seq", {}, 3)] + [("ewc", {"ewc_lambda": v}, 1) for v in (1.0, 2.0, 3.0)] and not chosen
+    for v, a in ((1.0, 0.2), (2.0, 0.6), (3.0, 0.5)):
+        fake_cell(root, "ewc", {"ewc_lambda": v}, [a])
+    cells, chosen, _ = tune.plan(root, ["ewc"])
+    assert cells[3:] == [("ewc", {"ewc_lambda": 2.0}, 3), ("ewc", {"ewc_lambda": 3.0}, 3)] and not chosen
+    fake_cell(root, "ewc", {"ewc_lambda": 2.0}, [0.6, 0.1, 0.1])  # seed 0 was lucky
+    fake_cell(root, "ewc", {"ewc_lambda": 3.0}, [0.5, 0.4, 0.4])
+    cells, chosen, decided = tune.plan(root, ["ewc"])
+    assert chosen == {"ewc": {"ewc_lambda": 3.0}}  # the mean over three seeds decides
+    assert cells[-1] == ("ewc", {"ewc_lambda": 3.0, "fisher_norm": "task"}, 3) and not decided
+    fake_cell(root, "ewc", {"ewc_lambda": 3.0, "fisher_norm": "task"}, [0.5, 0.4, 0.3])
+    assert tune.plan(root, ["ewc"])[2] == {"fisher_norm": "total"}  # lower: the grid's value stays
+    fake_cell(root, "ewc", {"ewc_lambda": 3.0, "fisher_norm": "task"}, [0.5, 0.4, 0.5])
+    assert tune.plan(root, ["ewc"])[2] == {"fisher_norm": "task"}
+
+
+def test_ties_on_a_go_to_the_lower_f():
+    runs = lambda a, f: [{"seed": 0, "A": a, "F": f, "P": 0.5, "tasks": []}]
+    assert tune.best([("x", runs(0.5, 0.3)), ("y", runs(0.5, 0.1)), ("z", runs(0.4, 0.0))])[0][0] == "y"
+
+
+def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid):
+    root, presets = str(tmp_path / "cells"), str(tmp_path / "presets.json")
+    shutil.copy(cp.PRESETS, presets)
+    before = open(presets).read()
+    fake_cell(root, "seq", {}, [0.3, 0.3, 0.3])
+    for v in (0.1, 0.2):
+        fake_cell(root, "dsc", {"dsc_w_h": v}, [0.4 + v, 0.4, 0.4])
+    args = ["--out", root, "--report", "--methods", "seq,dsc", "--presets", presets]
+    tune.main(args)
+    assert open(presets).read() == before  # dsc_first not decided yet
+    assert "1 cells not finished yet" in open(os.path.join(root, "README.md")).read()
+    fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "none"}, [0.2, 0.2, 0.2])
+    tune.main(args)
+    written = cp.load_presets(presets)
+    assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_steps": 100}}
+    assert written["default_method"] == "dsc" and written["models"] == json.load(open(cp.PRESETS))["models"]
+    assert "dsc 0.467" in written["source"] and "seq 0.300" in written["source"]
 
 
 def test_flags_round_trip_through_the_benchmark_parser():
-    setting = {"dsc_steps": 25, "ewc_lambda": 0.1}
+    setting = {**tune.BASE, "dsc_steps": 25, "ewc_lambda": 0.1, "dc_temp": 0.01}
     args = continual.parse_args(tune.flags(setting))
-    assert (args.dsc_steps, args.ewc_lambda) == (25, 0.1)
+    assert (args.dsc_steps, args.ewc_lambda, args.fisher_norm, args.dsc_first) == (25, 0.1, "total", "base")
+    assert cp.fixed_temp(cp.Hparams(dc_temp=args.dc_temp)) == 0.01
+    assert cp.fixed_temp(cp.Hparams(dc_temp=continual.parse_args(tune.flags(tune.BASE)).dc_temp)) is None

@@ -166,14 +166,14 @@ def test_task_loss_matches_full_batch_of_errors(tiny_model_dir, method, dc_batch
     hp = cp.Hparams(method=method, dc_batch=dc_batch, dc_weight=dc_weight)
     x0, prompts = torch.randn(3, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
     given = prompts if method == "ewc-dc" else prompts[:1]
-    terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1))
+    terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1), tau=0.05)
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
     e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
     assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
     if method == "seq" or dc_batch == 0 or dc_weight == 0:
         assert "dc" not in terms
     else:
-        ce = -torch.log_softmax(-e[:dc_batch] / hp.dc_temp, -1)[:, 0].mean()
+        ce = -torch.log_softmax(-e[:dc_batch] / 0.05, -1)[:, 0].mean()
         assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
 
 
@@ -216,7 +216,7 @@ def test_dsc_loss_by_hand_with_three_different_adapters(tiny_model_dir):
         cp.install_adapter(model.unet, name, None, hp)
         randomize(model.unet, name, 10 + i)
     x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
-    got = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0))
+    got = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0), 0.05)
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
     x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
     out = {}
@@ -240,10 +240,10 @@ def test_dsc_teacher2_is_the_pool_entry_of_the_earlier_concept_it_distils(tiny_m
     seen = []
     real = cp.dsc_loss
 
-    def recording(model, x0, prompts, j_index, teacher2, hp, gen):
+    def recording(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2):
         weights = cp.snapshot(model.unet, teacher2) if teacher2 else None
         seen.append((list(prompts), j_index, teacher2, weights))
-        return real(model, x0, prompts, j_index, teacher2, hp, gen)
+        return real(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2)
     monkeypatch.setattr(cp, "dsc_loss", recording)
     model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4)
     for i, folder in enumerate(folders):
