@@ -143,10 +143,11 @@ def check_hparams(hp):
         raise bad("ewc_gamma", "between 0 and 1")
 
 
-def load_presets(path=PRESETS):
+def load_presets(path=None):
     """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
     "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
     check_hparams refuses is a CPError naming it."""
+    path = path or PRESETS
     try:
         with open(path) as f:
             presets = json.load(f)

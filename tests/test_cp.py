@@ -378,3 +378,180 @@ def test_any_image_mode_and_size(tmp_path, mode):
     im.save(tmp_path / ("a.tif" if mode in ("CMYK", "I;16") else "a.png"))
     x, notes = cp.load_images(str(tmp_path), 16)
     assert x.shape == (1, 3, 16, 16) and -1 <= x.min() and x.max() <= 1 and notes == []
+
+
+def test_denoising_fisher_by_hand(tiny_model_dir, concepts):
+    """`ewc`'s F̂: the mean over single images of (∇_φ ‖ε − ε_φ(x_t, t, c_n)‖²/D)², rescaled to mean 1."""
+    model = unet.load_model(tiny_model_dir)
+    hp = cp.Hparams(method="ewc", fisher_samples=3)
+    cp.install_adapter(model.unet, "current", None, hp)
+    randomize(model.unet, "current", 4)
+    params = lora.set_trainable(model.unet, "current")
+    state = cp.State(model={}, hparams=hp)
+    images, _ = cp.load_images(concepts[0], model.resolution)
+
+    def task(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return cp.Task(0, "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
+                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
+    fisher, _ = cp.update_fisher(model, state, task(3), cp.snapshot(model.unet, "current"))
+    t_ = task(3)
+    squares = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        x0 = t_.batches(1)
+        t, eps = cp.draw_noise(model, x0, t_.gen)
+        pred = model.unet(unet.add_noise(x0, eps, t, model.alphas_cumprod), t, model.encode_text([t_.target]))
+        for s, g in zip(squares, torch.autograd.grad(((pred - eps) ** 2).mean(), params)):
+            s += g ** 2
+    mean = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
+    for k, s in zip(cp.flat(lora.get_adapter(model.unet, "current")), squares):
+        torch.testing.assert_close(fisher[k], s / mean, rtol=1e-3, atol=1e-4)
+
+
+def test_fisher_norm(tiny_model_dir, concepts):
+    """`task`: every F̂ has mean 1 and F* ← γ F* + F̂ grows (mean 1 + γ after two tasks); `total`: the same F*
+    rescaled to mean 1 after each update (both runs are identical up to there: after one task F* = F̂ has mean 1)."""
+    mean = lambda f: (sum(v.sum() for v in f.values()) / sum(v.numel() for v in f.values())).item()
+    runs = {}
+    for norm in ("task", "total"):
+        model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7, fisher_norm=norm)
+        first = cp.learn_concept(model, state, concepts[0], log=False)
+        runs[norm] = first, cp.learn_concept(model, first, concepts[1], log=False)
+        assert mean(first.fisher) == pytest.approx(1.0, rel=1e-5)
+    task, total = runs["task"][1].fisher, runs["total"][1].fisher
+    assert mean(task) == pytest.approx(1.7, rel=1e-5) and mean(total) == pytest.approx(1.0, rel=1e-5)
+    for k in task:
+        torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
+
+
+def test_ewc_penalty_uses_the_states_fisher_anchor_and_lambda_when_training_and_consolidating(
+        tiny_model_dir, concepts, tmp_path, monkeypatch):
+    """Every EWC term of task n, in training and in DSC's consolidation, is taken with the (F*, φ*) the state
+    carries into task n (not an earlier task's, not swapped) and the state's λ, on the adapter being trained."""
+    folders = concepts + [write_concept(str(tmp_path / "gamma"), 9)]
+    calls, real = [], cp.ewc_penalty
+
+    def recording(unet_, name, fisher, anchor, lam):
+        calls.append((name, fisher, anchor, lam))
+        return real(unet_, name, fisher, anchor, lam)
+    monkeypatch.setattr(cp, "ewc_penalty", recording)
+    model, state = fresh(tiny_model_dir, "dsc-ewc", ewc_lambda=0.37, steps=2, dsc_steps=2)
+    for i, folder in enumerate(folders):
+        calls[:] = []
+        before = state
+        state = cp.learn_concept(model, state, folder, log=False)
+        assert len(calls) == 4  # 2 training steps + 2 consolidation steps
+        for name, fisher, anchor, lam in calls:
+            assert name == "current" and lam == 0.37
+            assert fisher.keys() == before.fisher.keys() and anchor.keys() == before.anchor.keys()
+            assert all(torch.equal(fisher[k].cpu(), before.fisher[k]) for k in fisher)
+            assert all(torch.equal(anchor[k].cpu(), before.anchor[k]) for k in anchor)
+        if i == 2:  # the state's statistics after task 2, which differ from those after task 1
+            assert not torch.equal(before.anchor[next(iter(before.anchor))],
+                                   first_anchor[next(iter(first_anchor))])
+        if i == 0:
+            first_anchor = state.anchor
+
+
+def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts, monkeypatch):
+    """DSC's T1 is the adapter as training left it, unchanged through the consolidation; only the student moves."""
+    seen, real = [], cp.dsc_loss
+
+    def recording(model, *args):
+        seen.append((cp.snapshot(model.unet, "teacher1"), cp.snapshot(model.unet, "current"),
+                     [p.requires_grad for p in lora.lora_parameters(model.unet, ["teacher1"])]))
+        return real(model, *args)
+    monkeypatch.setattr(cp, "dsc_loss", recording)
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05)
+    cp.learn_concept(model, state, concepts[0], log=False)
+    flat = [(cp.flat(t), cp.flat(s), grads) for t, s, grads in seen]
+    trained = flat[0][1]  # the student starts from T1
+    assert all(torch.equal(trained[k], flat[0][0][k]) for k in trained)
+    for teacher, student, grads in flat:
+        assert not any(grads)
+        assert all(torch.equal(teacher[k], trained[k]) for k in trained)
+    assert any(not torch.equal(flat[-1][1][k], trained[k]) for k in trained)  # the student did move
+
+
+def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch):
+    """`--dsc-first none`: the first task distils T1 alone; `base`: T2 is the base model on c₀; later tasks always
+    have a T2 from the pool."""
+    model = unet.load_model(tiny_model_dir)
+    hp = cp.Hparams(method="dsc", dsc_w_h=0.7, dsc_w_n=1.3)
+    for i, name in enumerate(("current", "teacher1")):
+        cp.install_adapter(model.unet, name, None, hp)
+        randomize(model.unet, name, 20 + i)
+    x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo"]
+    both = cp.dsc_loss(model, x0, prompts, 1, None, hp, torch.Generator().manual_seed(0), 0.05)
+    alone = cp.dsc_loss(model, x0, prompts, 1, None, hp, torch.Generator().manual_seed(0), 0.05, use_t2=False)
+    t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
+    x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
+    with torch.no_grad():
+        out = {}
+        for name in ("current", "teacher1", None):
+            cp.enable_only(model.unet, name)
+            pred = torch.stack([model.unet(x_t, t, model.encode_text([p]).expand(2, -1, -1)) for p in prompts], 1)
+            out[name] = pred, ((pred - eps[:, None]) ** 2).mean((2, 3, 4))
+    h = lambda n: -(torch.softmax(-out[n][1] / 0.05, -1) * torch.log_softmax(-out["current"][1] / 0.05, -1)).sum(-1)
+    n1 = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean()
+    n2 = (out["current"][0][:, 1] - out[None][0][:, 1]).square().mean()
+    assert alone["dsc_h"].item() == pytest.approx(0.7 * h("teacher1").mean().item(), rel=1e-4)
+    assert alone["dsc_n"].item() == pytest.approx(1.3 * n1.item(), rel=1e-4)
+    assert both["dsc_h"].item() == pytest.approx(0.7 * (h("teacher1") + h(None)).mean().item(), rel=1e-4)
+    assert both["dsc_n"].item() == pytest.approx(1.3 * (n1 + n2).item(), rel=1e-4)
+
+    used = []
+    real = cp.dsc_loss
+    monkeypatch.setattr(cp, "dsc_loss", lambda *a: used.append(a[-1]) or real(*a))
+    for first, expect in (("none", [False, True]), ("base", [True, True])):
+        model, state = fresh(tiny_model_dir, "dsc", dsc_first=first)
+        for folder in concepts:
+            used[:] = []
+            state = cp.learn_concept(model, state, folder, log=False)
+            assert set(used) == {expect[len(state.concepts) - 1]}
+
+
+def calibration_task(model, images, state, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return cp.Task(len(state.concepts), "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
+                   cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
+
+
+@pytest.mark.parametrize("which", ["tiny", "toy"])
+def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_dir, concepts, which):
+    """`--dc-temp auto` on two models and two latent sizes each: on fresh draws, the median spread of the logits
+    −e/τ across the subset's prompts is about 1 (the target), where a fixed τ gives spreads that differ by model."""
+    path = tiny_model_dir if which == "tiny" else os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy",
+                                                               "model")
+    model = unet.load_model(path)
+    hp = cp.Hparams(method="ewc-dc", dc_k=4)
+    cp.install_adapter(model.unet, "current", None, hp)
+    randomize(model.unet, "current", 5, scale=0.05)
+    state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"}, {"prompt": "a red star"}])
+    spreads = []
+    for size in (model.resolution, 2 * model.resolution):  # latents of two sizes
+        images, _ = cp.load_images(concepts[0], size)
+        tau = cp.calibrate_temp(model, state, calibration_task(model, images, state))
+        task = calibration_task(model, images, state, seed=1)
+        with torch.no_grad():
+            e = torch.cat([cp.subset_errors(model, task.batches(16), cp.dc_subset(state, task.target, task.c0, hp,
+                                                                                  task.rng), task.gen)
+                           for _ in range(2)])
+        spread = (e / tau).std(1).median().item()
+        assert 0.6 < spread < 1.6, (which, size, tau, spread)
+        spreads.append(e.std(1).median().item())
+    assert tau > 0 and spreads[0] != spreads[1]
+
+
+def test_calibration_draws_nothing_from_the_tasks_stream(tiny_model_dir, concepts):
+    """A task with `--dc-temp auto` records its τ, and trains exactly as one given that τ as a number: calibrating
+    took no draw from the task's batches, noise or subsets."""
+    model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
+    auto = cp.learn_concept(model, state, concepts[0], log=False)
+    tau = auto.history[-1]["dc_temp"]
+    assert isinstance(tau, float) and tau > 0
+    model, state = fresh(tiny_model_dir, "dsc-ewc-dc", dc_temp=tau)
+    fixed = cp.learn_concept(model, state, concepts[0], log=False)
+    a, b = state_tensors(auto), state_tensors(fixed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fixed.history[-1]["dc_temp"] == tau

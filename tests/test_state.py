@@ -276,7 +276,7 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--dsc-steps", "-1"], ["--dc-batch", "-1"], ["--dc-k", "1"], ["--seed", "-1"], ["--lr", "nan"],
              ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
-             ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"]]
+             ["--ewc-gamma", "1.5"], ["--dc-temp", "warm"], ["--fisher-norm", "all"], ["--dsc-first", "t1"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"]]
 BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"]]
 
 
@@ -314,3 +314,77 @@ def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # Pillow refuses images of more than twice this
     with pytest.raises(cp.CPError, match=r"0\.png.*decompression bomb"):
         cp.load_images(str(tmp_path), 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+
+
+def write_presets(path, **change):
+    with open(cp.PRESETS) as f:
+        presets = json.load(f)
+    presets.update(change)
+    with open(path, "w") as f:
+        json.dump(presets, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json", "no methods", "unknown method", "unknown hparam",
+                                    "bad value", "bad default"])
+def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path, monkeypatch, damage):
+    path = tmp_path / "presets.json"
+    methods = json.load(open(cp.PRESETS))["methods"]
+    if damage == "not json":
+        path.write_text('{"models": ')
+    elif damage == "no methods":
+        path.write_text('{"models": {}, "default_method": "seq"}')
+    elif damage != "missing":
+        write_presets(path, **{"unknown method": dict(methods={**methods, "ewc-xl": {}}),
+                               "unknown hparam": dict(methods={**methods, "ewc": {"ewc_lamda": 1.0}}),
+                               "bad value": dict(methods={**methods, "ewc": {"ewc_lambda": -1.0}}),
+                               "bad default": dict(default_method="best")}[damage])
+    monkeypatch.setattr(cp, "PRESETS", str(path))
+    monkeypatch.setattr(unet, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    new = str(tmp_path / "new")
+    message = exit_message(train.main, ["--concept", saved["beta"], "--state", new, "--model", saved["model"]])
+    assert "presets file" in message and str(path) in message
+    assert ("missing" if damage == "missing" else "damaged") in message
+    assert not os.path.exists(new)
+    with pytest.raises(cp.CPError):
+        cp.load_presets()
+
+
+def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(saved, tmp_path, monkeypatch, capsys):
+    models = {"toy": {"max_unet_params": 10 ** 8, "steps": 3, "batch_size": 4, "lr": 0.002},
+              "sd-v1": {"max_unet_params": None, "steps": 500, "lr": 1e-4}}
+    path = write_presets(tmp_path / "presets.json", models=models, default_method="ewc",
+                         methods={"ewc": {"ewc_lambda": 0.5, "fisher_norm": "total", "batch_size": 2,
+                                          "fisher_samples": 5}, "seq": {}})
+    monkeypatch.setattr(cp, "PRESETS", path)
+    folder = str(tmp_path / "state")
+    train.main(["--concept", saved["beta"], "--state", folder, "--model", saved["model"], "--no-preview",
+                "--fisher-samples", "2", "--lr", "0.004"])
+    hp = manifest(folder)["hparams"]
+    assert (hp["method"], hp["steps"], hp["batch_size"], hp["lr"], hp["ewc_lambda"], hp["fisher_norm"],
+            hp["fisher_samples"]) == ("ewc", 3, 2, 0.004, 0.5, "total", 2)
+    out = capsys.readouterr().out
+    assert "model preset toy" in out and "ewc_lambda 0.5" in out and "flags given: lr, fisher_samples" in out
+    write_presets(path, models=models, default_method="ewc", methods={"ewc": {"ewc_lambda": 0.9}, "seq": {}})
+    train.main(["--concept", saved["gamma"], "--state", folder, "--no-preview"])
+    assert manifest(folder)["hparams"] == hp  # a continued state keeps what it was made with
+    big = type("UNet", (), {"parameters": lambda self: iter([torch.empty(1).expand(10 ** 8 + 1)])})()
+    assert cp.model_preset(cp.load_presets(path), big) == ("sd-v1", {"steps": 500, "lr": 1e-4})
+
+
+def test_help_lists_every_presets_values(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    text = capsys.readouterr().out
+    presets = cp.load_presets()
+    assert f"Default method: {presets['default_method']}" in text
+    for kind, values in presets["models"].items():
+        assert f"{kind}: steps {values['steps']}" in text
+    for method, values in presets["methods"].items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(method + ":"))
+        assert all(f"{k} {v}" in line for k, v in values.items()), line
