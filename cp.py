@@ -621,12 +621,9 @@ def consolidate(model, state, task):
     return metrics
 
 
-def update_fisher(model, state, task, final):
-    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
-    F̂ (`fisher_diagonal`) is taken of L_denoise for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over
-    S = {c_n, c₀, earlier concepts} for the DC-informed methods: the Fisher then weighs the parameters that tell c_n
-    apart from what the model knew. `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs
-    the same on every task (with `task`, the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
+def fisher_estimate(model, state, task, n):
+    """F̂ of the task's adapter over n single images: of the DC cross-entropy for the DC-informed methods, of
+    L_denoise for `ewc`."""
     hp = state.hparams
     if hp.uses("dc"):
         tau = task_temp(model, state, task)
@@ -634,8 +631,18 @@ def update_fisher(model, state, task, final):
                                       tau, task.gen)
     else:
         sample_loss = lambda: task_loss(model, task.batches(1), [task.target], hp, task.gen)["denoise"]
+    return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)
+
+
+def update_fisher(model, state, task, final):
+    """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
+    F̂ (`fisher_diagonal`) is taken of L_denoise for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over
+    S = {c_n, c₀, earlier concepts} for the DC-informed methods: the Fisher then weighs the parameters that tell c_n
+    apart from what the model knew. `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs
+    the same on every task (with `task`, the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
+    hp = state.hparams
     anchor = flat(final)
-    f_hat = fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, hp.fisher_samples)
+    f_hat = fisher_estimate(model, state, task, hp.fisher_samples)
     fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
     if hp.fisher_norm == "total":
         mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
