@@ -32,9 +32,12 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+from PIL import Image, ImageDraw, ImageFont
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cp  # noqa: E402
+from continual import PALETTE  # noqa: E402
 
 COARSE, TOP, SEEDS = 8, 2, 3
 LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ on a Fisher of mean 1 (cp.fisher_diagonal)
@@ -94,6 +97,38 @@ def score(runs):
     mean = lambda k: statistics.fmean(r[k] or 0.0 for r in runs)
     std = statistics.pstdev(r["A"] for r in runs)
     return mean("A"), mean("F"), mean("P"), std, sum(t["seconds"] for r in runs for t in r["tasks"]) / 60
+
+
+def kept(runs):
+    """The share of the earlier concepts that is kept: Σ_{i<N} acc_i(N) / Σ_{i<N} acc_i(i), mean over runs."""
+    def one(acc):
+        N = len(acc)
+        learned = sum(acc[i][i] for i in range(N - 1))
+        return sum(acc[i][N - 1] for i in range(N - 1)) / learned if learned else 0.0
+    return statistics.fmean(one(r["acc"]) for r in runs)
+
+
+def draw_tradeoff(points, path):
+    """Every cell as a point: mean P (plasticity) across, the share of earlier concepts kept up; one colour a
+    method. points: {method: [(P, kept), ...]}."""
+    font = ImageFont.load_default()
+    W, H, m = 560, 420, 44
+    img = Image.new("RGB", (W + 150, H), "white")
+    d = ImageDraw.Draw(img)
+    px, py = lambda p: m + (W - 2 * m) * p, lambda k: H - m - (H - 2 * m) * min(k, 1.2) / 1.2
+    d.rectangle([px(0), py(1.2), px(1), py(0)], outline="black")
+    for v in (0, 0.25, 0.5, 0.75, 1):
+        d.text((px(v) - 8, py(0) + 6), f"{v:.2f}", fill="black", font=font)
+        d.text((6, py(v) - 5), f"{v:.2f}", fill="black", font=font)
+    d.text((px(0.35), H - 16), "P: accuracy right after learning", fill="black", font=font)
+    d.text((6, 6), "share of earlier concepts kept", fill="black", font=font)
+    for c, (method, pts) in enumerate(points.items()):
+        colour = PALETTE[c % len(PALETTE)]
+        for p, k in pts:
+            d.ellipse([px(p) - 4, py(k) - 4, px(p) + 4, py(k) + 4], fill=colour)
+        d.rectangle([W + 10, 20 + 16 * c, W + 22, 30 + 16 * c], fill=colour)
+        d.text((W + 28, 18 + 16 * c), method, fill="black", font=font)
+    img.save(path)
 
 
 def best(cells):
@@ -168,9 +203,9 @@ def presets_of(root, methods, chosen, decided):
 def report(root, methods):
     """The table of every cell planned so far, and the decisions."""
     cells, chosen, decided = plan(root, methods)
-    rows = ["| method | setting | seeds | A ↑ (mean ± std) | P ↑ | F ↓ | minutes | |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    missing, seen = 0, {}
+    rows = ["| method | setting | seeds | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | minutes | |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    missing, seen, points = 0, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
         seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))
     for m, setting, seeds in seen.values():
@@ -181,9 +216,12 @@ def report(root, methods):
         A, F, P, std, minutes = score(runs)
         mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
         rows.append(f"| `{m}` | {cell_name(setting)} | {seeds} | {A:.3f} ± {std:.3f} | {P:.3f} | {F:.3f} | "
-                    f"{minutes:.0f} | {mark} |")
+                    f"{kept(runs):.2f} | {minutes:.0f} | {mark} |")
+        points.setdefault(m, []).append((P, kept(runs)))
     lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
              for k, v in decided.items()]
+    if points:
+        draw_tradeoff(points, os.path.join(root, "tradeoff.png"))
     return "\n".join(rows), chosen, decided, missing, lines
 
 
@@ -244,7 +282,9 @@ def main(argv=None):
         f.write(f"# Tuning on the tuning concepts ({args.adapter})\n\n`{command}` (bench/RESULTS.md, \"Protocol\"): "
                 f"{COARSE} settings per method at seed 0, the best {TOP} again at seeds 1 and 2, chosen by mean A; "
                 f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
-                f"says otherwise.\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
+                f"says otherwise. kept: the share of the earlier concepts' accuracy right after learning that is "
+                f"still there after the last task; [tradeoff.png](tradeoff.png) plots it against P for every cell."
+                f"\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
                 + "\n" + (f"\n{missing} cells not finished yet.\n" if missing else ""))
     print(table)
     complete = not missing and set(chosen) == set(methods) and len(decided) == len(

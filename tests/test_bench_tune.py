@@ -50,7 +50,8 @@ def fake_cell(root, method, setting, accs):
     """A finished cell whose seed s has A = accs[s] (F = 1 − A, P = 0.5)."""
     out = tune.cell_dir(root, method, setting)
     os.makedirs(out, exist_ok=True)
-    runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}]} for s, a in enumerate(accs)]
+    runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}], "acc": [[0.5, a], [None, 0.5]]}
+            for s, a in enumerate(accs)]
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"runs": {method: runs}, "seeds": len(accs)}, f)
 
@@ -113,3 +114,13 @@ def test_flags_round_trip_through_the_benchmark_parser():
     assert (args.dsc_steps, args.ewc_lambda, args.fisher_norm, args.dsc_first) == (25, 0.1, "total", "base")
     assert cp.fixed_temp(cp.Hparams(dc_temp=args.dc_temp)) == 0.01
     assert cp.fixed_temp(cp.Hparams(dc_temp=continual.parse_args(tune.flags(tune.BASE)).dc_temp)) is None
+
+
+def test_share_kept_of_earlier_concepts_by_hand_and_the_tradeoff_picture(tmp_path, small_grid):
+    acc = [[0.8, 0.4, 0.2], [None, 0.6, 0.3], [None, None, 0.9]]  # the last concept does not count
+    assert tune.kept([{"acc": acc}]) == pytest.approx((0.2 + 0.3) / (0.8 + 0.6))
+    assert tune.kept([{"acc": acc}, {"acc": [[0.0, 0.0], [None, 1.0]]}]) == pytest.approx(((0.5 / 1.4) + 0) / 2)
+    fake_cell(str(tmp_path), "seq", {}, [0.3, 0.3, 0.3])
+    table = tune.report(str(tmp_path), ["seq"])[0]
+    assert "| `seq` | defaults | 3 | 0.300 ± 0.000 | 0.500 | 0.700 | 0.60 |" in table
+    assert (tmp_path / "tradeoff.png").exists()
