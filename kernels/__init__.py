@@ -11,8 +11,10 @@ except ModuleNotFoundError as e:
 
     def dc_errors_impl(pred, impl="auto"):
         """'reference': the only path without Triton."""
-        if impl not in ("auto", "reference"):
-            raise RuntimeError(f"impl {impl!r}: Triton is not installed (pip install triton, on Linux)")
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        if impl == "triton":
+            raise RuntimeError("impl 'triton': Triton is not installed (pip install triton, on Linux)")
         return "reference"
 
     def dc_errors(pred, noise, reduction="sum", impl="auto"):
