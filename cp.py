@@ -19,7 +19,6 @@ to the attempt, then the manifest, which names them, replaces the old one: an in
 whole. One process writes a state at a time (a lock file), and every file is checked when a state is loaded.
 """
 import copy
-import fcntl
 import json
 import math
 import os
@@ -29,6 +28,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range lock instead (`lock_state`)
+    fcntl = None
+    import msvcrt
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -581,8 +585,12 @@ def lock_state(folder):
     except OSError as e:
         raise CPError(f"cannot write the state folder {folder}: {e}") from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # one byte far past the process id written below: a locked byte cannot be read by other processes
+            os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except BlockingIOError if fcntl else OSError:  # msvcrt: a plain OSError
         f.seek(0)
         holder = f.read().strip()
         f.close()

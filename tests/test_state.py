@@ -268,6 +268,44 @@ def test_state_folder_owns_only_its_files(saved, tiny_model_dir, tmp_path):
     assert os.listdir(thesis) == ["thesis.tex"]
 
 
+NO_FCNTL = """
+import fcntl, os, sys, types
+import dc_score, lora, unet  # cp's imports first: others take a module named msvcrt for Windows itself
+lockf, fcntl_module = fcntl.lockf, fcntl
+sys.modules["fcntl"] = None  # as on Windows: msvcrt instead, here a stand-in on POSIX record locks
+msvcrt = sys.modules["msvcrt"] = types.ModuleType("msvcrt")
+msvcrt.LK_NBLCK = 2
+def locking(fd, mode, n):  # like msvcrt.locking: n bytes from the file position, OSError when another holds them
+    assert mode == msvcrt.LK_NBLCK
+    lockf(fd, fcntl_module.LOCK_EX | fcntl_module.LOCK_NB, n, os.lseek(fd, 0, os.SEEK_CUR))
+msvcrt.locking = locking
+import cp
+assert cp.fcntl is None
+try:
+    lock = cp.lock_state(sys.argv[1])
+except cp.CPError as e:
+    sys.exit(f"error: {e}")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+"""
+
+
+def test_lock_without_fcntl(tmp_path):
+    """Where fcntl is missing (Windows), msvcrt's lock keeps a second writer out and names the first."""
+    state = str(tmp_path / "state")
+    first = subprocess.Popen([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "locked\n"
+    second = subprocess.run([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    assert second.returncode == 1 and second.stderr.strip() == \
+        f"error: state {state} is in use by process {first.pid} (one run at a time writes a state)"
+    first.communicate("", timeout=60)
+    third = subprocess.run([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=300)
+    assert third.returncode == 0 and third.stdout == "locked\n", third.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags and images
 
