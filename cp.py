@@ -51,6 +51,7 @@ LOCK = ".lock"
 # every name a save writes (data files carry the attempt's id), and the only names a state folder may hold
 # without a manifest (its lock, leftovers of a first save that was killed)
 STATE_NAME = re.compile(r"\.lock|pool|manifest\.json(\.\w+\.tmp)?|(tokens|ewc|lora)_\d+_\w+\.safetensors")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
 
 
 class CPError(Exception):
@@ -132,6 +133,13 @@ def check_hparams(hp):
             raise bad(name, "a finite number ≥ 0 (0 turns the term off)")
     if not (number(hp.ewc_gamma) and 0 <= hp.ewc_gamma <= 1):
         raise bad("ewc_gamma", "between 0 and 1")
+
+
+def check_name(name, given=True):
+    """A concept name becomes a token and a file name: letters, digits, '_' and '-' only."""
+    if not NAME.fullmatch(name):
+        raise CPError(f"concept name {name!r}: use 1 to 64 letters, digits, '_' or '-'"
+                      + ("" if given else " (it is the folder's name; give --name)"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,8 +445,9 @@ class Task:
 
 def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     """Learn one concept on top of `state` (already applied to `model`); returns the new state (unsaved)."""
-    hp = state.hparams
+    hp, given = state.hparams, name
     name = name or os.path.basename(os.path.normpath(folder))
+    check_name(name, given=bool(given))
     if any(c["name"] == name for c in state.concepts):
         raise CPError(f"concept {name!r} is already learned in this state (use --name to pick another name)")
     images, notes = load_images(folder, model.resolution)

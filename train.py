@@ -46,11 +46,12 @@ def parse_args(argv):
     p.add_argument("--concept", help="folder of images of the new concept")
     p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: toy/model)")
-    p.add_argument("--name", help="concept name; its token is <name> (default: the folder name)")
+    p.add_argument("--name", help="concept name, letters, digits, _ and - only; its token is <name> (default: the "
+                   "folder name)")
     p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya; VeRA: PEFT's folder layout) "
-                   "and the token embeddings")
+    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers; kohya with the tokens bundled; VeRA: "
+                   "PEFT's folder layout) and the token embeddings")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
     add_hparam_flags(p)
     return p.parse_args(argv)
@@ -69,11 +70,19 @@ def resolve_hparams(args, state):
     return replace(state.hparams, **given)
 
 
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
+
+
 def export(model, state, folder):
-    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA), VeRA as PEFT's
-    adapter_model.safetensors + adapter_config.json, and the tokens."""
-    os.makedirs(folder, exist_ok=True)
+    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA; the kohya file with
+    the tokens bundled), VeRA as PEFT's adapter_model.safetensors + adapter_config.json, and the tokens."""
     hp = state.hparams
+    rows = {c["name"]: state.tokens[c["token"]] for c in state.concepts}
+    taken = {*LORA_FILES.values(), lora.VERA_WEIGHTS}
+    for name in rows:  # a state saved before names were checked may hold any name
+        if not cp.NAME.fullmatch(name) or name + ".safetensors" in taken:
+            raise cp.CPError(f"concept name {name!r} cannot name a file in {folder}; nothing was exported")
+    os.makedirs(folder, exist_ok=True)
     weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
     written = []
     if weights and hp.adapter == "vera":
@@ -82,13 +91,12 @@ def export(model, state, folder):
     elif weights:
         ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
         alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
-        for fmt, name in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "lora_kohya.safetensors")):
-            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt)
+        for fmt, name in LORA_FILES.items():
+            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt, rows if fmt == "kohya" else None)
             written.append(name)
-    for token, row in state.tokens.items():  # one file per token, the layout diffusers' load_textual_inversion reads
-        name = token.strip("<>") + ".safetensors"
-        save_file({token: row.contiguous()}, os.path.join(folder, name))
-        written.append(name)
+    for c in state.concepts:  # one file per token, the layout diffusers' load_textual_inversion reads
+        save_file({c["token"]: rows[c["name"]].contiguous()}, os.path.join(folder, c["name"] + ".safetensors"))
+        written.append(c["name"] + ".safetensors")
     return written
 
 
@@ -96,8 +104,12 @@ def run(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not args.concept and not args.export:
         raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise cp.CPError("--device cuda: this machine has no CUDA device")
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
+    if args.concept:
+        cp.check_name(args.name or os.path.basename(os.path.normpath(args.concept)), given=bool(args.name))
     resolve_hparams(args, None)  # every flag checked before any work
     lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp.load_state(args.state) if cp.read_manifest(args.state) else None

@@ -314,7 +314,8 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--dsc-steps", "-1"], ["--dc-batch", "-1"], ["--dc-k", "1"], ["--seed", "-1"], ["--lr", "nan"],
              ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
-             ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"]]
+             ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"],
+             ["--name", "../../x"], ["--name", "my dog"]]
 BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"]]
 
 
@@ -326,7 +327,8 @@ def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):
     before = digest(state)
     for flags in BAD_FLAGS:
         for folder in (state, new):
-            assert flags[0] in exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *flags])
+            message = exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *flags])
+            assert (f"concept name {flags[1]!r}" if flags[0] == "--name" else flags[0]) in message
     assert digest(state) == before and not os.path.exists(new)
     for flags in BAD_SAMPLE_FLAGS:
         assert flags[0] in exit_message(sample.main, ["--prompt", "a photo", "--out", str(tmp_path / "o.png"), *flags])

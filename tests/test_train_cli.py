@@ -1,5 +1,6 @@
 """train.py and sample.py as a user runs them: the happy path, export, interruption, and every bad input."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -72,7 +74,12 @@ def test_second_concept_sample_and_export(learned, tmp_path):
     exported = sorted(os.listdir(tmp_path / "export"))
     assert exported == ["alpha.safetensors", "beta.safetensors", "lora_kohya.safetensors",
                         "pytorch_lora_weights.safetensors"]
-    assert list(load_file(str(tmp_path / "export" / "beta.safetensors"))) == ["<beta>"]
+    beta = load_file(str(tmp_path / "export" / "beta.safetensors"))
+    assert list(beta) == ["<beta>"]
+    kohya = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))  # the tokens bundled, as A1111 reads them
+    assert sorted(k for k in kohya if not k.startswith("lora_unet_")) == \
+        ["bundle_emb.alpha.string_to_param.*", "bundle_emb.beta.string_to_param.*"]
+    assert torch.equal(kohya["bundle_emb.beta.string_to_param.*"], beta["<beta>"][None])
     out = tmp_path / "both.png"
     run("sample.py", "--state", state, "--prompt", "a photo of a <alpha> and a <beta>", "-n", "2", "--steps", "3",
         "--out", str(out))
@@ -164,3 +171,31 @@ def test_export_loads_in_diffusers(learned, tmp_path):
         lora.set_enabled(ours.unet, "current", False)
         base = ours.unet(x, t, ours.encode_text([prompt]))
     assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item()  # the LoRA mattered
+
+
+def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
+    state, before = learned["state"], digest(learned["state"])
+    odd = tmp_path / "my dog"
+    write_concept(str(odd), 5)
+    for extra, fragment in ((["--concept", learned["second"], "--name", "../../x"], "'../../x'"),
+                            (["--concept", learned["second"], "--name", "a/b"], "'a/b'"),
+                            (["--concept", str(odd)], "give --name")):
+        r = run("train.py", "--state", state, *FAST, *extra, check=False)
+        assert_one_line_error(r, "concept name", fragment)
+        assert "] train " not in r.stderr
+    assert digest(state) == before and sorted(os.listdir(tmp_path)) == ["my dog"]
+
+
+def test_export_refuses_a_name_that_cannot_be_a_file(learned, tmp_path):
+    """A state saved before names were checked may hold any name: nothing is written outside the export folder."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    path = os.path.join(state, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["concepts"][0]["name"] = "../../evil"
+    with open(path, "w") as f:
+        json.dump(m, f)
+    r = run("train.py", "--state", state, "--export", str(tmp_path / "out" / "export"), check=False)
+    assert_one_line_error(r, "'../../evil'", "nothing was exported")
+    assert sorted(os.listdir(tmp_path)) == ["state"]
