@@ -10,6 +10,7 @@ Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε_∅ + s·(ε_c − ε_�
 import argparse
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -72,6 +73,10 @@ def to_grid(images, ncols=None):
     return Image.fromarray(grid, "RGB")
 
 
+def unknown_tokens(prompt, tokens):
+    """The <token>s written in a prompt that are not among `tokens` (the tokenizer would split them into pieces)."""
+    return [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in tokens]
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a PNG grid with DDIM + classifier-free guidance.")
     p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
@@ -86,10 +91,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the state's LoRA (default 1; 0: the base "
+                   "model with the learned tokens)")
+    p.add_argument("--strict", action="store_true", help="a <token> the state has not learned is an error, not a "
+                   "warning")
     args = p.parse_args(argv)
     for wrong, message in ((args.n < 1, f"-n {args.n}: must be ≥ 1"),
                            (not 1 <= args.steps <= 1000, f"--steps {args.steps}: must be 1 to 1000 (SD's T)"),
-                           (not math.isfinite(args.guidance), f"--guidance {args.guidance}: must be finite")):
+                           (not math.isfinite(args.guidance), f"--guidance {args.guidance}: must be finite"),
+                           (not math.isfinite(args.lora_scale), f"--lora-scale {args.lora_scale}: must be finite"),
+                           (args.device == "cuda" and not torch.cuda.is_available(),
+                            "--device cuda: this machine has no CUDA device")):
         if wrong:
             p.error(message)
 
@@ -100,12 +112,21 @@ def main(argv=None):
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
         if args.state:
-            model, _ = cp.load_with_state(args.state, args.model, device, dtype)
+            model, state = cp.load_with_state(args.state, args.model, device, dtype)
+            lora.scale(model.unet, args.lora_scale)
             lora.merge(model.unet)  # fold the LoRA(s) into the weights: plain-speed sampling
         else:
-            model = unet.load_model(args.model or DEFAULT_MODEL, device, dtype)
+            model, state = unet.load_model(args.model or DEFAULT_MODEL, device, dtype), None
     except (unet.LoadError, cp.CPError) as e:
         sys.exit(f"error: {e}")
+    learned = [c["token"] for c in state.concepts] if state else []
+    unknown = unknown_tokens(args.prompt + " " + args.negative_prompt, learned)
+    if unknown:
+        message = (f"{', '.join(unknown)} not learned: " + (f"this state has {', '.join(learned)}" if learned else
+                   "no --state given" if not state else "this state has no concepts"))
+        if args.strict:
+            sys.exit(f"error: {message}")
+        print(f"warning: {message}; the tokenizer reads it as plain text", file=sys.stderr)
     images = sample(model, [args.prompt] * args.n, args.negative_prompt, args.steps, args.guidance, args.seed,
                     progress=True)
     to_grid(images).save(args.out)

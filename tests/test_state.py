@@ -316,7 +316,8 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
              ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"],
              ["--name", "../../x"], ["--name", "my dog"]]
-BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"]]
+BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"],
+                    ["--lora-scale", "inf"]]
 
 
 def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):

@@ -199,3 +199,18 @@ def test_export_refuses_a_name_that_cannot_be_a_file(learned, tmp_path):
     r = run("train.py", "--state", state, "--export", str(tmp_path / "out" / "export"), check=False)
     assert_one_line_error(r, "'../../evil'", "nothing was exported")
     assert sorted(os.listdir(tmp_path)) == ["state"]
+
+
+def test_sample_warns_of_a_token_the_state_has_not_learned(learned, tmp_path):
+    out = tmp_path / "typo.png"
+    args = ("sample.py", "--state", learned["state"], "--prompt", "a photo of a <alpah>", "-n", "1", "--steps", "2",
+            "--lora-scale", "0.5", "--out", str(out))
+    r = run(*args)
+    assert "warning: <alpah> not learned: this state has <alpha>" in r.stderr and out.exists()
+    out.unlink()
+    r = run(*args, "--strict", check=False)
+    assert_one_line_error(r, "<alpah> not learned: this state has <alpha>")
+    assert not out.exists()
+    r = run("sample.py", "--state", learned["state"], "--prompt", "a photo of a <alpha>", "-n", "1", "--steps", "2",
+            "--strict", "--out", str(out))
+    assert "warning" not in r.stderr and out.exists()
