@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
 
@@ -60,8 +60,8 @@ def sample(model, prompts, negative_prompt="", steps=50, guidance=7.5, seed=0, l
     return ((model.decode_latents(x).float() + 1) / 2).clamp(0, 1).cpu()
 
 
-def to_grid(images, ncols=None):
-    """A PIL RGB image holding images [N, 3, H, W] in [0, 1] in a grid."""
+def to_grid(images, ncols=None, labels=None):
+    """A PIL RGB image holding images [N, 3, H, W] in [0, 1] in a grid; `labels`: one per row, written to its left."""
     n, _, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -70,12 +70,33 @@ def to_grid(images, ncols=None):
     for i in range(n):
         r, c = divmod(i, ncols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i]
-    return Image.fromarray(grid, "RGB")
+    grid = Image.fromarray(grid, "RGB")
+    if not labels:
+        return grid
+    font = ImageFont.load_default()
+    margin = max(int(font.getlength(text)) for text in labels) + 8
+    out = Image.new("RGB", (margin + grid.width, grid.height), "white")
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        draw.text((4, r * h + h // 2), text, fill="black", font=font, anchor="lm")
+    return out
+
+
+def concept_grid(model, prompts, labels, n=4, steps=25, guidance=5.0, seed=0):
+    """One row of n images per prompt. Column j starts every row from the same noise (seed j), in every grid: rows
+    compare with each other, and a grid with the same grid of another state."""
+    side, ch = model.unet.config["sample_size"], model.unet.config["in_channels"]
+    noise = torch.cat([torch.randn(1, ch, side, side, generator=torch.Generator().manual_seed(seed + j))
+                       for j in range(n)])
+    rows = [sample(model, [p] * n, steps=steps, guidance=guidance, latents=noise) for p in prompts]
+    return to_grid(torch.cat(rows), n, labels)
 
 
 def unknown_tokens(prompt, tokens):
     """The <token>s written in a prompt that are not among `tokens` (the tokenizer would split them into pieces)."""
     return [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in tokens]
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a PNG grid with DDIM + classifier-free guidance.")

@@ -4,15 +4,18 @@
     python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
     python train.py --concept examples/concepts/pine_tree --adapter vera --state runs/vera   # VeRA instead of LoRA
+    python train.py --concept my_dog --model sd15 --gradient-checkpointing --precision fp16   # less GPU memory
 
-Each run adds one concept to the state directory (default runs/default) and writes a preview grid beside it.
-Bad input ends with a one-line error and exit status 1; the state is then left as it was. One run at a time
-writes a state: a second run on a state in use stops at once, naming the process that holds it.
+Each run adds one concept to the state directory (default runs/default), appends every step's losses to its
+log.jsonl and draws every learned concept into its grids/ folder. Bad input ends with a one-line error and exit
+status 1; the state is then left as it was. One run at a time writes a state: a second run on a state in use stops
+at once, naming the process that holds it.
 """
 import argparse
 import inspect
 import os
 import re
+import shutil
 import sys
 from dataclasses import fields, replace
 
@@ -50,9 +53,19 @@ def parse_args(argv):
                    "folder name)")
     p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--precision", default="auto", choices=["auto", *cp.PRECISIONS], help="auto: bf16 on a GPU that "
+                   "has it, else fp16 (with loss scaling) on a GPU, fp32 on the CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the UNet's activations in the "
+                   "backward pass: far less memory for a second forward pass")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="split each batch into N micro-batches "
+                   "(less memory, the same batch; default 1)")
+    p.add_argument("--flip", action="store_true", help="mirror each training image at random (not for text or "
+                   "asymmetric concepts)")
+    p.add_argument("--sample-every", type=int, default=0, metavar="N", help="draw the new concept every N training "
+                   "steps into grids/ (default 0: never)")
     p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers; kohya with the tokens bundled; VeRA: "
                    "PEFT's folder layout) and the token embeddings")
-    p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
+    p.add_argument("--no-preview", action="store_true", help="skip the grid of every learned concept after training")
     add_hparam_flags(p)
     return p.parse_args(argv)
 
@@ -100,6 +113,27 @@ def export(model, state, folder):
     return written
 
 
+def precision(args, device):
+    if args.precision != "auto":
+        return args.precision
+    return "fp32" if device != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def write_grids(model, state, folder, run):
+    """Every learned concept (one row each, in the order learned) and the pretrained prompts c0, from the same noise
+    after every task: grids/after_NNN.png, and the latest as grids/latest.png."""
+    import sample
+    c0 = list(dict.fromkeys(cp.base_prompt(c["class_word"]) for c in state.concepts))
+    os.makedirs(os.path.join(folder, cp.GRIDS), exist_ok=True)
+    path = os.path.join(folder, cp.GRIDS, f"after_{len(state.concepts):03d}.png")
+    with cp.autocast(model.device.type, run.precision):
+        grid = sample.concept_grid(model, [c["prompt"] for c in state.concepts] + c0,
+                                   [c["token"] for c in state.concepts] + c0)
+    grid.save(path)
+    shutil.copyfile(path, os.path.join(folder, cp.GRIDS, "latest.png"))
+    return path
+
+
 def run(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not args.concept and not args.export:
@@ -109,8 +143,12 @@ def run(args):
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
     if args.concept:
-        cp.check_name(args.name or os.path.basename(os.path.normpath(args.concept)), given=bool(args.name))
-    resolve_hparams(args, None)  # every flag checked before any work
+        name = args.name or os.path.basename(os.path.normpath(args.concept))
+        cp.check_name(name, given=bool(args.name))
+        cp.load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
+    settings = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
+                      gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every)
+    cp.check_run(settings, resolve_hparams(args, None))  # every flag checked before any work
     lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state)
@@ -125,21 +163,37 @@ def run(args):
     cp.apply_state(model, state)
 
     if args.concept:
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            state = cp.learn_concept(model, state, args.concept, args.name, args.class_word)
+        if settings.sample_every:
+            settings.preview = previewer(model, state, args)
+        state = cp.learn_concept(model, state, args.concept, args.name, args.class_word, run=settings)
         cp.save_state(state, args.state)
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
               f"({len(state.concepts)} concepts)")
+        try:
+            cp.append_log(args.state, settings.trace)
+        except OSError as e:
+            print(f"warning: the steps' losses were not added to {os.path.join(args.state, cp.LOG)}: {e}",
+                  file=sys.stderr)
         if not args.no_preview:
-            import sample
-            preview = os.path.normpath(args.state) + f"-preview-{state.concepts[-1]['name']}.png"
-            images = sample.sample(model, [state.concepts[-1]["prompt"]] * 4, steps=25, guidance=5.0, seed=0)
-            sample.to_grid(images).save(preview)
-            print(f"preview: {preview}  (prompt: \"{state.concepts[-1]['prompt']}\")")
+            print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
+                  f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
     if args.export:
         written = export(model, state, args.export)
         print(f"exported to {args.export}: {', '.join(written)}")
+
+
+def previewer(model, state, args):
+    """preview(step): the new concept during training, one row from the grids' noise, in grids/."""
+    import sample
+    name = args.name or os.path.basename(os.path.normpath(args.concept))
+    prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
+
+    def preview(step):
+        os.makedirs(os.path.join(args.state, cp.GRIDS), exist_ok=True)
+        sample.concept_grid(model, [prompt], [f"step {step}"]).save(
+            os.path.join(args.state, cp.GRIDS, f"task_{n:03d}_step_{step:05d}.png"))
+    return preview
 
 
 def main(argv=None):

@@ -306,6 +306,15 @@ def test_lock_without_fcntl(tmp_path):
     assert third.returncode == 0 and third.stdout == "locked\n", third.stderr
 
 
+def test_log_and_grids_belong_beside_a_state(tmp_path):
+    """A folder holding only what train.py writes beside a state (a first run killed after them) is still a state's."""
+    folder = tmp_path / "state"
+    (folder / cp.GRIDS).mkdir(parents=True)
+    (folder / cp.LOG).write_text("")
+    assert cp.read_manifest(str(folder)) is None
+    cp.lock_state(str(folder)).close()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags and images
 
@@ -315,6 +324,7 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
              ["--ewc-gamma", "1.5"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"],
+             ["--precision", "fp8"], ["--grad-accum", "0"], ["--grad-accum", "3"], ["--sample-every", "-1"],
              ["--name", "../../x"], ["--name", "my dog"]]
 BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"],
                     ["--lora-scale", "inf"]]

@@ -173,6 +173,30 @@ def test_export_loads_in_diffusers(learned, tmp_path):
     assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item()  # the LoRA mattered
 
 
+def test_grids_log_and_previews(learned, tmp_path):
+    """After the task: every learned concept and c0 drawn from fixed noise into grids/, every step's losses in
+    log.jsonl; --sample-every draws the new concept during training; plain progress lines into a pipe."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    flags = [f for f in FAST if f != "--no-preview"]
+    r = run("train.py", "--concept", learned["second"], "--state", state, *flags, "--sample-every", "2")
+    assert "\r" not in r.stderr and "[beta] train 3/3" in r.stderr
+    grids = os.path.join(state, "grids")
+    assert sorted(os.listdir(grids)) == ["after_002.png", "latest.png", "task_002_step_00002.png"]
+    with open(os.path.join(grids, "after_002.png"), "rb") as a, open(os.path.join(grids, "latest.png"), "rb") as b:
+        assert a.read() == b.read()
+    grid = Image.open(os.path.join(grids, "after_002.png"))
+    assert grid.height == 3 * 16 and grid.width > 4 * 16  # <alpha>, <beta>, "a photo"; four columns and labels
+    assert Image.open(os.path.join(grids, "task_002_step_00002.png")).height == 16
+    with open(os.path.join(state, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    assert [(s["concept"], s["phase"], s["step"]) for s in steps] == \
+        [(c, "train", i) for c in ("alpha", "beta") for i in (1, 2, 3)]
+    assert all(set(s) == {"task", "concept", "phase", "step", "denoise", "ewc"} for s in steps)
+    with open(os.path.join(state, "manifest.json")) as f:
+        assert steps[-1]["denoise"] == pytest.approx(json.load(f)["history"][-1]["train"]["denoise"])
+
+
 def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
     state, before = learned["state"], digest(learned["state"])
     odd = tmp_path / "my dog"
