@@ -409,8 +409,8 @@ def report(meta, results):
                   f"`python bench/gpu.py --only model,methods`: one task of each method on the model above, "
                   f"{m['steps']} training steps (dsc*: and {m['dsc_steps']} consolidation steps) of batch 8, every "
                   "other hyperparameter at its default; one process, the peak counted afresh for each task.", "",
-                  "| method | precision | checkpointing | micro-batches | train steps/s | consolidation steps/s | task s | "
-                  "peak MiB allocated / reserved |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | precision | checkpointing | micro-batches | train steps/s | consolidation steps/s | "
+                  "task s | peak MiB allocated / reserved |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in m["rows"]:
             dsc = f"{r['consolidate_steps_per_s']:.2f}" if "consolidate_steps_per_s" in r else "-"
             lines.append(f"| {r['method']} | {r['precision']} | {'yes' if r['checkpointing'] else 'no'} | "
