@@ -763,9 +763,9 @@ def _named(files):
 
 
 def _write_file(path, write):
-    """write(path), then force the bytes to disk."""
+    """write(path), then force the bytes to disk (opened for writing: Windows flushes no read-only handle)."""
     write(path)
-    with open(path, "rb") as f:
+    with open(path, "r+b") as f:
         os.fsync(f.fileno())
 
 
