@@ -114,6 +114,7 @@ def export(model, state, folder):
 
 
 def precision(args, device):
+    """--precision, with auto resolved for the device."""
     if args.precision != "auto":
         return args.precision
     return "fp32" if device != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -170,14 +171,13 @@ def run(args):
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
               f"({len(state.concepts)} concepts)")
-        try:
+        try:  # the state is saved: what follows only records it
             cp.append_log(args.state, settings.trace)
+            if not args.no_preview:
+                print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
+                      f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
         except OSError as e:
-            print(f"warning: the steps' losses were not added to {os.path.join(args.state, cp.LOG)}: {e}",
-                  file=sys.stderr)
-        if not args.no_preview:
-            print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
-                  f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
+            print(f"warning: the step log or the grid was not written: {e}", file=sys.stderr)
     if args.export:
         written = export(model, state, args.export)
         print(f"exported to {args.export}: {', '.join(written)}")
@@ -190,9 +190,12 @@ def previewer(model, state, args):
     prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
 
     def preview(step):
-        os.makedirs(os.path.join(args.state, cp.GRIDS), exist_ok=True)
-        sample.concept_grid(model, [prompt], [f"step {step}"]).save(
-            os.path.join(args.state, cp.GRIDS, f"task_{n:03d}_step_{step:05d}.png"))
+        path = os.path.join(args.state, cp.GRIDS, f"task_{n:03d}_step_{step:05d}.png")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sample.concept_grid(model, [prompt], [f"step {step}"]).save(path)
+        except OSError as e:  # a picture, not a reason to stop training
+            print(f"warning: {path} was not written: {e}", file=sys.stderr)
     return preview
 
 

@@ -197,6 +197,20 @@ def test_grids_log_and_previews(learned, tmp_path):
         assert steps[-1]["denoise"] == pytest.approx(json.load(f)["history"][-1]["train"]["denoise"])
 
 
+def test_a_grid_that_cannot_be_written_is_a_warning(learned, tmp_path):
+    """The state is saved before the pictures: a failed one (grids/ is a file here) warns and changes nothing."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    with open(os.path.join(state, "grids"), "w") as f:
+        f.write("in the way")
+    flags = [f for f in FAST if f != "--no-preview"]
+    r = run("train.py", "--concept", learned["second"], "--state", state, *flags, "--sample-every", "2")
+    assert "2 concepts" in r.stdout and "Traceback" not in r.stderr
+    assert r.stderr.count("warning: ") == 2 and "task_002_step_00002.png was not written" in r.stderr
+    with open(os.path.join(state, "log.jsonl")) as f:
+        assert len(f.readlines()) == 6
+
+
 def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
     state, before = learned["state"], digest(learned["state"])
     odd = tmp_path / "my dog"
