@@ -20,9 +20,10 @@ A task runs in four steps: train it, consolidate (DSC), update the Fisher (EWC),
 The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under names new
 to the attempt, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state
 whole. One process writes a state at a time (a lock file), and every file is checked when a state is loaded.
+How a task runs on the hardware (precision, micro-batches, checkpointing) is a `Run`, recorded in the task's history.
 """
+import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -32,6 +33,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range lock instead (`lock_state`)
+    fcntl = None
+    import msvcrt
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -50,9 +56,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MANIFEST = "manifest.json"
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
 LOCK = ".lock"
+LOG, GRIDS = "log.jsonl", "grids"  # beside the state, not part of it: every saved step's losses, train.py's pictures
 # every name a save writes (data files carry the attempt's id), and the only names a state folder may hold
-# without a manifest (its lock, leftovers of a first save that was killed)
-STATE_NAME = re.compile(r"\.lock|pool|manifest\.json(\.\w+\.tmp)?|(tokens|ewc|lora)_\d+_\w+\.safetensors")
+# without a manifest (its lock, the log and pictures, leftovers of a first save that was killed)
+STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp)?|"
+                        r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype (None: no autocast)
 
 
 class CPError(Exception):
@@ -109,6 +119,19 @@ class State:
     anchor: dict = field(default_factory=dict)     # "path.A" / "path.B" (VeRA: "path.d" / "path.b") → φ*
     projection: tuple = None                       # VeRA: the frozen (A, B) its adapters share
     base: dict = None                              # the manifest this state continues (None: never saved)
+
+
+@dataclass
+class Run:
+    """How one task runs, not what it learns: train.py's flags, chosen anew by each run (the first four are recorded
+    in the task's history). The defaults are the plain run: fp32, one batch per step."""
+    precision: str = "fp32"              # fp32, or autocast to bf16 or fp16 (fp16 with loss scaling)
+    grad_accum: int = 1                  # micro-batches per optimizer step, each of batch_size / grad_accum images
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in the backward pass (less memory)
+    flip: bool = False                   # mirror each drawn image with probability 1/2 (a generator of its own)
+    sample_every: int = 0                # call preview(step) every this many training steps (0: never)
+    preview: object = None               # preview(step): the caller's picture of the new concept during training
+    trace: list = field(default_factory=list)  # every optimizer step's loss terms, appended as dicts
 
 
 def check_hparams(hp):
@@ -192,6 +215,24 @@ def fixed_temp(hp):
     return tau if math.isfinite(tau) else None
 
 
+def check_run(run, hp):
+    """Refuse, naming the flag, run settings that cannot work with these hyperparameters."""
+    if run.precision not in PRECISIONS:
+        raise CPError(f"--precision {run.precision!r}: choose from {', '.join(PRECISIONS)}")
+    if type(run.grad_accum) is not int or run.grad_accum < 1 or hp.batch_size % run.grad_accum:
+        raise CPError(f"--grad-accum {run.grad_accum!r}: must be an integer ≥ 1 that divides --batch-size "
+                      f"{hp.batch_size}")
+    if type(run.sample_every) is not int or run.sample_every < 0:
+        raise CPError(f"--sample-every {run.sample_every!r}: must be an integer ≥ 0 (0: no previews)")
+
+
+def check_name(name, given=True):
+    """A concept name becomes a token and a file name: letters, digits, '_' and '-' only."""
+    if not NAME.fullmatch(name):
+        raise CPError(f"concept name {name!r}: use 1 to 64 letters, digits, '_' or '-'"
+                      + ("" if given else " (it is the folder's name; give --name)"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # concepts and images
 
@@ -205,22 +246,51 @@ def base_prompt(class_word=None):
     return f"a photo of a {class_word}" if class_word else "a photo"
 
 
+def concept_files(folder):
+    """The image files of a concept folder (sorted) and the other files; a caption IMAGE.txt is neither."""
+    if not os.path.isdir(folder):
+        raise CPError(f"concept folder {folder} does not exist")
+    names = [n for n in sorted(os.listdir(folder)) if not n.startswith(".") and
+             not os.path.isdir(os.path.join(folder, n))]
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    captions = {caption_file(n) for n in images}
+    return images, [n for n in names if n not in images and n not in captions]
+
+
+def caption_file(image):
+    return os.path.splitext(image)[0] + ".txt"
+
+
+def load_captions(folder, token):
+    """Each image's own prompt, from IMAGE.txt beside it, with `{token}` where the concept's token goes (None for an
+    image without one); None when no image has a caption."""
+    captions = []
+    for name in concept_files(folder)[0]:
+        path = os.path.join(folder, caption_file(name))
+        if not os.path.isfile(path):
+            captions.append(None)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = " ".join(f.read().split())
+        except (OSError, UnicodeDecodeError) as e:
+            raise CPError(f"cannot read caption {path}: {e}") from None
+        if "{token}" not in text:
+            raise CPError(f"caption {path} has no {{token}} (where the concept's token goes)")
+        captions.append(text.replace("{token}", token))
+    return captions if any(captions) else None
+
+
 def load_images(folder, resolution):
     """Images of a concept folder as a tensor [N, 3, R, R] in [−1, 1]: any mode → RGB, resize + center crop.
 
     Files without an image extension are skipped (and named in the returned notes); an image that cannot be
     decoded is an error naming it.
     """
-    if not os.path.isdir(folder):
-        raise CPError(f"concept folder {folder} does not exist")
-    images, skipped = [], []
-    for name in sorted(os.listdir(folder)):
+    names, skipped = concept_files(folder)
+    images = []
+    for name in names:
         path = os.path.join(folder, name)
-        if name.startswith(".") or os.path.isdir(path):
-            continue
-        if not name.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append(name)
-            continue
         try:
             with Image.open(path) as im:
                 im.load()
@@ -347,18 +417,28 @@ def clora_penalty(unet, name, lam):
 
 
 class Batches:
-    """Random batches of current-task latents, sampled from the VAE posterior each time (held in memory only)."""
+    """Random batches of current-task latents, sampled from the VAE posterior each time (held in memory only).
 
-    def __init__(self, model, images, batch_size, gen):
+    `flip`: a generator of its own (the task's draws stay as they are) that picks, for each drawn image, the encoding
+    of its mirror image with probability 1/2. `drawn` holds the images of the last batch (for their captions)."""
+
+    def __init__(self, model, images, batch_size, gen, flip=None):
         with torch.no_grad():
             mean, std = model.vae.encode(images.to(model.device, model.dtype))
-        self.mean, self.std, self.scale = mean, std, model.scaling_factor
-        self.batch_size, self.gen = batch_size, gen
+            if flip is not None:  # the mirror images' encodings follow the originals
+                mirrored = model.vae.encode(images.flip(-1).to(model.device, model.dtype))
+                mean, std = torch.cat([mean, mirrored[0]]), torch.cat([std, mirrored[1]])
+        self.mean, self.std, self.scale, self.n = mean, std, model.scaling_factor, len(images)
+        self.batch_size, self.gen, self.flip, self.drawn = batch_size, gen, flip, None
 
     def __call__(self, n=None, gen=None):
         gen = gen or self.gen
-        idx = torch.randint(0, len(self.mean), (n or self.batch_size,), generator=gen)
+        idx = torch.randint(0, self.n, (n or self.batch_size,), generator=gen)
+        if gen is self.gen:
+            self.drawn = idx
         eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean)
+        if self.flip is not None:
+            idx = idx + self.n * (torch.rand(len(idx), generator=self.flip) < 0.5)
         return (self.mean[idx] + self.std[idx] * eps) * self.scale
 
 
@@ -367,19 +447,22 @@ def draw_noise(model, x0, gen):
     return t, torch.randn(x0.shape, generator=gen).to(x0)
 
 
-def task_loss(model, x0, prompts, hp, gen, tau=None):
+def task_loss(model, x0, prompts, hp, gen, tau=None, captions=None):
     """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged UNet batch:
     the first `dc_batch` images under all K prompts of S (target first; that column also serves L_denoise), the
-    other images under the target only."""
+    other images under the target only. `captions` (one prompt per image): L_denoise of every image under its own
+    caption instead, S only for L_DC."""
     t, eps = draw_noise(model, x0, gen)
     B, K = len(x0), len(prompts)
     n_dc = min(hp.dc_batch, B) if hp.uses("dc_loss") and K > 1 else 0
-    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)])
-    prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)])
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean",
-                                  rows=(image, prompt))
+    first = 0 if captions else n_dc  # the first image of the L_denoise rows
+    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(first, B)])
+    prompt = torch.cat([torch.arange(K).repeat(n_dc), K + torch.arange(B) if captions else
+                        torch.zeros(B - n_dc, dtype=torch.long)])
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
+                                  model.alphas_cumprod, "mean", rows=(image, prompt))
     e_dc = e[:n_dc * K].view(n_dc, K)
-    terms = {"denoise": torch.cat([e_dc[:, 0], e[n_dc * K:]]).mean()}
+    terms = {"denoise": (e[n_dc * K:] if captions else torch.cat([e_dc[:, 0], e[n_dc * K:]])).mean()}
     if n_dc:
         terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, tau).mean()
     return terms
@@ -463,37 +546,55 @@ def fisher_diagonal(params, sample_loss, n):
 
 
 class Progress:
-    """One updating line: step, loss terms, it/s, ETA."""
+    """Step, loss terms, it/s, ETA: one updating line on a terminal; where stderr is a file or a pipe, plain lines (the
+    first report, then one every tenth of the steps, and the last)."""
 
-    def __init__(self, total, label, stream=sys.stderr):
-        self.total, self.label, self.stream, self.start = total, label, stream, time.time()
+    def __init__(self, total, label, stream=None):
+        self.total, self.label, self.stream, self.start = total, label, stream or sys.stderr, time.time()
+        self.tty, self.next = getattr(self.stream, "isatty", lambda: False)(), 0
 
     def __call__(self, step, terms):
+        if not self.tty and step < min(self.next, self.total):
+            return
+        self.next = step + max(self.total // 10, 1)
         elapsed = time.time() - self.start
         rate = step / max(elapsed, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
         losses = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        print(f"\r{self.label} {step}/{self.total} | {losses} | {rate:.2f} it/s | ETA {eta:.0f}s ",
-              end="\n" if step == self.total else "", file=self.stream, flush=True)
+        line = f"{self.label} {step}/{self.total} | {losses} | {rate:.2f} it/s | ETA {eta:.0f}s "
+        print("\r" + line if self.tty else line.rstrip(), end="\n" if step == self.total or not self.tty else "",
+              file=self.stream, flush=True)
 
 
-def optimize(params_groups, steps, loss_fn, label, log):
-    """AdamW over the given parameter groups; stops with CPError on a non-finite loss."""
+def optimize(params_groups, steps, loss_fn, phase, task, preview=None):
+    """AdamW over the given parameter groups; each step's gradient is the mean over `task.run.grad_accum` calls of
+    loss_fn() (micro-batches), scaled against fp16 underflow when the run is fp16. Stops with CPError on a non-finite
+    loss. Every step's loss terms (means over its micro-batches) go to `task.run.trace`; returns the last step's."""
+    run, label = task.run, f"[{task.name}] {phase}"
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
-    progress = Progress(steps, label) if log else None
+    scaler = torch.amp.GradScaler(params_groups[0]["params"][0].device.type, enabled=run.precision == "fp16")
+    progress = Progress(steps, label) if task.log else None
     terms = {}
     for step in range(1, steps + 1):
-        terms = loss_fn()
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise CPError(f"non-finite loss at {label} step {step} ({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); "
-                          "try a lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        micro = []
+        for _ in range(run.grad_accum):
+            terms = loss_fn()
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                values = ", ".join(f"{k}={v.item():.3g}" for k, v in terms.items())
+                raise CPError(f"non-finite loss at {label} step {step} ({values}); try a lower --lr")
+            scaler.scale(loss / run.grad_accum).backward()
+            micro.append({k: v.item() for k, v in terms.items()})
+        scaler.step(opt)
+        scaler.update()
+        terms = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        run.trace.append({"task": task.index, "concept": task.name, "phase": phase, "step": step, **terms})
         if progress and (step % 5 == 0 or step == steps):
-            progress(step, {k: v.item() for k, v in terms.items()})
-    return {k: v.item() for k, v in terms.items()}
+            progress(step, terms)
+        if preview and run.sample_every and step % run.sample_every == 0:
+            preview(step)
+    return terms
 
 
 @dataclass
@@ -512,12 +613,30 @@ class Task:
     ewc: tuple                 # (F*, φ*) of the state, on the adapter's device
     log: bool = True
     tau: float = None          # τ of the DC terms (the flag's number, or calibrated: calibrate_temp)
+    run: Run = field(default_factory=Run)
+    captions: list = None      # one prompt per image for L_denoise (None: the target prompt for all)
 
 
-def learn_concept(model, state, folder, name=None, class_word=None, log=True):
-    """Learn one concept on top of `state` (already applied to `model`); returns the new state (unsaved)."""
-    hp = state.hparams
+def learn_concept(model, state, folder, name=None, class_word=None, log=True, run=None):
+    """Learn one concept on top of `state` (already applied to `model`); returns the new state (unsaved). `run`: how
+    (precision, micro-batches, checkpointing, flips, previews; the steps' losses land in run.trace)."""
+    run = run or Run()
+    check_run(run, state.hparams)
+    model.unet.gradient_checkpointing = run.gradient_checkpointing
+    with autocast(model.device.type, run.precision):
+        return _learn_concept(model, state, folder, name, class_word, log, run)
+
+
+def autocast(device_type, precision):
+    """The autocast context of a precision (none for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type, dtype) if dtype else contextlib.nullcontext()
+
+
+def _learn_concept(model, state, folder, name, class_word, log, run):
+    hp, given = state.hparams, name
     name = name or os.path.basename(os.path.normpath(folder))
+    check_name(name, given=bool(given))
     if any(c["name"] == name for c in state.concepts):
         raise CPError(f"concept {name!r} is already learned in this state (use --name to pick another name)")
     images, notes = load_images(folder, model.resolution)
@@ -527,15 +646,21 @@ def learn_concept(model, state, folder, name=None, class_word=None, log=True):
     seed = hp.seed * 1000 + n
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    flip = torch.Generator().manual_seed(2 ** 32 + seed) if run.flip else None  # never the task's stream
     adapter = (f"task{n}" if hp.uses("clora") else "current") if hp.uses("lora") else None
-    token = f"<{name}>"
+    token, target = f"<{name}>", concept_prompt(f"<{name}>", class_word)
+    captions = load_captions(folder, token)
     # the state keeps the EWC statistics on the CPU: move them to the adapter's device once per task
     ewc = tuple({k: v.to(model.device) for k, v in stats.items()} for stats in (state.fisher, state.anchor))
-    task = Task(n, name, token, concept_prompt(token, class_word), class_word, base_prompt(class_word), adapter,
-                Batches(model, images, hp.batch_size, gen), gen, random.Random(seed), ewc, log)
+    task = Task(n, name, token, target, class_word, base_prompt(class_word), adapter,
+                Batches(model, images, hp.batch_size // run.grad_accum, gen, flip), gen, random.Random(seed), ewc,
+                log, run, [c or target for c in captions] if captions else None)
 
     started = time.time()
-    metrics = {"task": n, "name": name, "images": len(images)}
+    metrics = {"task": n, "name": name, "images": len(images),
+               "run": {"device": model.device.type, "precision": run.precision, "grad_accum": run.grad_accum,
+                       "gradient_checkpointing": run.gradient_checkpointing, "flip": run.flip,
+                       "captions": sum(c is not None for c in captions or [])}}
     metrics["train"], row = train_task(model, state, task)
     if hp.uses("dc") or hp.uses("dsc"):
         metrics["dc_temp"] = task_temp(model, state, task)
@@ -574,7 +699,9 @@ def train_task(model, state, task):
 
     def loss():
         prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if hp.uses("dc_loss") else [task.target]
-        terms = task_loss(model, task.batches(), prompts, hp, task.gen, tau)
+        x0 = task.batches()
+        captions = [task.captions[i] for i in task.batches.drawn] if task.captions else None
+        terms = task_loss(model, x0, prompts, hp, task.gen, tau, captions)
         if hp.uses("ewc"):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         if hp.uses("clora"):
@@ -583,7 +710,7 @@ def train_task(model, state, task):
 
     try:
         tau = task_temp(model, state, task) if hp.uses("dc_loss") else None
-        metrics = optimize(groups, hp.steps, loss, f"[{task.name}] train", task.log)
+        metrics = optimize(groups, hp.steps, loss, "train", task, task.run.preview)
     finally:  # a failed task must not leave the row spliced into a model that may be used again
         hook.remove()
     with torch.no_grad():
@@ -613,7 +740,7 @@ def consolidate(model, state, task):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         return terms
 
-    metrics = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, loss, f"[{task.name}] consolidate", task.log)
+    metrics = optimize([{"params": params, "lr": hp.lr}], hp.dsc_steps, loss, "consolidate", task)
     for name in ("teacher1", teacher2):
         if name:
             lora.remove(model.unet, name)
@@ -691,8 +818,12 @@ def lock_state(folder):
     except OSError as e:
         raise CPError(f"cannot write the state folder {folder}: {e}") from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # one byte far past the process id written below: a locked byte cannot be read by other processes
+            os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except BlockingIOError if fcntl else OSError:  # msvcrt: a plain OSError
         f.seek(0)
         holder = f.read().strip()
         f.close()
@@ -702,6 +833,12 @@ def lock_state(folder):
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def append_log(folder, records):
+    """Add the steps of the task just saved to the log beside the state: one JSON object per line."""
+    with open(os.path.join(folder, LOG), "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def read_manifest(folder):
@@ -738,9 +875,9 @@ def _named(files):
 
 
 def _write_file(path, write):
-    """write(path), then force the bytes to disk."""
+    """write(path), then force the bytes to disk (opened for writing: Windows flushes no read-only handle)."""
     write(path)
-    with open(path, "rb") as f:
+    with open(path, "r+b") as f:
         os.fsync(f.fileno())
 
 

@@ -21,7 +21,9 @@ Files (safetensors, LoRA tensors only):
                   `lora_adapter_metadata` = JSON {"unet.r", "unet.lora_alpha", "unet.target_modules",
                   "unet.rank_pattern", "unet.alpha_pattern"}, which diffusers turns into a peft LoraConfig.
                   Without that entry diffusers uses alpha = r, so does `load_lora`.
-  kohya:          `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+  kohya:          `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`; token
+                  embeddings may ride along as `bundle_emb.<name>.string_to_param.*` [1, dim] (the bundle that
+                  AUTOMATIC1111's and ComfyUI's LoRA loaders read; `<name>` is the word that calls it in a prompt).
   PEFT VeRA:      `base_model.model.<module>.vera_lambda_d` / `.vera_lambda_b`, and the shared projection as
                   `base_model.vera_A` / `base_model.vera_B` (PEFT's save_projection=True; without them PEFT and
                   `load_vera` regenerate it from `projection_prng_key`), beside PEFT's adapter_config.json (a folder,
@@ -257,6 +259,15 @@ def remove(unet, name=None):
             _set_module(unet, p, plain)
 
 
+@torch.no_grad()
+def scale(unet, factor):
+    """Multiply every adapter's ΔW by `factor` (through B, or b: ΔW is linear in each)."""
+    unmerge(unet)
+    for _, m in _layers(unet):
+        for n in m.names():
+            m.params(n)[1].mul_(factor)
+
+
 def get_adapter(unet, name):
     """{module path: (A, B)} of adapter `name`: the live Parameters (A [r, in], B [out, r]; VeRA: d [r], b [out]),
     not copies."""
@@ -312,10 +323,15 @@ def save_lora(unet, path, name, format="diffusers"):
     write_lora_file(layers, get_alpha(unet, name), path, format)
 
 
-def write_lora_file(layers, alphas, path, format="diffusers"):
-    """Write {module path: (A, B)} with {module path: alpha} to a .safetensors file (no UNet needed)."""
+def write_lora_file(layers, alphas, path, format="diffusers", embeddings=None):
+    """Write {module path: (A, B)} with {module path: alpha} to a .safetensors file (no UNet needed); kohya format
+    only: {name: embedding row} bundled in."""
     t = lambda x: x.detach().to("cpu").contiguous().clone()
     out, meta = {}, None
+    if embeddings and format != "kohya":
+        raise ValueError("only the kohya format bundles token embeddings")
+    for name, row in (embeddings or {}).items():
+        out[f"bundle_emb.{name}.string_to_param.*"] = t(row).reshape(1, -1)
     for p, (A, B) in layers.items():
         if format == "diffusers":
             out[f"unet.{p}.lora_A.weight"], out[f"unet.{p}.lora_B.weight"] = t(A), t(B)
@@ -362,7 +378,9 @@ def _pattern_value(pattern, path, default):
 
 
 def _parse(sd, header):
-    """File tensors -> {module path (kohya: its stem): (A, B, alpha, key of A)}; the key is for error messages."""
+    """File tensors -> {module path (kohya: its stem): (A, B, alpha, key of A)}; the key is for error messages.
+    Bundled token embeddings are left out."""
+    sd = {k: v for k, v in sd.items() if not k.startswith("bundle_emb.")}
     kohya = any(k.startswith("lora_unet_") for k in sd)
     down, up = ("lora_down", "lora_up") if kohya else ("lora_A", "lora_B")
     pattern = (r"(lora_unet_\w+)\.(lora_down|lora_up|alpha)(\.weight)?" if kohya else

@@ -10,11 +10,12 @@ Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε_∅ + s·(ε_c − ε_�
 import argparse
 import math
 import os
+import re
 import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
 
@@ -59,8 +60,8 @@ def sample(model, prompts, negative_prompt="", steps=50, guidance=7.5, seed=0, l
     return ((model.decode_latents(x).float() + 1) / 2).clamp(0, 1).cpu()
 
 
-def to_grid(images, ncols=None):
-    """A PIL RGB image holding images [N, 3, H, W] in [0, 1] in a grid."""
+def to_grid(images, ncols=None, labels=None):
+    """A PIL RGB image holding images [N, 3, H, W] in [0, 1] in a grid; `labels`: one per row, written to its left."""
     n, _, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -69,7 +70,32 @@ def to_grid(images, ncols=None):
     for i in range(n):
         r, c = divmod(i, ncols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i]
-    return Image.fromarray(grid, "RGB")
+    grid = Image.fromarray(grid, "RGB")
+    if not labels:
+        return grid
+    font = ImageFont.load_default()
+    margin = max(int(font.getlength(text)) for text in labels) + 8
+    out = Image.new("RGB", (margin + grid.width, grid.height), "white")
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        draw.text((4, r * h + h // 2), text, fill="black", font=font, anchor="lm")
+    return out
+
+
+def concept_grid(model, prompts, labels, n=4, steps=25, guidance=5.0, seed=0):
+    """One row of n images per prompt. Column j starts every row from the same noise (seed j), in every grid: rows
+    compare with each other, and a grid with the same grid of another state."""
+    side, ch = model.unet.config["sample_size"], model.unet.config["in_channels"]
+    noise = torch.cat([torch.randn(1, ch, side, side, generator=torch.Generator().manual_seed(seed + j))
+                       for j in range(n)])
+    rows = [sample(model, [p] * n, steps=steps, guidance=guidance, latents=noise) for p in prompts]
+    return to_grid(torch.cat(rows), n, labels)
+
+
+def unknown_tokens(prompt, tokens):
+    """The <token>s written in a prompt that are not among `tokens` (the tokenizer would split them into pieces)."""
+    return [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in tokens]
 
 
 def main(argv=None):
@@ -86,10 +112,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the state's LoRA (default 1; 0: the base "
+                   "model with the learned tokens)")
+    p.add_argument("--strict", action="store_true", help="a <token> the state has not learned is an error, not a "
+                   "warning")
     args = p.parse_args(argv)
     for wrong, message in ((args.n < 1, f"-n {args.n}: must be ≥ 1"),
                            (not 1 <= args.steps <= 1000, f"--steps {args.steps}: must be 1 to 1000 (SD's T)"),
-                           (not math.isfinite(args.guidance), f"--guidance {args.guidance}: must be finite")):
+                           (not math.isfinite(args.guidance), f"--guidance {args.guidance}: must be finite"),
+                           (not math.isfinite(args.lora_scale), f"--lora-scale {args.lora_scale}: must be finite"),
+                           (args.device == "cuda" and not torch.cuda.is_available(),
+                            "--device cuda: this machine has no CUDA device")):
         if wrong:
             p.error(message)
 
@@ -100,12 +133,21 @@ def main(argv=None):
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
         if args.state:
-            model, _ = cp.load_with_state(args.state, args.model, device, dtype)
+            model, state = cp.load_with_state(args.state, args.model, device, dtype)
+            lora.scale(model.unet, args.lora_scale)
             lora.merge(model.unet)  # fold the LoRA(s) into the weights: plain-speed sampling
         else:
-            model = unet.load_model(args.model or DEFAULT_MODEL, device, dtype)
+            model, state = unet.load_model(args.model or DEFAULT_MODEL, device, dtype), None
     except (unet.LoadError, cp.CPError) as e:
         sys.exit(f"error: {e}")
+    learned = [c["token"] for c in state.concepts] if state else []
+    unknown = unknown_tokens(args.prompt + " " + args.negative_prompt, learned)
+    if unknown:
+        message = (f"{', '.join(unknown)} not learned: " + (f"this state has {', '.join(learned)}" if learned else
+                   "no --state given" if not state else "this state has no concepts"))
+        if args.strict:
+            sys.exit(f"error: {message}")
+        print(f"warning: {message}; the tokenizer reads it as plain text", file=sys.stderr)
     images = sample(model, [args.prompt] * args.n, args.negative_prompt, args.steps, args.guidance, args.seed,
                     progress=True)
     to_grid(images).save(args.out)

@@ -4,15 +4,18 @@
     python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
     python train.py --concept examples/concepts/pine_tree --adapter vera --state runs/vera   # VeRA instead of LoRA
+    python train.py --concept my_dog --model sd15 --gradient-checkpointing --precision fp16   # less GPU memory
 
-Each run adds one concept to the state directory (default runs/default) and writes a preview grid beside it.
-Bad input ends with a one-line error and exit status 1; the state is then left as it was. One run at a time
-writes a state: a second run on a state in use stops at once, naming the process that holds it.
+Each run adds one concept to the state directory (default runs/default), appends every step's losses to its
+log.jsonl and draws every learned concept into its grids/ folder. Bad input ends with a one-line error and exit
+status 1; the state is then left as it was. One run at a time writes a state: a second run on a state in use stops
+at once, naming the process that holds it.
 """
 import argparse
 import inspect
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict, fields, replace
 
@@ -64,12 +67,23 @@ def parse_args(argv):
     p.add_argument("--concept", help="folder of images of the new concept")
     p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: toy/model)")
-    p.add_argument("--name", help="concept name; its token is <name> (default: the folder name)")
+    p.add_argument("--name", help="concept name, letters, digits, _ and - only; its token is <name> (default: the "
+                   "folder name)")
     p.add_argument("--class-word", help="class word appended to the prompt, also the pretrained concept c0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers and kohya; VeRA: PEFT's folder layout) "
-                   "and the token embeddings")
-    p.add_argument("--no-preview", action="store_true", help="skip the preview grid after training")
+    p.add_argument("--precision", default="auto", choices=["auto", *cp.PRECISIONS], help="auto: bf16 on a GPU that "
+                   "has it, else fp16 (with loss scaling) on a GPU, fp32 on the CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the UNet's activations in the "
+                   "backward pass: far less memory for a second forward pass")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="split each batch into N micro-batches "
+                   "(less memory, the same batch; default 1)")
+    p.add_argument("--flip", action="store_true", help="mirror each training image at random (not for text or "
+                   "asymmetric concepts)")
+    p.add_argument("--sample-every", type=int, default=0, metavar="N", help="draw the new concept every N training "
+                   "steps into grids/ (default 0: never)")
+    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers; kohya with the tokens bundled; VeRA: "
+                   "PEFT's folder layout) and the token embeddings")
+    p.add_argument("--no-preview", action="store_true", help="skip the grid of every learned concept after training")
     add_hparam_flags(p)
     return p.parse_args(argv)
 
@@ -97,11 +111,19 @@ def describe_settings(hp, source, given):
     return f"settings ({source}{flags}): " + ", ".join(f"{k} {v}" for k, v in asdict(hp).items())
 
 
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
+
+
 def export(model, state, folder):
-    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA), VeRA as PEFT's
-    adapter_model.safetensors + adapter_config.json, and the tokens."""
-    os.makedirs(folder, exist_ok=True)
+    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA; the kohya file with
+    the tokens bundled), VeRA as PEFT's adapter_model.safetensors + adapter_config.json, and the tokens."""
     hp = state.hparams
+    rows = {c["name"]: state.tokens[c["token"]] for c in state.concepts}
+    taken = {*LORA_FILES.values(), lora.VERA_WEIGHTS}
+    for name in rows:  # a state saved before names were checked may hold any name
+        if not cp.NAME.fullmatch(name) or name + ".safetensors" in taken:
+            raise cp.CPError(f"concept name {name!r} cannot name a file in {folder}; nothing was exported")
+    os.makedirs(folder, exist_ok=True)
     weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
     written = []
     if weights and hp.adapter == "vera":
@@ -110,24 +132,53 @@ def export(model, state, folder):
     elif weights:
         ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
         alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
-        for fmt, name in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "lora_kohya.safetensors")):
-            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt)
+        for fmt, name in LORA_FILES.items():
+            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt, rows if fmt == "kohya" else None)
             written.append(name)
-    for token, row in state.tokens.items():  # one file per token, the layout diffusers' load_textual_inversion reads
-        name = token.strip("<>") + ".safetensors"
-        save_file({token: row.contiguous()}, os.path.join(folder, name))
-        written.append(name)
+    for c in state.concepts:  # one file per token, the layout diffusers' load_textual_inversion reads
+        save_file({c["token"]: rows[c["name"]].contiguous()}, os.path.join(folder, c["name"] + ".safetensors"))
+        written.append(c["name"] + ".safetensors")
     return written
+
+
+def precision(args, device):
+    """--precision, with auto resolved for the device."""
+    if args.precision != "auto":
+        return args.precision
+    return "fp32" if device != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def write_grids(model, state, folder, run):
+    """Every learned concept (one row each, in the order learned) and the pretrained prompts c0, from the same noise
+    after every task: grids/after_NNN.png, and the latest as grids/latest.png."""
+    import sample
+    c0 = list(dict.fromkeys(cp.base_prompt(c["class_word"]) for c in state.concepts))
+    os.makedirs(os.path.join(folder, cp.GRIDS), exist_ok=True)
+    path = os.path.join(folder, cp.GRIDS, f"after_{len(state.concepts):03d}.png")
+    with cp.autocast(model.device.type, run.precision):
+        grid = sample.concept_grid(model, [c["prompt"] for c in state.concepts] + c0,
+                                   [c["token"] for c in state.concepts] + c0)
+    grid.save(path)
+    shutil.copyfile(path, os.path.join(folder, cp.GRIDS, "latest.png"))
+    return path
 
 
 def run(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not args.concept and not args.export:
         raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise cp.CPError("--device cuda: this machine has no CUDA device")
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
     presets = cp.load_presets()
-    resolve_hparams(args, None, presets)  # every flag checked before any work
+    if args.concept:
+        name = args.name or os.path.basename(os.path.normpath(args.concept))
+        cp.check_name(name, given=bool(args.name))
+        cp.load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
+    settings = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
+                      gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every)
+    cp.check_run(settings, resolve_hparams(args, None, presets))  # every flag checked before any work
     lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state, presets)
@@ -149,21 +200,39 @@ def run(args):
     cp.apply_state(model, state)
 
     if args.concept:
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            state = cp.learn_concept(model, state, args.concept, args.name, args.class_word)
+        if settings.sample_every:
+            settings.preview = previewer(model, state, args)
+        state = cp.learn_concept(model, state, args.concept, args.name, args.class_word, run=settings)
         cp.save_state(state, args.state)
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
               f"({len(state.concepts)} concepts)")
-        if not args.no_preview:
-            import sample
-            preview = os.path.normpath(args.state) + f"-preview-{state.concepts[-1]['name']}.png"
-            images = sample.sample(model, [state.concepts[-1]["prompt"]] * 4, steps=25, guidance=5.0, seed=0)
-            sample.to_grid(images).save(preview)
-            print(f"preview: {preview}  (prompt: \"{state.concepts[-1]['prompt']}\")")
+        try:  # the state is saved: what follows only records it
+            cp.append_log(args.state, settings.trace)
+            if not args.no_preview:
+                print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
+                      f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
+        except OSError as e:
+            print(f"warning: the step log or the grid was not written: {e}", file=sys.stderr)
     if args.export:
         written = export(model, state, args.export)
         print(f"exported to {args.export}: {', '.join(written)}")
+
+
+def previewer(model, state, args):
+    """preview(step): the new concept during training, one row from the grids' noise, in grids/."""
+    import sample
+    name = args.name or os.path.basename(os.path.normpath(args.concept))
+    prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
+
+    def preview(step):
+        path = os.path.join(args.state, cp.GRIDS, f"task_{n:03d}_step_{step:05d}.png")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sample.concept_grid(model, [prompt], [f"step {step}"]).save(path)
+        except OSError as e:  # a picture, not a reason to stop training
+            print(f"warning: {path} was not written: {e}", file=sys.stderr)
+    return preview
 
 
 def main(argv=None):

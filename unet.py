@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def timestep_embedding(t, dim):
 class Block(nn.Module):
     """One down or up block of the UNet: ResNet blocks, each optionally followed by a transformer, then a resampler.
 
-    Up blocks take one skip connection per ResNet block, so `skip_channels` lists their widths.
+    Up blocks take one skip connection per ResNet block, so `skip_channels` lists their widths and `skips` holds
+    those tensors (the last one is concatenated first).
     """
 
     def __init__(self, cin, cout, n, temb_dim, cfg, heads, cross_attn, resample=None, skip_channels=None):
@@ -236,7 +238,7 @@ class Block(nn.Module):
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
-                x = torch.cat([x, skips.pop()], dim=1)
+                x = torch.cat([x, skips[-1 - i]], dim=1)
             x = resnet(x, temb)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, context)
@@ -300,20 +302,31 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg.get("norm_eps", 1e-5))
         self.conv_out = Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+        # gradient checkpointing: keep only each block's inputs and recompute its activations in the backward pass
+        # (far less memory, about one more forward pass of time); only when gradients are being recorded
+        self.gradient_checkpointing = False
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         temb = timestep_embedding(t, self.conv_in.out_channels).to(x.dtype)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
+        run = checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else lambda f, *a: f(*a)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, outputs = block(x, temb, context)
+            x, outputs = run(block, x, temb, context)
             skips += outputs
-        x = self.mid_block(x, temb, context)
+        x = run(self.mid_block, x, temb, context)
         for block in self.up_blocks:
-            x, _ = block(x, temb, context, skips)
+            n = len(block.resnets)
+            x, _ = run(block, x, temb, context, skips[-n:])
+            del skips[-n:]
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def checkpointed(module, *args):
+    """module(*args), keeping only the inputs: the backward pass runs the module again for its activations."""
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

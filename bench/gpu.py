@@ -1,4 +1,5 @@
-"""The GPU check in one call: every CUDA path of the project run and timed at SD v1.5 size, in about 8 minutes.
+"""The GPU check in one call: every CUDA path of the project run and timed at SD v1.5 size (8 minutes before the
+`methods` step was added; it is not timed on a GPU yet).
 
 Steps, each in its own process with its own time limit (a failed step is recorded and the next one runs):
   tests              the kernel tests, compiled (tests/test_kernels.py: every dtype and shape, the CUDA-only ones)
@@ -8,6 +9,8 @@ Steps, each in its own process with its own time limit (a failed step is recorde
   train-*            `train.py` end to end, 50 steps of seq, ewc-dc and dsc-ewc-dc: steps/s, peak memory
   sample             `sample.py --state` at 512 px, 25 DDIM steps: seconds per image
   train-task2        the ewc-dc state reloaded by `train.py`: a second concept on top of the first
+  methods            every method, 20 steps on one loaded model, with and without gradient checkpointing (and ewc-dc
+                     checkpointed in fp16, and in 2 micro-batches): steps/s, peak memory
 The figures go to one markdown file and one JSON file, with the device, torch and triton versions.
 Nothing is downloaded. Without diffusers (installed, or given with --diffusers as a wheel, a folder of wheels or a
 source folder, or a diffusers-*.whl beside the checkout) only the UNet comparisons are skipped.
@@ -15,6 +18,7 @@ source folder, or a diffusers-*.whl beside the checkout) only the UNet compariso
     python bench/gpu.py                                   # CUDA: writes bench/GPU.md and bench/results/gpu.json
     python bench/gpu.py --diffusers ../diffusers-0.42.1-py3-none-any.whl
     python bench/gpu.py --only train-seq,sample           # some steps again, in the order given
+    python bench/gpu.py --only model,methods              # the memory and speed of every method
     python bench/gpu.py --dry                             # the same steps on the CPU with tiny configs
 """
 import argparse
@@ -194,6 +198,37 @@ def step_train(ctx, method=None, concept=CONCEPTS[0]):
                 **rates, **peak_memory())
 
 
+def step_methods(ctx):
+    """A short task of every method on one loaded model, each without and with gradient checkpointing, at the
+    defaults (batch 8) but for the step counts; one process, the peak memory counted afresh for each task."""
+    import cp
+    import lora
+    import unet
+    model = unet.load_model(ctx.model, ctx.device)
+    concept = os.path.join(ctx.work, "concepts", CONCEPTS[0])
+    plain = "bf16" if ctx.device == "cuda" else "fp32"
+    runs = [(m, cp.Run(precision=plain, gradient_checkpointing=c)) for m in cp.METHODS for c in (False, True)]
+    runs += [("ewc-dc", cp.Run(precision="fp16", gradient_checkpointing=True)),
+             ("ewc-dc", cp.Run(precision=plain, gradient_checkpointing=True, grad_accum=2))]
+    steps, dsc_steps, fisher = (3, 2, 2) if ctx.dry else (20, 10, cp.Hparams().fisher_samples)
+    phases, rows = [], []
+    timed(cp, "optimize", phases)
+    for i, (method, run) in enumerate([("seq", cp.Run(precision=plain))] + runs):  # the first warms up, unrecorded
+        lora.remove(model.unet)
+        state = cp.new_state(model, cp.Hparams(method=method, steps=2 if i == 0 else steps, dsc_steps=dsc_steps,
+                                               fisher_samples=fisher))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        phases.clear()
+        state = cp.learn_concept(model, state, concept, log=False, run=run)
+        rates = {args[3] + "_steps_per_s": args[1] / seconds for args, seconds in phases}
+        if i:
+            rows.append(dict(method=method, precision=run.precision, checkpointing=run.gradient_checkpointing,
+                             grad_accum=run.grad_accum, task_s=state.history[-1]["seconds"], **rates, **peak_memory()))
+    return dict(steps=steps, dsc_steps=dsc_steps, rows=rows)
+
+
 def step_sample(ctx):
     import sample
     n = 2
@@ -222,6 +257,7 @@ STEPS = {
     "train-dsc-ewc-dc": (100, functools.partial(step_train, method="dsc-ewc-dc")),
     "sample": (45, step_sample),
     "train-task2": (70, functools.partial(step_train, concept=CONCEPTS[1])),
+    "methods": (240, step_methods),
 }
 
 
@@ -367,6 +403,19 @@ def report(meta, results):
         lines += ["", "Each step runs `train.main` on these arguments in a fresh process (so that its peak memory and the "
                   "time of each phase can be read); every other hyperparameter is train.py's default (batch 8, "
                   "rank 8, bf16 autocast on CUDA):", ""] + [f"    {r['command']}" for r in train.values()]
+    if "methods" in ok:
+        m = ok["methods"]
+        lines += ["", "## Every method, without and with gradient checkpointing", "",
+                  f"`python bench/gpu.py --only model,methods`: one task of each method on the model above, "
+                  f"{m['steps']} training steps (dsc*: and {m['dsc_steps']} consolidation steps) of batch 8, every "
+                  "other hyperparameter at its default; one process, the peak counted afresh for each task.", "",
+                  "| method | precision | checkpointing | micro-batches | train steps/s | consolidation steps/s | "
+                  "task s | peak MiB allocated / reserved |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in m["rows"]:
+            dsc = f"{r['consolidate_steps_per_s']:.2f}" if "consolidate_steps_per_s" in r else "-"
+            lines.append(f"| {r['method']} | {r['precision']} | {'yes' if r['checkpointing'] else 'no'} | "
+                         f"{r['grad_accum']} | {r['train_steps_per_s']:.2f} | {dsc} | {r['task_s']:.1f} | "
+                         f"{mib(r['peak_allocated_bytes'])} / {mib(r['peak_reserved_bytes'])} |")
     if "sample" in ok:
         s = ok["sample"]
         lines += ["", f"Sampling: {s['seconds_per_image']:.2f} s per image ({s['grid'][0]}×{s['grid'][1]} px grid "
@@ -387,7 +436,7 @@ def main(argv=None):
     p.add_argument("--work", help="scratch folder: model, states, logs (default: a folder in the temp dir)")
     p.add_argument("--out", help="markdown report (default bench/GPU.md; with --dry, in the work folder)")
     p.add_argument("--json", help="JSON results (default bench/results/gpu.json; with --dry, in the work folder)")
-    p.add_argument("--budget", type=float, help="seconds for all steps together (default 450; 1200 with --dry, "
+    p.add_argument("--budget", type=float, help="seconds for all steps together (default 650; 1500 with --dry, "
                    "whose CPU may be shared)")
     p.add_argument("--steps", type=int, help="training steps per method (default 50; 10 with --dry)")
     p.add_argument("--dsc-steps", type=int, help="consolidation steps of dsc-ewc-dc (default 25; 5 with --dry)")
@@ -396,7 +445,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.work = os.path.abspath(args.work or os.path.join(tempfile.gettempdir(), "cp-gpu" + "-dry" * args.dry))
     args.device, args.preset = ("cpu", "tiny") if args.dry else ("cuda", "sd-v1")
-    for name, full, dry in (("budget", 450, 1200), ("steps", 50, 10), ("dsc_steps", 25, 5), ("repeats", 5, 2)):
+    for name, full, dry in (("budget", 650, 1500), ("steps", 50, 10), ("dsc_steps", 25, 5), ("repeats", 5, 2)):
         if getattr(args, name) is None:
             setattr(args, name, dry if args.dry else full)
     args.model = os.path.join(args.work, "model")

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .reference import _acc_dtype, _check, dc_errors_reference
+
 
 @triton.jit
 def _fwd_kernel(pred, noise, part, D, K, spb, spk, snb, n_chunks, scale,
@@ -57,10 +59,6 @@ def _bwd_kernel(pred, noise, g, dpred, D, K, spb, spk, snb, scale,
         mask = offs < D
         d = tl.load(p + offs, mask=mask, other=0.0).to(ACC) - tl.load(n + offs, mask=mask, other=0.0).to(ACC)
         tl.store(out + offs, (d * coef).to(dpred.dtype.element_ty), mask=mask)
-
-
-def _acc_dtype(pred, noise):
-    return torch.float64 if torch.float64 in (pred.dtype, noise.dtype) else torch.float32
 
 
 def _rows(pred, noise):
@@ -110,22 +108,6 @@ class _DCErrors(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dnoise = dpred.sum(1, dtype=_acc_dtype(pred, noise)).neg_().to(noise.dtype).view(noise.shape)
         return dpred.view(pred.shape), dnoise, None
-
-
-def _check(pred, noise, reduction):
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if pred.dim() < 3 or pred.shape[0] != noise.shape[0] or pred.shape[2:] != noise.shape[1:]:
-        raise ValueError(f"expected pred [B, K, *latent] and noise [B, *latent], got {tuple(pred.shape)} "
-                         f"and {tuple(noise.shape)}")
-
-
-def dc_errors_reference(pred, noise, reduction="sum"):
-    """Plain PyTorch e[b, k]: materializes the difference; fp32 result (fp64 for fp64 inputs)."""
-    _check(pred, noise, reduction)
-    acc = _acc_dtype(pred, noise)
-    sq = (pred.to(acc) - noise.to(acc).unsqueeze(1)).square().flatten(2)
-    return sq.sum(-1) if reduction == "sum" else sq.mean(-1)
 
 
 def dc_errors_impl(pred, impl="auto"):

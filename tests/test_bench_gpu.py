@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import cp  # noqa: E402
 import gpu  # noqa: E402
 
 
@@ -46,6 +47,10 @@ def test_dry_run_does_every_step(tmp_path):
     assert steps["train-dsc-ewc-dc"]["consolidate_steps_per_s"] > 0
     assert steps["train-task2"]["concepts"] == 2  # the ewc-dc state reloaded and continued
     assert steps["sample"]["seconds_per_image"] > 0 and steps["sample"]["grid"] == [32, 16]
+    rows = steps["methods"]["rows"]
+    assert [(r["method"], r["checkpointing"]) for r in rows[:-2]] == [(m, c) for m in cp.METHODS for c in (False, True)]
+    assert [(r["precision"], r["grad_accum"]) for r in rows[-2:]] == [("fp16", 1), ("fp32", 2)]
+    assert all(r["train_steps_per_s"] > 0 for r in rows)
     assert "Dry run on the CPU" in md and all(f"| {k} | ok |" in md for k in gpu.STEPS)
 
 

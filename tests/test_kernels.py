@@ -1,12 +1,15 @@
 """kernels.dc_errors: Triton forward/backward vs the PyTorch reference, on CPU under the Triton interpreter
 (and on CUDA, compiled, when a GPU is present and TRITON_INTERPRET is not 1)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 # interpreter on CPU-only machines, compiled with a GPU; set before triton is first imported (as conftest.py does)
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+pytest.importorskip("triton", reason="Triton is not installed (Linux only); the PyTorch reference serves instead")
 
 from kernels import dc_errors, dc_errors_impl, dc_errors_reference
 
@@ -132,3 +135,22 @@ def test_dispatch(monkeypatch):
         dc_errors(pred, noise, reduction="max")
     with pytest.raises(ValueError):
         dc_errors(pred, noise[:, :2])
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as where Triton does not install (Windows, macOS)
+import torch
+import cp, kernels, sample, train  # noqa: F401
+pred, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 4, 5)
+assert torch.equal(kernels.dc_errors(pred, noise, "mean"), kernels.dc_errors_reference(pred, noise, "mean"))
+assert kernels.dc_errors_impl(pred) == "reference"
+kernels.dc_errors(pred, noise, impl="triton")
+"""
+
+
+def test_without_triton_the_reference_serves_every_call():
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stderr.strip().splitlines()[-1] == \
+        "RuntimeError: impl 'triton': Triton is not installed (pip install triton, on Linux)", r.stderr[-2000:]

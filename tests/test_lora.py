@@ -102,6 +102,43 @@ def test_save_load_roundtrip(tmp_path, fmt):
     torch.testing.assert_close(run(other), run(net), atol=0, rtol=0)
 
 
+def test_kohya_file_bundles_token_embeddings(tmp_path):
+    """bundle_emb.<name>.string_to_param.* [1, dim] beside the LoRA, as AUTOMATIC1111 reads it; our loader skips it."""
+    net = make()
+    add_mixed(net, "a")
+    randomize(net, "a")
+    layers, f = lora.get_adapter(net, "a"), tmp_path / "bundled.safetensors"
+    rows = {"dog": torch.randn(32), "mug-2": torch.randn(32)}
+    lora.write_lora_file(layers, lora.get_alpha(net, "a"), f, "kohya", rows)
+    with safe_open(str(f), framework="pt") as file:
+        bundled = {k: file.get_tensor(k) for k in file.keys() if k.startswith("bundle_emb.")}
+    assert bundled.keys() == {f"bundle_emb.{n}.string_to_param.*" for n in rows}
+    assert all(torch.equal(bundled[f"bundle_emb.{n}.string_to_param.*"], row[None]) for n, row in rows.items())
+    other = make()
+    lora.load_lora(other, f, "b")
+    torch.testing.assert_close(run(other), run(net), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="only the kohya format"):
+        lora.write_lora_file(layers, lora.get_alpha(net, "a"), f, "diffusers", rows)
+
+
+@pytest.mark.parametrize("adapter", lora.ADAPTERS)
+def test_scale_multiplies_every_delta(adapter):
+    net = make()
+    lora.inject(net, "kv", rank=4, alpha=3.0, name="a", adapter=adapter)
+    lora.inject(net, "kv", rank=4, alpha=3.0, name="b", adapter=adapter)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for _, b in lora.get_adapter(net, name).values():  # B of a LoRA, b of VeRA: zero when fresh
+                b.normal_(0, 0.3)
+    before = {n: lora.deltas(net, n) for n in ("a", "b")}
+    lora.merge(net)
+    lora.scale(net, 2.5)  # unmerges first: the weights hold no stale delta
+    assert all(torch.allclose(lora.deltas(net, n)[p], 2.5 * d, atol=1e-6) for n in before for p, d in
+               before[n].items())
+    lora.scale(net, 0.0)
+    torch.testing.assert_close(run(net), run(make()), atol=1e-5, rtol=0)  # the merge and unmerge: rounding only
+
+
 def test_zero_B_is_base_and_state_dict_keys():
     net = make()
     keys, base = set(net.state_dict()), run(net)

@@ -268,6 +268,53 @@ def test_state_folder_owns_only_its_files(saved, tiny_model_dir, tmp_path):
     assert os.listdir(thesis) == ["thesis.tex"]
 
 
+NO_FCNTL = """
+import fcntl, os, sys, types
+import dc_score, lora, unet  # cp's imports first: others take a module named msvcrt for Windows itself
+lockf, fcntl_module = fcntl.lockf, fcntl
+sys.modules["fcntl"] = None  # as on Windows: msvcrt instead, here a stand-in on POSIX record locks
+msvcrt = sys.modules["msvcrt"] = types.ModuleType("msvcrt")
+msvcrt.LK_NBLCK = 2
+def locking(fd, mode, n):  # like msvcrt.locking: n bytes from the file position, OSError when another holds them
+    assert mode == msvcrt.LK_NBLCK
+    lockf(fd, fcntl_module.LOCK_EX | fcntl_module.LOCK_NB, n, os.lseek(fd, 0, os.SEEK_CUR))
+msvcrt.locking = locking
+import cp
+assert cp.fcntl is None
+try:
+    lock = cp.lock_state(sys.argv[1])
+except cp.CPError as e:
+    sys.exit(f"error: {e}")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+"""
+
+
+def test_lock_without_fcntl(tmp_path):
+    """Where fcntl is missing (Windows), msvcrt's lock keeps a second writer out and names the first."""
+    state = str(tmp_path / "state")
+    first = subprocess.Popen([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "locked\n"
+    second = subprocess.run([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    assert second.returncode == 1 and second.stderr.strip() == \
+        f"error: state {state} is in use by process {first.pid} (one run at a time writes a state)"
+    first.communicate("", timeout=60)
+    third = subprocess.run([sys.executable, "-c", NO_FCNTL, state], cwd=ROOT, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=300)
+    assert third.returncode == 0 and third.stdout == "locked\n", third.stderr
+
+
+def test_log_and_grids_belong_beside_a_state(tmp_path):
+    """A folder holding only what train.py writes beside a state (a first run killed after them) is still a state's."""
+    folder = tmp_path / "state"
+    (folder / cp.GRIDS).mkdir(parents=True)
+    (folder / cp.LOG).write_text("")
+    assert cp.read_manifest(str(folder)) is None
+    cp.lock_state(str(folder)).close()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags and images
 
@@ -276,8 +323,12 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--dsc-steps", "-1"], ["--dc-batch", "-1"], ["--dc-k", "1"], ["--seed", "-1"], ["--lr", "nan"],
              ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
-             ["--ewc-gamma", "1.5"], ["--dc-temp", "warm"], ["--fisher-norm", "all"], ["--dsc-first", "t1"], ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"]]
-BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"]]
+             ["--ewc-gamma", "1.5"], ["--dc-temp", "warm"], ["--fisher-norm", "all"], ["--dsc-first", "t1"],
+             ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"],
+             ["--precision", "fp8"], ["--grad-accum", "0"], ["--grad-accum", "3"], ["--sample-every", "-1"],
+             ["--name", "../../x"], ["--name", "my dog"]]
+BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"],
+                    ["--lora-scale", "inf"]]
 
 
 def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):
@@ -288,7 +339,8 @@ def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):
     before = digest(state)
     for flags in BAD_FLAGS:
         for folder in (state, new):
-            assert flags[0] in exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *flags])
+            message = exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *flags])
+            assert (f"concept name {flags[1]!r}" if flags[0] == "--name" else flags[0]) in message
     assert digest(state) == before and not os.path.exists(new)
     for flags in BAD_SAMPLE_FLAGS:
         assert flags[0] in exit_message(sample.main, ["--prompt", "a photo", "--out", str(tmp_path / "o.png"), *flags])

@@ -1,5 +1,6 @@
 """train.py and sample.py as a user runs them: the happy path, export, interruption, and every bad input."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -72,7 +74,12 @@ def test_second_concept_sample_and_export(learned, tmp_path):
     exported = sorted(os.listdir(tmp_path / "export"))
     assert exported == ["alpha.safetensors", "beta.safetensors", "lora_kohya.safetensors",
                         "pytorch_lora_weights.safetensors"]
-    assert list(load_file(str(tmp_path / "export" / "beta.safetensors"))) == ["<beta>"]
+    beta = load_file(str(tmp_path / "export" / "beta.safetensors"))
+    assert list(beta) == ["<beta>"]
+    kohya = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))  # the tokens bundled, as A1111 reads them
+    assert sorted(k for k in kohya if not k.startswith("lora_unet_")) == \
+        ["bundle_emb.alpha.string_to_param.*", "bundle_emb.beta.string_to_param.*"]
+    assert torch.equal(kohya["bundle_emb.beta.string_to_param.*"], beta["<beta>"][None])
     out = tmp_path / "both.png"
     run("sample.py", "--state", state, "--prompt", "a photo of a <alpha> and a <beta>", "-n", "2", "--steps", "3",
         "--out", str(out))
@@ -164,3 +171,84 @@ def test_export_loads_in_diffusers(learned, tmp_path):
         lora.set_enabled(ours.unet, "current", False)
         base = ours.unet(x, t, ours.encode_text([prompt]))
     assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item()  # the LoRA mattered
+
+
+def test_grids_log_and_previews(learned, tmp_path):
+    """After the task: every learned concept and c0 drawn from fixed noise into grids/, every step's losses in
+    log.jsonl; --sample-every draws the new concept during training; plain progress lines into a pipe."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    flags = [f for f in FAST if f != "--no-preview"]
+    r = run("train.py", "--concept", learned["second"], "--state", state, *flags, "--sample-every", "2")
+    assert "\r" not in r.stderr and "[beta] train 3/3" in r.stderr
+    grids = os.path.join(state, "grids")
+    assert sorted(os.listdir(grids)) == ["after_002.png", "latest.png", "task_002_step_00002.png"]
+    with open(os.path.join(grids, "after_002.png"), "rb") as a, open(os.path.join(grids, "latest.png"), "rb") as b:
+        assert a.read() == b.read()
+    grid = Image.open(os.path.join(grids, "after_002.png"))
+    assert grid.height == 3 * 16 and grid.width > 4 * 16  # <alpha>, <beta>, "a photo"; four columns and labels
+    assert Image.open(os.path.join(grids, "task_002_step_00002.png")).height == 16
+    with open(os.path.join(state, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    assert [(s["concept"], s["phase"], s["step"]) for s in steps] == \
+        [(c, "train", i) for c in ("alpha", "beta") for i in (1, 2, 3)]
+    assert all(set(s) == {"task", "concept", "phase", "step", "denoise", "ewc"} for s in steps)
+    with open(os.path.join(state, "manifest.json")) as f:
+        assert steps[-1]["denoise"] == pytest.approx(json.load(f)["history"][-1]["train"]["denoise"])
+
+
+def test_a_grid_that_cannot_be_written_is_a_warning(learned, tmp_path):
+    """The state is saved before the pictures: a failed one (grids/ is a file here) warns and changes nothing."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    with open(os.path.join(state, "grids"), "w") as f:
+        f.write("in the way")
+    flags = [f for f in FAST if f != "--no-preview"]
+    r = run("train.py", "--concept", learned["second"], "--state", state, *flags, "--sample-every", "2")
+    assert "2 concepts" in r.stdout and "Traceback" not in r.stderr
+    assert r.stderr.count("warning: ") == 2 and "task_002_step_00002.png was not written" in r.stderr
+    with open(os.path.join(state, "log.jsonl")) as f:
+        assert len(f.readlines()) == 6
+
+
+def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
+    state, before = learned["state"], digest(learned["state"])
+    odd = tmp_path / "my dog"
+    write_concept(str(odd), 5)
+    for extra, fragment in ((["--concept", learned["second"], "--name", "../../x"], "'../../x'"),
+                            (["--concept", learned["second"], "--name", "a/b"], "'a/b'"),
+                            (["--concept", str(odd)], "give --name")):
+        r = run("train.py", "--state", state, *FAST, *extra, check=False)
+        assert_one_line_error(r, "concept name", fragment)
+        assert "] train " not in r.stderr
+    assert digest(state) == before and sorted(os.listdir(tmp_path)) == ["my dog"]
+
+
+def test_export_refuses_a_name_that_cannot_be_a_file(learned, tmp_path):
+    """A state saved before names were checked may hold any name: nothing is written outside the export folder."""
+    state = str(tmp_path / "state")
+    subprocess.run(["cp", "-r", learned["state"], state], check=True)
+    path = os.path.join(state, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["concepts"][0]["name"] = "../../evil"
+    with open(path, "w") as f:
+        json.dump(m, f)
+    r = run("train.py", "--state", state, "--export", str(tmp_path / "out" / "export"), check=False)
+    assert_one_line_error(r, "'../../evil'", "nothing was exported")
+    assert sorted(os.listdir(tmp_path)) == ["state"]
+
+
+def test_sample_warns_of_a_token_the_state_has_not_learned(learned, tmp_path):
+    out = tmp_path / "typo.png"
+    args = ("sample.py", "--state", learned["state"], "--prompt", "a photo of a <alpah>", "-n", "1", "--steps", "2",
+            "--lora-scale", "0.5", "--out", str(out))
+    r = run(*args)
+    assert "warning: <alpah> not learned: this state has <alpha>" in r.stderr and out.exists()
+    out.unlink()
+    r = run(*args, "--strict", check=False)
+    assert_one_line_error(r, "<alpah> not learned: this state has <alpha>")
+    assert not out.exists()
+    r = run("sample.py", "--state", learned["state"], "--prompt", "a photo of a <alpha>", "-n", "1", "--steps", "2",
+            "--strict", "--out", str(out))
+    assert "warning" not in r.stderr and out.exists()

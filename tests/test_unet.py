@@ -122,3 +122,28 @@ def test_low_precision_forward_close_to_fp32(dtype):
     err = ((low - full).norm() / full.norm()).item()
     print(f"{dtype}: relative error vs fp32 = {err:.2e}")
     assert torch.isfinite(low).all() and err < 5e-2
+
+
+@pytest.mark.parametrize("name", ["tiny", "two-layers-all-attention"])
+def test_gradient_checkpointing_same_gradients(name):
+    """A checkpointed backward pass recomputes every block (each runs twice) and gives the plain pass's gradients."""
+    cfg = UNET_CONFIGS[name]
+    net = unet.UNet(cfg).eval()
+    x, t, context = unet_inputs(cfg)
+    context.requires_grad_(True)
+    calls, blocks = [], [*net.down_blocks, net.mid_block, *net.up_blocks]
+    for block in blocks:  # count the runs of each block (forward hooks are not called when a block is recomputed)
+        block.forward = lambda *a, forward=block.forward: calls.append(1) or forward(*a)
+    grads = []
+    for on in (False, True):
+        net.gradient_checkpointing, calls[:] = on, []
+        net.zero_grad(set_to_none=True)
+        context.grad = None
+        net(x, t, context).square().mean().backward()
+        assert len(calls) == len(blocks) * (1 + on)
+        grads.append([p.grad for p in net.parameters()] + [context.grad])
+        with torch.no_grad():  # no gradients recorded: nothing to recompute
+            calls[:] = []
+            net(x, t, context)
+            assert len(calls) == len(blocks)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
