@@ -654,7 +654,7 @@ def _learn_concept(model, state, folder, name, class_word, log, run):
     ewc = tuple({k: v.to(model.device) for k, v in stats.items()} for stats in (state.fisher, state.anchor))
     task = Task(n, name, token, target, class_word, base_prompt(class_word), adapter,
                 Batches(model, images, hp.batch_size // run.grad_accum, gen, flip), gen, random.Random(seed), ewc,
-                log, run, [c or target for c in captions] if captions else None)
+                log, run=run, captions=[c or target for c in captions] if captions else None)
 
     started = time.time()
     metrics = {"task": n, "name": name, "images": len(images),
