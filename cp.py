@@ -46,7 +46,6 @@ from safetensors.torch import load_file, save_file
 
 import dc_score
 import lora
-from kernels import dc_errors
 from unet import add_noise
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
@@ -199,9 +198,9 @@ def model_preset(presets, unet):
     """(kind, {hparam: value}) of the first model preset, smallest first, whose max_unet_params the UNet fits
     (null: no bound); the base model's size picks the training settings."""
     n = sum(p.numel() for p in unet.parameters())
-    bound = lambda kv: kv[1]["max_unet_params"] if kv[1]["max_unet_params"] is not None else math.inf
-    for kind, values in sorted(presets["models"].items(), key=bound):
-        if n <= bound((kind, values)):
+    bound = lambda values: math.inf if values["max_unet_params"] is None else values["max_unet_params"]
+    for kind, values in sorted(presets["models"].items(), key=lambda kv: bound(kv[1])):
+        if n <= bound(values):
             return kind, {k: v for k, v in values.items() if k not in ("max_unet_params", "why")}
     raise CPError(f"no model preset in presets.json fits a UNet of {n:,} parameters")
 
@@ -448,9 +447,9 @@ def draw_noise(model, x0, gen):
 
 
 def task_loss(model, x0, prompts, hp, gen, tau=None, captions=None):
-    """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged UNet batch:
-    the first `dc_batch` images under all K prompts of S (target first; that column also serves L_denoise), the
-    other images under the target only. `captions` (one prompt per image): L_denoise of every image under its own
+    """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged
+    UNet batch: the first `dc_batch` images under all K prompts of S (target first; that column also serves
+    L_denoise), the other images under the target only. `captions` (one prompt per image): L_denoise of every image under its own
     caption instead, S only for L_DC."""
     t, eps = draw_noise(model, x0, gen)
     B, K = len(x0), len(prompts)

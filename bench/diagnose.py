@@ -185,7 +185,8 @@ def markdown(report):
                          f"{x['p_task@0.01']:.2f} | {x['p_task@0.1']:.2f} |")
     s = report["sd_sized"]
     lines += ["", f"Random-weight SD v1.5-size UNet ({s['unet_params'] / 1e6:.0f} M parameters, latents "
-              f"{'×'.join(map(str, s['latent']))}, {s['draws']} draws, three prompts): mean error {s['error_mean']:.3f}, "
+              f"{'×'.join(map(str, s['latent']))}, {s['draws']} draws, three prompts): "
+              f"mean error {s['error_mean']:.3f}, "
               f"median spread among prompts {s['error_spread_median']:.2e} (the calibrated τ); mean largest "
               f"posterior at τ = 0.01: {s['max_p@0.01']:.2f}, at the calibrated τ: {s['max_p@calibrated']:.2f}."]
     return "\n".join(lines) + "\n"

@@ -41,7 +41,8 @@ def test_the_combinations_start_from_dscs_best_coarse_cell(tmp_path):
     for w in tune.W_H:
         fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.1])
     combo = [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
-    assert combo == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w}, 1) for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
+    assert combo == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w}, 1)
+                     for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
     with pytest.raises(SystemExit, match="add dsc"):
         tune.main(["--out", root, "--report", "--methods", "dsc-ewc"])
 

@@ -75,6 +75,13 @@ def randomize(unet, name, seed, scale=0.1):
             B.copy_(torch.randn(B.shape, generator=g) * scale)
 
 
+def alpha_task(model, images, state, seed=0):
+    """Task n = len(state.concepts) of concept alpha on `images`, its draws seeded by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return cp.Task(len(state.concepts), "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
+                   cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
+
+
 def test_ewc_penalty_by_hand(tiny_model_dir):
     model = unet.load_model(tiny_model_dir)
     cp.install_adapter(model.unet, "current", None, cp.Hparams())
@@ -132,14 +139,10 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
     state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"},
                                                      {"prompt": "a red star"}])
     images, _ = cp.load_images(concepts[0], model.resolution)
+    fisher, anchor = cp.update_fisher(model, state, alpha_task(model, images, state, 5),
+                                     cp.snapshot(model.unet, "current"))
 
-    def task(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return cp.Task(2, "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
-                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
-    fisher, anchor = cp.update_fisher(model, state, task(5), cp.snapshot(model.unet, "current"))
-
-    t_ = task(5)  # the same draws, consumed in the same order
+    t_ = alpha_task(model, images, state, 5)  # the same draws, consumed in the same order
     squares = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         x0 = t_.batches(1)
@@ -389,13 +392,9 @@ def test_denoising_fisher_by_hand(tiny_model_dir, concepts):
     params = lora.set_trainable(model.unet, "current")
     state = cp.State(model={}, hparams=hp)
     images, _ = cp.load_images(concepts[0], model.resolution)
-
-    def task(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return cp.Task(0, "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
-                       cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
-    fisher, _ = cp.update_fisher(model, state, task(3), cp.snapshot(model.unet, "current"))
-    t_ = task(3)
+    fisher, _ = cp.update_fisher(model, state, alpha_task(model, images, state, 3),
+                                cp.snapshot(model.unet, "current"))
+    t_ = alpha_task(model, images, state, 3)
     squares = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         x0 = t_.batches(1)
@@ -511,12 +510,6 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
             assert set(used) == {expect[len(state.concepts) - 1]}
 
 
-def calibration_task(model, images, state, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return cp.Task(len(state.concepts), "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
-                   cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
-
-
 @pytest.mark.parametrize("which", ["tiny", "toy"])
 def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_dir, concepts, which):
     """`--dc-temp auto` on two models and two latent sizes each: on fresh draws, the median spread of the logits
@@ -531,8 +524,8 @@ def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_d
     spreads = []
     for size in (model.resolution, 2 * model.resolution):  # latents of two sizes
         images, _ = cp.load_images(concepts[0], size)
-        tau = cp.calibrate_temp(model, state, calibration_task(model, images, state))
-        task = calibration_task(model, images, state, seed=1)
+        tau = cp.calibrate_temp(model, state, alpha_task(model, images, state))
+        task = alpha_task(model, images, state, seed=1)
         with torch.no_grad():
             e = torch.cat([cp.subset_errors(model, task.batches(16), cp.dc_subset(state, task.target, task.c0, hp,
                                                                                   task.rng), task.gen)
