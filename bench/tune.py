@@ -1,7 +1,7 @@
 """Tune every method the same way, on the tuning concepts only (bench/RESULTS.md, "Protocol").
 
 A cell is one run of bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks) at one setting, for one
-or more seeds. Three stages, each started as soon as what it needs is finished:
+or more seeds. Four stages, each started as soon as what it needs is finished:
 
  1. coarse: every method with a knob gets the same budget, the COARSE settings of GRID[method] (steps of 1, 3, 10:
     at most half a decade apart; the DSC combinations' grid follows `dsc`'s, combo_grid), seed 0. `seq` and `ti`
@@ -10,6 +10,8 @@ or more seeds. Three stages, each started as soon as what it needs is finished:
     the one with the higher mean A over the three seeds. No choice rests on a single seed.
  3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
     concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's).
+ 4. the DSC combinations (COMBOS) go through stages 1 and 2 last, with every design choice that concerns them
+    decided, so that their grid is tuned under the values their presets will hold.
 
 Every cell runs BASE (the grid's values of the design choices) under what it varies, and nothing of presets.json
 (`--no-presets`). The evaluation concepts and their renders are never touched here.
@@ -139,28 +141,30 @@ def best(cells):
 def plan(root, methods):
     """Every cell whose inputs are finished, as [(method, setting, seeds)], and what is decided so far:
     {method: chosen setting} and {design choice: value}."""
-    cells, chosen, grids = [], {}, dict(GRID)
-    for m in methods:
-        if m in COMBOS:
-            dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]]
-            if not all(r for _, r in dsc):
-                continue
-            grids[m] = combo_grid(best(dsc)[0][0]["dsc_w_h"])
-        grid = grids[m]
+    cells, chosen = [], {}
+
+    def tune(m, grid):  # stages 1 and 2 of one method
         first = SEEDS if len(grid) == 1 else 1
-        cells += [(m, s, first) for s in grid]
+        cells.extend((m, s, first) for s in grid)
         coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
         if not all(r for _, r in coarse):
-            continue
+            return
         top = [s for s, _ in best(coarse)[:TOP]]
-        cells += [(m, s, SEEDS) for s in top if first < SEEDS]
+        cells.extend((m, s, SEEDS) for s in top if first < SEEDS)
         confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
         if all(r for _, r in confirmed):
             chosen[m] = best(confirmed)[0][0]
-    decided = {}
+
+    for m in methods:
+        if m not in COMBOS:
+            tune(m, GRID[m])
+    decided, open_choices = {}, []
     for key, (other, compared, _) in CHOICES.items():
         on = [m for m in compared if m in methods]
-        if not on or not all(m in chosen for m in on):
+        if not on:
+            continue
+        open_choices.append(key)
+        if not all(m in chosen for m in on):
             continue
         cells += [(m, {**chosen[m], key: other}, SEEDS) for m in on]
         pairs = [[finished(cell_dir(root, m, setting), m, SEEDS) for setting in (chosen[m], {**chosen[m], key: other})]
@@ -168,6 +172,12 @@ def plan(root, methods):
         if all(a and b for a, b in pairs):
             mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
             decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
+    for m in (m for m in methods if m in COMBOS):  # stage 4: with every choice that concerns them decided
+        dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]]
+        needed = [k for k in open_choices if m in CHOICES[k][2]]
+        if all(r for _, r in dsc) and all(k in decided for k in needed):
+            won = {k: decided[k] for k in needed if decided[k] != BASE[k]}
+            tune(m, [{**s, **won} for s in combo_grid(best(dsc)[0][0]["dsc_w_h"])])
     return cells, chosen, decided
 
 

@@ -35,14 +35,21 @@ def test_every_method_the_same_budget_at_most_half_a_decade_apart():
     assert not set(continual.SPLITS["tuning"]) & set(continual.SPLITS["evaluation"])
 
 
-def test_the_combinations_start_from_dscs_best_coarse_cell(tmp_path):
+def test_the_combinations_start_from_dscs_best_coarse_cell_with_the_choices_decided(tmp_path):
     root = str(tmp_path)
-    assert [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"] == []
+    combo = lambda: [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
+    assert combo() == []
     for w in tune.W_H:
-        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.1])
-    combo = [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
-    assert combo == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w}, 1)
-                     for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
+        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.5 if w == 0.01 else 0.1])
+    for w in (0.003, 0.01):
+        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.5] * 3)
+    assert tune.plan(root, ["dsc"])[1] == {"dsc": {"dsc_w_h": 0.003}}
+    assert combo() == []  # dsc's design choices are not decided yet
+    fake_cell(root, "dsc", {"dsc_w_h": 0.003, "dc_temp": 0.01}, [0.1] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 0.003, "dsc_first": "none"}, [0.95] * 3)
+    assert tune.plan(root, ["dsc", "dsc-ewc"])[2] == {"dc_temp": "auto", "dsc_first": "none"}
+    assert combo() == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "none"}, 1)
+                       for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
     with pytest.raises(SystemExit, match="add dsc"):
         tune.main(["--out", root, "--report", "--methods", "dsc-ewc"])
 
