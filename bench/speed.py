@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import unet  # noqa: E402
-from kernels import dc_errors, dc_errors_impl  # noqa: E402
+from kernels import dc_errors, dc_loss_impl  # noqa: E402
 
 
 # (name, UNet config, batch, latent side) of the UNet benchmarks: SD v1.5 at a small latent size, the tiny preset
@@ -193,7 +193,7 @@ def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
             pred = torch.randn(B, BK // B, *latent, device=device, dtype=dtype, requires_grad=True)
             noise = torch.randn(B, *latent, device=device, dtype=dtype)
             g = torch.ones(B, BK // B, device=device)
-            path = dc_errors_impl(pred)
+            path = dc_loss_impl(pred)
             n_rep = 50 if cuda else 3 if path == "triton-interpret" else repeats
             es = pred.element_size()
             row = dict(device=name, path=path, dtype=str(dtype).replace("torch.", ""), BK=BK, D=D)
