@@ -313,12 +313,13 @@ def task_loss(model, x0, prompts, hp, gen):
     n_dc = min(hp.dc_batch, B) if hp.uses("dc_loss") and K > 1 else 0
     image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(n_dc, B)])
     prompt = torch.cat([torch.arange(K).repeat(n_dc), torch.zeros(B - n_dc, dtype=torch.long)])
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean",
-                                  rows=(image, prompt))
-    e_dc = e[:n_dc * K].view(n_dc, K)
-    terms = {"denoise": torch.cat([e_dc[:, 0], e[n_dc * K:]]).mean()}
+    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod,
+                                      rows=(image, prompt))
+    ce, e_dc = dc_score.dc_loss(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, hp.dc_temp)
+    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[n_dc:], "mean")[:, 0]
+    terms = {"denoise": torch.cat([e_dc[:, 0], e]).mean()}
     if n_dc:
-        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, hp.dc_temp).mean()
+        terms["dc"] = hp.dc_weight * ce.mean()
     return terms
 
 
@@ -326,8 +327,8 @@ def dc_loss(model, x0, prompts, hp, gen):
     """L_DC = mean over images of −log p_φ(c_n | x): all K prompts of S (target first) in one UNet batch, one
     (t, ε) per image shared by the K prompts (a paired comparison)."""
     t, eps = draw_noise(model, x0, gen)
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
-    return dc_score.dc_cross_entropy(e, 0, hp.dc_temp).mean()
+    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod)
+    return dc_score.dc_loss(pred, eps, 0, hp.dc_temp)[0].mean()
 
 
 def dc_subset(state, target, c0, hp, rng):
@@ -353,11 +354,10 @@ def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen):
     e1, pred1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
     e2, pred2 = teacher_outputs(model, teacher2, x0, context, t, eps)
     enable_only(model.unet, "current")
-    e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
-                                        return_pred=True)
+    pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
     p1, p2 = dc_score.posterior(e1, hp.dc_temp), dc_score.posterior(e2, hp.dc_temp)
-    return {"dsc_h": hp.dsc_w_h * (dc_score.soft_cross_entropy(p1, e, hp.dc_temp) +
-                                   dc_score.soft_cross_entropy(p2, e, hp.dc_temp)).mean(),
+    # H(p1, p_S) + H(p2, p_S) = H(p1 + p2, p_S): one soft cross-entropy against rows that sum to 2
+    return {"dsc_h": hp.dsc_w_h * dc_score.dc_loss(pred, eps, temp=hp.dc_temp, teacher=p1 + p2)[0].mean(),
             "dsc_n": hp.dsc_w_n * ((pred[:, 0] - pred1[:, 0]).square().mean() +
                                    (pred[:, j_index] - pred2[:, j_index]).square().mean())}
 
