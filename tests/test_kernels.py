@@ -307,6 +307,33 @@ def test_cuda_graph_capture_and_no_host_sync():
 
 
 @CUDA
+def test_cuda_ragged_step_has_no_host_sync():
+    """δ·L_DC's step as task_loss runs it, from device tensors: dc_score's ragged UNet batch, the fused loss on the DC
+    rows, the errors of the others, the backward into the network; nothing waits for the device."""
+    import dc_score
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, device="cuda")
+    net = lambda x, t, c: conv(x) * c.mean((1, 2))[:, None, None, None]  # noqa: E731 (the UNet's signature)
+    x0, eps = torch.randn(8, 4, 8, 8, device="cuda"), torch.randn(8, 4, 8, 8, device="cuda")
+    context, t = torch.randn(3, 2, 5, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    ac = torch.linspace(0.99, 0.01, 1000, device="cuda")
+    image = torch.cat([torch.arange(2, device="cuda").repeat_interleave(3), torch.arange(2, 8, device="cuda")])
+    prompt = torch.cat([torch.arange(3, device="cuda").repeat(2), torch.zeros(6, dtype=torch.long, device="cuda")])
+
+    def step():
+        pred = dc_score.noise_predictions(net, x0, context, t, eps, ac, rows=(image, prompt))
+        ce, e_dc = dc_loss(pred[:6].view(2, 3, 4, 8, 8), eps[:2], 0, 0.05, impl="triton")
+        e = dc_errors(pred[6:, None], eps[2:], "mean", impl="triton")[:, 0]
+        return torch.autograd.grad(torch.cat([e_dc[:, 0], e]).mean() + ce.mean(), conv.weight)
+    step()  # compile the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@CUDA
 def test_cuda_two_kernels_per_forward_backward():
     pred, noise, kw = inputs((8, 3, 4, 64, 64), torch.bfloat16, "cuda", mode="teacher2", noise_grad=False)
     g = torch.ones(8, device="cuda")
