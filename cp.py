@@ -449,8 +449,8 @@ def draw_noise(model, x0, gen):
 def task_loss(model, x0, prompts, hp, gen, tau=None, captions=None):
     """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged
     UNet batch: the first `dc_batch` images under all K prompts of S (target first; that column also serves
-    L_denoise), the other images under the target only. `captions` (one prompt per image): L_denoise of every image under its own
-    caption instead, S only for L_DC."""
+    L_denoise), the other images under the target only. `captions` (one prompt per image): L_denoise of every image
+    under its own caption instead, S only for L_DC."""
     t, eps = draw_noise(model, x0, gen)
     B, K = len(x0), len(prompts)
     n_dc = min(hp.dc_batch, B) if hp.uses("dc_loss") and K > 1 else 0
@@ -458,25 +458,30 @@ def task_loss(model, x0, prompts, hp, gen, tau=None, captions=None):
     image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(first, B)])
     prompt = torch.cat([torch.arange(K).repeat(n_dc), K + torch.arange(B) if captions else
                         torch.zeros(B - n_dc, dtype=torch.long)])
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
-                                  model.alphas_cumprod, "mean", rows=(image, prompt))
-    e_dc = e[:n_dc * K].view(n_dc, K)
-    terms = {"denoise": (e[n_dc * K:] if captions else torch.cat([e_dc[:, 0], e[n_dc * K:]])).mean()}
-    if n_dc:
-        terms["dc"] = hp.dc_weight * dc_score.dc_cross_entropy(e_dc, 0, tau).mean()
-    return terms
+    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
+                                      model.alphas_cumprod, rows=(image, prompt))
+    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[first:], "mean")[:, 0]
+    if not n_dc:
+        return {"denoise": e.mean()}
+    ce, e_dc = dc_score.dc_loss(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, tau)
+    return {"denoise": (e if captions else torch.cat([e_dc[:, 0], e])).mean(), "dc": hp.dc_weight * ce.mean()}
+
+
+def subset_predictions(model, x0, prompts, gen):
+    """(noise predictions [B, K, ...], ε [B, ...]): all K prompts of S (target first) in one UNet batch, one (t, ε)
+    per image shared by the K prompts (a paired comparison)."""
+    t, eps = draw_noise(model, x0, gen)
+    return dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod), eps
 
 
 def subset_errors(model, x0, prompts, gen):
-    """e[B, K]: all K prompts of S (target first) in one UNet batch, one (t, ε) per image shared by the K prompts
-    (a paired comparison)."""
-    t, eps = draw_noise(model, x0, gen)
-    return dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
+    """e[B, K] of `subset_predictions`."""
+    return dc_score.dc_errors(*subset_predictions(model, x0, prompts, gen), "mean")
 
 
 def dc_loss(model, x0, prompts, tau, gen):
     """L_DC = mean over images of −log p_φ(c_n | x) at temperature τ."""
-    return dc_score.dc_cross_entropy(subset_errors(model, x0, prompts, gen), 0, tau).mean()
+    return dc_score.dc_loss(*subset_predictions(model, x0, prompts, gen), 0, tau)[0].mean()
 
 
 def calibrate_temp(model, state, task, n=16):
@@ -518,10 +523,10 @@ def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2=True):
     teachers = [("teacher1", 0)] + ([(teacher2, j_index)] if use_t2 else [])  # (adapter, the column it teaches)
     outputs = [teacher_outputs(model, name, x0, context, t, eps) for name, _ in teachers]
     enable_only(model.unet, "current")
-    e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
-                                        return_pred=True)
-    return {"dsc_h": hp.dsc_w_h * sum(dc_score.soft_cross_entropy(dc_score.posterior(e_t, tau), e, tau)
-                                      for e_t, _ in outputs).mean(),
+    pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
+    # the sum over teachers of H(p_T, p_S) is H(sum_T p_T, p_S): one soft cross-entropy, rows summing to 1 or 2
+    teacher = sum(dc_score.posterior(e_t, tau) for e_t, _ in outputs)
+    return {"dsc_h": hp.dsc_w_h * dc_score.dc_loss(pred, eps, temp=tau, teacher=teacher)[0].mean(),
             "dsc_n": hp.dsc_w_n * sum((pred[:, k] - pred_t[:, k]).square().mean()
                                       for (_, k), (_, pred_t) in zip(teachers, outputs))}
 

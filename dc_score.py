@@ -6,26 +6,26 @@ For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     e_k = sum_dims (eps - eps_theta(x_t, t, c_k))^2  (or the mean)
 
 and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). B images x K prompts run as one UNet batch of B*K
-rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times: the reduction is the fused
-kernel `kernels.dc_errors` on the predictions viewed as [B, K, *latent] against noise [B, *latent].
+rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times. From the predictions
+[B, K, *latent] and the noise [B, *latent], `dc_loss` (kernels/dc_loss.py) gives the errors and the cross-entropy
+-log p(c_target | x), or -sum_k q_k log p(c_k | x) against a teacher's q, in one fused op; `dc_errors` the errors
+alone. `dc_cross_entropy` and `soft_cross_entropy` are the same cross-entropies from errors already computed.
 
 The UNet is any callable unet(x [N, C, h, w], t [N], context [N, L, Cc]) -> eps [N, C, h, w].
 """
 import torch
 
-from kernels import dc_errors
+from kernels import dc_errors, dc_loss  # noqa: F401 (dc_loss is this module's too: cp.py calls it)
 from unet import add_noise
 
 
-def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction="sum", chunk_size=None,
-                     prompts=None, rows=None, return_pred=False):
-    """e[B, K]: errors of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
-    (or one int) with noise [B, C, h, w] shared across prompts. Differentiable when called under grad.
+def noise_predictions(unet, latents, context, t, noise, alphas_cumprod, chunk_size=None, prompts=None, rows=None):
+    """eps_theta(x_t, t, c_k) of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
+    (or one int), x_t made with noise [B, C, h, w] shared across prompts: [B, K, C, h, w].
 
     prompts: optional LongTensor [B, K'] choosing, per image, which rows of context to score (default: all K).
-    rows: optional (image [R], prompt [R]): score only these (image, prompt) pairs, a ragged batch; e is then [R].
+    rows: optional (image [R], prompt [R]): only these (image, prompt) pairs, a ragged batch: [R, C, h, w].
     chunk_size: most UNet rows per call (default: all rows at once).
-    return_pred: also return the noise predictions ([B, K, C, h, w], or [R, C, h, w] with rows), as (e, pred).
     """
     B, dev = latents.shape[0], latents.device
     t = torch.as_tensor(t, device=dev).reshape(-1).expand(B)
@@ -39,11 +39,24 @@ def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction
     n, R = chunk_size or len(image), len(image)
     preds = [unet(x_t[image[s:s + n]], t[image[s:s + n]], context[prompt[s:s + n]]) for s in range(0, R, n)]
     pred = preds[0] if len(preds) == 1 else torch.cat(preds)
-    if ragged:  # every row against its own image's noise (a gather of R noise tensors)
-        e = dc_errors(pred.unsqueeze(1), noise[image], reduction)[:, 0]
-    else:
-        pred = pred.view(B, prompts.shape[1], *latents.shape[1:])
+    return pred if ragged else pred.view(B, prompts.shape[1], *latents.shape[1:])
+
+
+def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction="sum", chunk_size=None,
+                     prompts=None, rows=None, return_pred=False):
+    """e[B, K]: errors of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
+    (or one int) with noise [B, C, h, w] shared across prompts. Differentiable when called under grad.
+
+    prompts, rows, chunk_size: as in `noise_predictions`; with rows, e is [R].
+    return_pred: also return the noise predictions ([B, K, C, h, w], or [R, C, h, w] with rows), as (e, pred).
+    """
+    if rows is not None:
+        rows = tuple(r.to(latents.device) for r in rows)
+    pred = noise_predictions(unet, latents, context, t, noise, alphas_cumprod, chunk_size, prompts, rows)
+    if rows is None:
         e = dc_errors(pred, noise, reduction)
+    else:  # every row against its own image's noise, gathered by the kernel
+        e = dc_errors(pred.unsqueeze(1), noise, reduction, index=rows[0])[:, 0]
     return (e, pred) if return_pred else e
 
 
@@ -54,8 +67,11 @@ def posterior(e, temp=1.0):
 
 def dc_cross_entropy(e, target, temp=1.0):
     """-log p(c_target | x) per image [B]; target: an int or LongTensor [B] of prompt indices."""
+    log_p = torch.log_softmax(-e / temp, dim=-1)
+    if isinstance(target, int):  # a column: no index tensor to copy to the device
+        return -log_p[:, target]
     target = torch.as_tensor(target, device=e.device).expand(e.shape[0])
-    return -torch.log_softmax(-e / temp, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+    return -log_p.gather(-1, target[:, None]).squeeze(-1)
 
 
 def soft_cross_entropy(p_teacher, e_student, temp=1.0):

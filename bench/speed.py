@@ -7,6 +7,7 @@ alternating, so the ratio ours/diffusers is fair on a busy machine. Prints a tab
     python bench/speed.py --only unet --repeats 5
     python bench/speed.py --only conv           # direct vs im2col for every 3×3 convolution of the UNet
     python bench/speed.py --only pretrain       # a pretraining step of every VAE and UNet candidate of toy/pretrain.py
+    python bench/speed.py --only kernel         # the fused DC loss vs eager and compiled PyTorch (see bench_kernel)
 """
 import argparse
 import json
@@ -15,13 +16,15 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
+import triton.testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import unet  # noqa: E402
-from kernels import dc_errors, dc_errors_impl  # noqa: E402
+from kernels import dc_errors, dc_loss, dc_loss_impl  # noqa: E402
 
 
 # (name, UNet config, batch, latent side) of the UNet benchmarks: SD v1.5 at a small latent size, the tiny preset
@@ -168,58 +171,206 @@ def copy_bandwidth(device, repeats, nbytes):
     return 2 * nbytes / median_time(lambda: dst.copy_(src), repeats, device.type) / 1e9
 
 
-def bench_kernel(device, dtype, repeats, K=4, latent=(4, 64, 64)):
-    """Fused DC-error kernel vs the eager PyTorch reference at SD latent size, B*K from 4 to 64.
+# ---------------------------------------------------------------------------------------------------------------
+# the fused DC loss: what a step computes from the UNet's predictions, three ways
 
-    Effective GB/s counts the bytes an ideal implementation moves: forward reads pred and noise once
-    ((B*K + B) * D elements); forward+backward adds a read of both and a write of dpred ((3 B*K + 2 B) * D).
-    'roof' is the share of a device-to-device copy's GB/s measured in the same run, on a buffer larger than any
-    cache (1 GiB on CUDA); inputs small enough to stay in a GPU's L2 cache can exceed it.
-    On CPU the 'kernel' column is the reference unless TRITON_INTERPRET=1 (then it is the interpreter, and slow);
-    the path column says which ran.
+TAU = 0.05  # the DC posterior's temperature (cp.Hparams.dc_temp)
+
+
+def loss_case(name, B, K, latent, device, dtype, seed=0):
+    """pred (requiring grad), and loss(impl, pred) -> (outputs, their upstream gradients) for one case:
+    'fisher' and 'sweep': the DC cross-entropy, target 0 (the Fisher's, B = 1); 'dsc': the soft cross-entropy
+    against two teachers (rows summing to 2); 'task': δ·L_DC's ragged batch, the first 2 of B images under K prompts
+    and the others under the target alone (L_DC of the 2, and the errors L_denoise reads)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * K + B - 2 if name == "task" else B * K
+    pred = torch.randn(rows, *latent, generator=g).to(device, dtype).requires_grad_()
+    noise = torch.randn(B, *latent, generator=g).to(device, dtype)
+    teacher = 2 * torch.softmax(torch.randn(B, K, generator=g), -1).to(device)
+    g_image = torch.full((B,), 1 / B, device=device)
+    g_dc = torch.zeros(2, K, device=device)
+    g_dc[:, 0] = 1 / B  # L_denoise reads the target's column of the DC images
+
+    def loss(impl, pred):
+        if name == "task":
+            ce, e_dc = dc_loss(pred[:2 * K].view(2, K, *latent), noise[:2], 0, TAU, impl=impl)
+            return (ce, e_dc, dc_errors(pred[2 * K:, None], noise[2:], "mean", impl=impl)[:, 0]), (g_image[:2], g_dc,
+                                                                                              g_image[2:])
+        L, _ = dc_loss(pred.view(B, K, *latent), noise, None if name == "dsc" else 0, TAU,
+                       teacher if name == "dsc" else None, impl=impl)
+        return (L,), (g_image,)
+    return pred, loss
+
+
+def device_ms(fn, cuda, repeats):
+    """Device milliseconds per call. CUDA: fn captured in a CUDA graph and replayed back to back, timed by CUDA
+    events (triton.testing.do_bench_cudagraph; no host work in the way), or, if fn cannot be captured, 100 calls
+    back to back between two events. CPU: the median of `repeats` calls."""
+    if not cuda:
+        return 1e3 * median_time(fn, repeats, "cpu"), "wall"
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"), "cudagraph"
+    except Exception:  # noqa: BLE001 (any capture failure: time it uncaptured)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 100, "events"
+
+
+def host_costs(fn, cuda, n=50):
+    """(enqueue ms, synced latency ms) per call: the host's time to queue n calls back to back (synchronised once,
+    after), and the median of n calls each waited for."""
+    sync("cuda" if cuda else "cpu")
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    enqueue = (time.perf_counter() - start) / n
+    sync("cuda" if cuda else "cpu")
+    return 1e3 * enqueue, 1e3 * median_time(fn, n, "cuda" if cuda else "cpu", warmup=0)
+
+
+def launches(fn):
+    """(kernels, host syncs) of one call: device events in the profiler (kernels, copies, fills) and the syncs
+    torch's sync-debug mode reports."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return n, sum("synchroniz" in str(w.message) for w in caught)
+
+
+def time_loss(loss, pred, cuda, repeats):
+    """Forward and forward+backward of one way of computing the loss (loss(pred) -> (outputs, upstream gradients)):
+    device time, host enqueue and synced latency, kernels and host syncs of a forward+backward."""
+    def forward_backward():
+        outputs, grads = loss(pred)
+        return torch.autograd.grad(outputs, pred, grads)
+    forward_backward()  # compile, warm the allocator
+    fwd, _ = device_ms(lambda: loss(pred), cuda, repeats)
+    fb, timer = device_ms(forward_backward, cuda, repeats)
+    enqueue, latency = host_costs(forward_backward, cuda)
+    kernels, syncs = launches(forward_backward) if cuda else (None, None)
+    return dict(fwd_ms=fwd, fwdbwd_ms=fb, timer=timer, enqueue_ms=enqueue, latency_ms=latency, kernels=kernels,
+                syncs=syncs)
+
+
+def step_ms(device, dtype, rows, latent, repeats):
+    """Device time of the UNet's forward+backward over `rows` latents (a training step's UNet batch): SD v1.5 on CUDA,
+    the tiny preset on a CPU."""
+    cfg = unet.PRESETS["sd-v1" if device.type == "cuda" and latent[-1] >= 32 else "tiny"]["unet"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = unet.UNet(cfg).to(dtype)
+        x = torch.randn(rows, *latent, dtype=dtype)
+        t = torch.randint(0, 1000, (rows,))
+        c = torch.randn(rows, 77, cfg["cross_attention_dim"], dtype=dtype)
+    params = [p for p in net.parameters()]
+    step = lambda: torch.autograd.grad(net(x, t, c).float().square().mean(), params)  # noqa: E731
+    step()
+    if device.type == "cuda":
+        return triton.testing.do_bench(step, rep=500, return_mode="median")
+    return 1e3 * median_time(step, repeats, "cpu")
+
+
+def bench_kernel(device, dtype, repeats, quick=False):
+    """The fused DC loss (kernels/dc_loss.py) against the eager PyTorch reference and torch.compile of the same
+    reference, at the shapes a step uses and over B·K.
+
+    Cases: fisher (B = 1, K = 5, hard target), task (δ·L_DC's ragged batch: B = 8, the first 2 images under K = 3
+    prompts), dsc (B = 8, K = 3, soft target), and sweep (K = 4, B·K from 4 to 4096, hard target); latents 4x64x64 on
+    CUDA, the toy model's 4x16x16 on a CPU, 4x8x8 with quick. Each way: forward and forward+backward device time
+    (ms; CUDA graphs replayed back to back, timed by CUDA events), the host's enqueue time and the synced latency of
+    a forward+backward, its kernels (profiler) and host syncs (sync-debug mode). 'kernel' is the Triton op itself
+    (impl='triton'; CUDA only); 'auto' says which path dc_loss picks by itself. dtype None: bf16, fp16 and fp32.
+    The compiled reference (torch.compile, fullgraph) runs on CUDA only (inductor takes about a minute per shape on
+    a small CPU) and in bf16 only, the training dtype. Last, the loss's share of a training step: the task case
+    against the UNet's forward+backward over the same rows.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    dtypes = [torch.float32, torch.float16 if cuda else torch.bfloat16]
-    D = 1
-    for s in latent:
-        D *= s
-    roof = copy_bandwidth(device, 20 if cuda else repeats, 2**30 if cuda else 2**28)
+    latent = (4, 8, 8) if quick else (4, 64, 64) if cuda else (4, 16, 16)
+    D = latent[0] * latent[1] * latent[2]
+    dtypes = [dtype] if dtype else [torch.bfloat16, torch.float16, torch.float32]
+    sweep = (4, 16, 64) if quick else (4, 16, 64, 256, 1024, 4096)
+    cases = [("fisher", 1, 5), ("task", 8, 3), ("dsc", 8, 3)] + [("sweep", bk // 4, 4) for bk in sweep]
+    roof = copy_bandwidth(device, 20 if cuda else repeats, 2**30 if cuda else 2**26)
     rows = []
-    for dtype in dtypes:
-        for BK in (4, 8, 16, 32, 64):
-            B = max(1, BK // K)
-            pred = torch.randn(B, BK // B, *latent, device=device, dtype=dtype, requires_grad=True)
-            noise = torch.randn(B, *latent, device=device, dtype=dtype)
-            g = torch.ones(B, BK // B, device=device)
-            path = dc_errors_impl(pred)
-            n_rep = 50 if cuda else 3 if path == "triton-interpret" else repeats
-            es = pred.element_size()
-            row = dict(device=name, path=path, dtype=str(dtype).replace("torch.", ""), BK=BK, D=D)
-            for label, impl in (("kernel", "auto"), ("ref", "reference")):
-                with torch.no_grad():
-                    t_f = median_time(lambda: dc_errors(pred, noise, impl=impl), n_rep, device.type)
-                t_fb = median_time(lambda: torch.autograd.grad(dc_errors(pred, noise, impl=impl), pred, g),
-                                   n_rep, device.type)
-                row[f"fwd_ms_{label}"] = 1e3 * t_f
-                row[f"fwdbwd_ms_{label}"] = 1e3 * t_fb
-                row[f"fwd_GBs_{label}"] = (BK + B) * D * es / t_f / 1e9
-                row[f"fwdbwd_GBs_{label}"] = (3 * BK + 2 * B) * D * es / t_fb / 1e9
-            row["speedup_fwdbwd"] = row["fwdbwd_ms_ref"] / row["fwdbwd_ms_kernel"]
-            row["copy_GBs"] = roof
-            row["roof_fwd"], row["roof_fwdbwd"] = row["fwd_GBs_kernel"] / roof, row["fwdbwd_GBs_kernel"] / roof
+    for dt in dtypes:
+        for name, B, K in cases:
+            pred, loss = loss_case(name, B, K, latent, device, dt)
+            first = pred[:2 * K if name == "task" else B * K].view(-1, K, *latent)  # what the DC loss is given
+            row = dict(section="kernel", case=name, dtype=str(dt).replace("torch.", ""), B=B, K=K, D=D,
+                       auto=dc_loss_impl(first), copy_GBs=roof)
+            ways = {"eager": lambda p, f=loss: f("reference", p)}
+            if cuda and not quick and dt == torch.bfloat16:
+                torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no stale guards
+                ways["compiled"] = torch.compile(ways["eager"], fullgraph=True, dynamic=False)
+            if cuda and dc_loss_impl(first, "triton") == "triton":
+                ways["kernel"] = lambda p, f=loss: f("triton", p)
+            for way, fn in ways.items():
+                row.update({f"{way}_{k}": v for k, v in time_loss(fn, pred, cuda, repeats).items()})
+            if "kernel_fwdbwd_ms" in row:
+                # an ideal forward+backward reads pred and the noise twice and writes dpred: (3 B·K + 2 B) D elements
+                row["kernel_GBs"] = (3 * B * K + 2 * B) * D * pred.element_size() / row["kernel_fwdbwd_ms"] / 1e6
+                for way in ("eager", "compiled"):
+                    if f"{way}_fwdbwd_ms" in row:
+                        row[f"speedup_vs_{way}"] = row[f"{way}_fwdbwd_ms"] / row["kernel_fwdbwd_ms"]
+                # dispatch chooses between the kernel and the eager reference: is its choice the faster one?
+                picked, other = ("kernel", "eager") if row["auto"] == "triton" else ("eager", "kernel")
+                row["auto_is_faster"] = row[f"{picked}_fwdbwd_ms"] <= row[f"{other}_fwdbwd_ms"]
             rows.append(row)
-    print(f"\nDC-error kernel on {name} (latent {'x'.join(map(str, latent))}, K={K}); ms, effective GB/s, share of "
-          f"the copy roof ({roof:.1f} GB/s)")
-    print(f"{'path':>16} {'dtype':>8} {'B*K':>4} | {'fwd':>8} {'GB/s':>6} {'roof':>5} {'ref fwd':>8} {'GB/s':>6} | "
-          f"{'fwd+bwd':>8} {'GB/s':>6} {'roof':>5} {'ref f+b':>8} {'GB/s':>6} | {'speedup':>7}")
-    for r in rows:
-        print(f"{r['path']:>16} {r['dtype']:>8} {r['BK']:>4} | {r['fwd_ms_kernel']:8.3f} {r['fwd_GBs_kernel']:6.1f} "
-              f"{r['roof_fwd']:5.0%} {r['fwd_ms_ref']:8.3f} {r['fwd_GBs_ref']:6.1f} | {r['fwdbwd_ms_kernel']:8.3f} "
-              f"{r['fwdbwd_GBs_kernel']:6.1f} {r['roof_fwdbwd']:5.0%} {r['fwdbwd_ms_ref']:8.3f} "
-              f"{r['fwdbwd_GBs_ref']:6.1f} | {r['speedup_fwdbwd']:7.2f}")
+            print(kernel_line(row), flush=True)
+    task = next(r for r in rows if r["case"] == "task" and r["dtype"] == str(dtypes[0]).replace("torch.", ""))
+    n_rows = 2 * task["K"] + task["B"] - 2
+    unet_ms = step_ms(device, dtypes[0], n_rows, latent, repeats)
+    share = dict(section="kernel-step", dtype=task["dtype"], rows=n_rows, latent="x".join(map(str, latent)),
+                 unet_fwdbwd_ms=unet_ms, **{f"{w}_share": task[f"{w}_fwdbwd_ms"] / (unet_ms + task[f"{w}_fwdbwd_ms"])
+                                           for w in ("eager", "compiled", "kernel") if f"{w}_fwdbwd_ms" in task})
+    rows.append(share)
+    print(f"training step ({share['rows']} UNet rows of {share['latent']}, {share['dtype']}): UNet forward+backward "
+          f"{unet_ms:.2f} ms; the task loss's share: " + ", ".join(f"{k[:-6]} {v:.3%}" for k, v in share.items()
+                                                                    if k.endswith("_share")))
+    crossover = kernel_crossover(rows, D)
+    if crossover:
+        print(f"the kernel is at least as fast as every reference from B·K = {crossover // D} on, in every dtype: "
+              f"KERNEL_MIN_NUMEL = {crossover} (kernels/dc_loss.py)")
     return rows
+
+
+def kernel_line(r):
+    """One printed line: per way, forward / forward+backward device us, host enqueue and synced latency, kernels."""
+    ways = [w for w in ("eager", "compiled", "kernel") if f"{w}_fwdbwd_ms" in r]
+    cells = " | ".join(f"{w} {r[f'{w}_fwd_ms'] * 1e3:7.1f} / {r[f'{w}_fwdbwd_ms'] * 1e3:7.1f} us (host "
+                       f"{r[f'{w}_enqueue_ms'] * 1e3:6.1f}, synced {r[f'{w}_latency_ms'] * 1e3:6.1f}" +
+                       (f", {r[f'{w}_kernels']} kernels, {r[f'{w}_syncs']} syncs)" if r[f"{w}_kernels"] is not None
+                        else ")") for w in ways)
+    speed = " ".join(f"x{r[k]:.2f} vs {k[11:]}" for k in ("speedup_vs_eager", "speedup_vs_compiled") if k in r)
+    return f"kernel {r['case']:6s} {r['dtype']:8s} B={r['B']:<4d} K={r['K']} auto={r['auto']:9s} | {cells} | {speed}"
+
+
+def kernel_crossover(rows, D):
+    """The smallest B·K·D of the sweep from which the kernel's forward+backward is no slower than the eager or the
+    compiled reference at every larger size, in every dtype measured (None without kernel figures)."""
+    sweep = [r for r in rows if r.get("case") == "sweep" and "kernel_fwdbwd_ms" in r]
+    if not sweep:
+        return None
+    wins = {}
+    for r in sweep:
+        best = min(r[f"{w}_fwdbwd_ms"] for w in ("eager", "compiled") if f"{w}_fwdbwd_ms" in r)
+        wins[r["B"] * r["K"]] = wins.get(r["B"] * r["K"], True) and r["kernel_fwdbwd_ms"] <= best
+    sizes = sorted(wins)
+    winning = [bk for i, bk in enumerate(sizes) if all(wins[s] for s in sizes[i:])]
+    return winning[0] * D if winning else None
 
 
 def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
@@ -306,16 +457,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {list(SECTIONS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default float32; the kernel section: bfloat16, float16 and float32")
+    p.add_argument("--quick", action="store_true", help="kernel section: small shapes, no torch.compile")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed.json"))
     args = p.parse_args(argv)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; median of {args.repeats}")
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype or 'default'}; "
+          f"median of {args.repeats}")
     rows = []
     for name in args.only.split(","):
-        rows += SECTIONS[name](args.device, getattr(torch, args.dtype), args.repeats)
+        dtype = getattr(torch, args.dtype) if args.dtype else None if name == "kernel" else torch.float32
+        rows += SECTIONS[name](args.device, dtype, args.repeats, **({"quick": args.quick} if name == "kernel" else {}))
     with open(args.out, "w") as f:
         json.dump(dict(device=device_name, torch=torch.__version__, dtype=args.dtype, repeats=args.repeats,
                        command="python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,124 +1,247 @@
-"""Fused diffusion-classifier errors (README "The method in one page"; dc_score.py says how they are used).
+"""The fused DC loss: errors, DC posterior and cross-entropy in one launch forward and one backward.
 
-For predictions pred[B, K, *latent] (B images x K prompts) and the noise shared across prompts noise[B, *latent]
+For the noise predictions pred[B, K, *latent] of B images under K prompts and the noise of each image noise[B, *latent]
+(shared by its K prompts: README "The method in one page"),
 
-    e[b, k] = sum_d (pred[b, k, d] - noise[b, d])^2        (reduction="sum"; "mean" divides by D)
+    e[b, k]  = (1/D) sum_d (pred[b, k, d] - noise[b, d])^2                 (reduction "mean"; "sum" drops the 1/D)
+    log p[b, k] = log_softmax_k(-e[b, k] / tau)                              (the DC posterior over the K prompts)
+    L[b] = -log p[b, y_b]                      hard target: the DC cross-entropy of the Fisher and of δ·L_DC
+    L[b] = -sum_k q[b, k] log p[b, k]          soft target: DSC, q the teachers' posteriors (a row sums to s_b)
 
-The Triton forward reads each pred element once and the noise by broadcast (never expanded to K copies), accumulates
-in fp32 (fp64 for fp64 inputs) and writes only e. The backward recomputes the difference from the inputs,
-    de/dpred[b, k, d] = 2 (pred - noise) * g[b, k]  (/D for the mean),   de/dnoise = -sum_k de/dpred[b, k],
-so nothing but the two inputs is saved. dnoise (only when noise requires grad) is that sum done in PyTorch.
+and, from e and the upstream gradients gL[B] and ge[B, K] alone,
 
-Layout: pred is viewed as [B, K, D] and noise as [B, D] with arbitrary strides over B and K (a slice of a bigger
-batch, or noise expanded over B, is read in place). Only if the latent dims cannot be viewed as one unit-stride run
-is the tensor copied with .contiguous() (once in the forward, again in the backward).
+    dL[b]/de[b, k] = (q[b, k] - s_b p[b, k]) / tau                   (hard: q one-hot at y_b, s_b = 1)
+    dpred[b, k, d] = 2 c (pred[b, k, d] - noise[b, d]) (ge[b, k] + gL[b] dL[b]/de[b, k]),   c = 1/D or 1
+    dnoise[b, d]   = -sum_k dpred[b, k, d]
 
-Dispatch: CUDA tensors run the compiled kernel; CPU tensors run the PyTorch reference, or the kernel under Triton's
-interpreter when TRITON_INTERPRET=1 (read at call time; it must also have been set before `import triton`, since
-Triton picks interpreter or compiler for its own library functions at import).
+Forward: one program per image holds its K predictions as the rows of one tile, reads the noise once for all K,
+accumulates in fp32 (fp64 for fp64 inputs) and ends with the log-softmax and the cross-entropy: one launch writes e
+and L. Backward: one launch over (image, chunk of D) recomputes p from the saved e and writes dpred and dnoise.
+Nothing of size B·K·D is saved or materialised; fp16 and bf16 inputs are read as they are. `index` [B] (optional)
+says which row of noise image b uses: the ragged batch's gather happens in the kernel.
+
+`torch.ops.cp.dc_loss` is a torch.library op with its autograd formula (`torch.ops.cp.dc_loss_backward`), so
+torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `dc_loss` and `dc_errors` choose per call
+between it and `dc_loss_reference`, the formula in plain PyTorch (see `dc_loss_impl`).
 """
-import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _acc_dtype, _check, dc_errors_reference
+from .reference import _acc_dtype, checked_target, dc_loss_reference
+
+# Most prompts per image the kernel takes (the rows of one tile); more go to the reference.
+KMAX = 64
+# Dispatch threshold on CUDA: the kernel for pred with at least this many elements. It must be set from the
+# crossover that `python bench/speed.py --only kernel` prints on a GPU. Until then it keeps the reference at and
+# below B·K = 64 SD latents (4x64x64), where the previous kernel (commit 932a9b2) was measured slower everywhere.
+KERNEL_MIN_NUMEL = 64 * 4 * 64 * 64 + 1
+# Elements per tile: the forward loops over D in tiles of KP x (FWD_TILE / KP); a backward program covers one.
+FWD_TILE, BWD_TILE = 16384, 4096
 
 
 @triton.jit
-def _fwd_kernel(pred, noise, part, D, K, spb, spk, snb, n_chunks, scale,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0)  # row = b * K + k
-    chunk = tl.program_id(1)
-    b = (row // K).to(tl.int64)
-    p = pred + b * spb + (row % K).to(tl.int64) * spk
-    n = noise + b * snb
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for i in range(ITERS):
-        offs = (chunk * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        d = tl.load(p + offs, mask=mask, other=0.0).to(ACC) - tl.load(n + offs, mask=mask, other=0.0).to(ACC)
-        acc += d * d
-    tl.store(part + row.to(tl.int64) * n_chunks + chunk, tl.sum(acc, axis=0) * scale)
+def _log_posterior(e, rows, temp):
+    """log softmax_k(-e_k / temp) over the valid rows of e [KP] (-inf elsewhere)."""
+    z = tl.where(rows, -e / temp, float("-inf"))
+    z = z - tl.max(z, axis=0)
+    return z - tl.log(tl.sum(tl.exp(z), axis=0))
 
 
 @triton.jit
-def _bwd_kernel(pred, noise, g, dpred, D, K, spb, spk, snb, scale,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = (row // K).to(tl.int64)
-    p = pred + b * spb + (row % K).to(tl.int64) * spk
-    n = noise + b * snb
-    out = dpred + row.to(tl.int64) * D
-    coef = tl.load(g + row).to(ACC) * (2.0 * scale)
-    for i in range(ITERS):
-        offs = (chunk * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        d = tl.load(p + offs, mask=mask, other=0.0).to(ACC) - tl.load(n + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(out + offs, (d * coef).to(dpred.dtype.element_ty), mask=mask)
+def _hard_target(target, b, column, TARGET_PTR: tl.constexpr):
+    y = column
+    if TARGET_PTR:
+        y = tl.load(target + b).to(tl.int32)
+    return y
 
 
-def _rows(pred, noise):
-    """pred as [B, K, D] and noise as [B, D], each with a unit-stride last dim (copied only if needed)."""
+@triton.jit
+def _fwd_kernel(pred, noise, index, target, teacher, e_out, loss_out, K, D, spb, spk, snb, stb, stk, column, temp,
+                MODE: tl.constexpr, MEAN: tl.constexpr, HAS_INDEX: tl.constexpr, TARGET_PTR: tl.constexpr,
+                KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, KP)
+    rows = k < K
+    nb = b
+    if HAS_INDEX:
+        nb = tl.load(index + b).to(tl.int64)
+    p = pred + b * spb + k[:, None].to(tl.int64) * spk
+    n = noise + nb * snb
+    acc = tl.zeros([KP, BLOCK], dtype=ACC)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        x = tl.load(n + d, mask=d < D, other=0.0).to(ACC)
+        diff = tl.load(p + d[None, :], mask=rows[:, None] & (d < D)[None, :], other=0.0).to(ACC) - x[None, :]
+        acc += diff * diff
+    e = tl.sum(acc, axis=1)
+    if MEAN:
+        e = e / D
+    tl.store(e_out + b * K + k, e, mask=rows)
+    if MODE == 1:  # hard: -log p[y]; a target outside [0, K) gives NaN
+        y = _hard_target(target, b, column, TARGET_PTR)
+        loss = -tl.sum(tl.where(k == y, _log_posterior(e, rows, temp), 0.0), axis=0)
+        tl.store(loss_out + b, tl.where((y >= 0) & (y < K), loss, float("nan")))
+    if MODE == 2:  # soft: -sum_k q log p
+        q = tl.load(teacher + b * stb + k * stk, mask=rows, other=0.0).to(ACC)
+        tl.store(loss_out + b, -tl.sum(q * tl.where(rows, _log_posterior(e, rows, temp), 0.0), axis=0))
+
+
+@triton.jit
+def _bwd_kernel(pred, noise, index, target, teacher, e, g_loss, g_e, dpred, dnoise, K, D, spb, spk, snb, stb, stk,
+                sgl, sgb, sgk, column, temp, MODE: tl.constexpr, MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
+                TARGET_PTR: tl.constexpr, HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, NOISE_GRAD: tl.constexpr,
+                KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, KP)
+    rows = k < K
+    de = tl.zeros([KP], dtype=ACC)  # dLoss/de[b, k] for every k, recomputed by every program of image b
+    if HAS_GE:
+        de += tl.load(g_e + b * sgb + k * sgk, mask=rows, other=0.0).to(ACC)
+    if HAS_GL:
+        p = tl.exp(_log_posterior(tl.load(e + b * K + k, mask=rows, other=0.0), rows, temp))
+        if MODE == 1:
+            q = (k == _hard_target(target, b, column, TARGET_PTR)).to(ACC)
+            s = 1.0
+        else:
+            q = tl.load(teacher + b * stb + k * stk, mask=rows, other=0.0).to(ACC)
+            s = tl.sum(q, axis=0)
+        de += tl.load(g_loss + b * sgl).to(ACC) * (q - s * p) / temp
+    coef = 2.0 * de
+    if MEAN:
+        coef = coef / D
+    nb = b
+    if HAS_INDEX:
+        nb = tl.load(index + b).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows[:, None] & (d < D)[None, :]
+    x = tl.load(noise + nb * snb + d, mask=d < D, other=0.0).to(ACC)
+    y = tl.load(pred + b * spb + k[:, None].to(tl.int64) * spk + d[None, :], mask=mask, other=0.0).to(ACC)
+    grad = tl.where(mask, (y - x[None, :]) * coef[:, None], 0.0)
+    tl.store(dpred + (b * K + k[:, None]) * D + d[None, :], grad.to(dpred.dtype.element_ty), mask=mask)
+    if NOISE_GRAD:
+        tl.store(dnoise + b * D + d, (-tl.sum(grad, axis=0)).to(dnoise.dtype.element_ty), mask=d < D)
+
+
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 when triton was first imported
+
+
+def _flat(x, *shape):
+    """x viewed as [*shape, D] with a unit-stride last dim (copied only when it cannot be)."""
+    x = x.reshape(*shape, -1)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mode(target, teacher, column):
+    return 2 if teacher is not None else 1 if target is not None or column >= 0 else 0
+
+
+def _launch(pred, noise, index, target, teacher, mode, tile):
+    """The tensors both kernels read (pred [B, K, D], noise [N, D], index and target dense), their sizes and strides,
+    and the constexprs of the tile."""
     B, K = pred.shape[:2]
-    p, n = pred.reshape(B, K, -1), noise.reshape(B, -1)
-    if p.stride(2) != 1:
-        p = p.contiguous()
-    if n.stride(1) != 1:
-        n = n.contiguous()
-    return p, n
+    p, n = _flat(pred, B, K), _flat(noise, noise.shape[0])
+    index, target = (x if x is None else x.contiguous() for x in (index, target))
+    kp = triton.next_power_of_2(K)
+    limit = 1 << 16 if INTERPRETED else tile  # the interpreter pays per program and per op, not per element
+    meta = dict(MODE=mode, KP=kp, BLOCK=min(triton.next_power_of_2(p.shape[2]), max(limit // kp, 16)),
+                ACC=tl.float64 if _acc_dtype(pred, noise) == torch.float64 else tl.float32)
+    args = (K, p.shape[2], p.stride(0), p.stride(1), n.stride(0), *(teacher.stride() if mode == 2 else (0, 0)))
+    return (p, n, index, target, teacher), args, meta
 
 
-def _launch_args(p, n):
-    B, K, D = p.shape
-    if isinstance(_fwd_kernel, InterpretedFunction):  # the interpreter pays per program, not per element
-        block, iters = min(triton.next_power_of_2(D), 1 << 16), 1
-    else:  # one program covers up to 4 steps of 1024 elements of one (b, k) row
-        block = min(triton.next_power_of_2(D), 1024)
-        iters = min(4, triton.cdiv(D, block))
-    acc = tl.float64 if _acc_dtype(p, n) == torch.float64 else tl.float32
-    grid = (B * K, triton.cdiv(D, block * iters))
-    return grid, (D, K, p.stride(0), p.stride(1), n.stride(0)), dict(BLOCK=block, ITERS=iters, ACC=acc)
+@torch.library.custom_op("cp::dc_loss", mutates_args=())
+def _dc_loss_op(pred: torch.Tensor, noise: torch.Tensor, index: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                teacher: Optional[torch.Tensor], column: int, temp: float, mean: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B], or [0] with neither target nor teacher; e [B, K]): `dc_loss` with its arguments checked."""
+    mode = _mode(target, teacher, column)
+    tensors, args, meta = _launch(pred, noise, index, target, teacher, mode, FWD_TILE)
+    B, K = pred.shape[:2]
+    e = torch.empty(B, K, device=pred.device, dtype=_acc_dtype(pred, noise))
+    loss = torch.empty(B if mode else 0, device=pred.device, dtype=e.dtype)
+    _fwd_kernel[(B,)](*tensors, e, loss, *args, column, temp, MEAN=mean, HAS_INDEX=index is not None,
+                      TARGET_PTR=target is not None, num_warps=16, **meta)
+    return loss, e
 
 
-class _DCErrors(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, pred, noise, scale):
-        ctx.save_for_backward(pred, noise)
-        ctx.scale = scale
-        p, n = _rows(pred, noise)
-        grid, args, meta = _launch_args(p, n)
-        part = torch.empty(grid, device=pred.device, dtype=_acc_dtype(pred, noise))
-        _fwd_kernel[grid](p, n, part, *args, grid[1], scale, **meta)
-        return part.sum(1).view(pred.shape[:2])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        pred, noise = ctx.saved_tensors
-        p, n = _rows(pred, noise)
-        grid, args, meta = _launch_args(p, n)
-        dpred = torch.empty(p.shape, device=pred.device, dtype=pred.dtype)
-        _bwd_kernel[grid](p, n, g.contiguous(), dpred, *args, ctx.scale, **meta)
-        dnoise = None
-        if ctx.needs_input_grad[1]:
-            dnoise = dpred.sum(1, dtype=_acc_dtype(pred, noise)).neg_().to(noise.dtype).view(noise.shape)
-        return dpred.view(pred.shape), dnoise, None
+@_dc_loss_op.register_fake
+def _(pred, noise, index, target, teacher, column, temp, mean):
+    B, K = pred.shape[:2]
+    e = pred.new_empty(B, K, dtype=_acc_dtype(pred, noise))
+    return e.new_empty(B if _mode(target, teacher, column) else 0), e
 
 
-def dc_errors_impl(pred, impl="auto"):
-    """Which path dc_errors takes for this tensor: 'reference', 'triton' (compiled) or 'triton-interpret'."""
+@torch.library.custom_op("cp::dc_loss_backward", mutates_args=())
+def _dc_loss_backward_op(g_loss: Optional[torch.Tensor], g_e: Optional[torch.Tensor], e: torch.Tensor,
+                         pred: torch.Tensor, noise: torch.Tensor, index: Optional[torch.Tensor],
+                         target: Optional[torch.Tensor], teacher: Optional[torch.Tensor], column: int, temp: float,
+                         mean: bool, noise_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dpred, shaped as pred; dnoise per image [B, *latent], or [0] without noise_grad)."""
+    tensors, args, meta = _launch(pred, noise, index, target, teacher, _mode(target, teacher, column), BWD_TILE)
+    B, K, D = tensors[0].shape
+    dpred = torch.empty(B, K, D, device=pred.device, dtype=pred.dtype)
+    dnoise = torch.empty((B, D) if noise_grad else 0, device=pred.device, dtype=noise.dtype)
+    has_gl = g_loss is not None and meta["MODE"] != 0
+    _bwd_kernel[(B, triton.cdiv(D, meta["BLOCK"]))](
+        *tensors, e, g_loss, g_e, dpred, dnoise, *args, g_loss.stride(0) if has_gl else 0,
+        *(g_e.stride() if g_e is not None else (0, 0)), column, temp, MEAN=mean, HAS_INDEX=index is not None,
+        TARGET_PTR=target is not None, HAS_GL=has_gl, HAS_GE=g_e is not None, NOISE_GRAD=noise_grad, num_warps=4,
+        **meta)
+    return dpred.view(pred.shape), dnoise.view((B, *pred.shape[2:]) if noise_grad else (0,))
+
+
+@_dc_loss_backward_op.register_fake
+def _(g_loss, g_e, e, pred, noise, index, target, teacher, column, temp, mean, noise_grad):
+    B = pred.shape[0]
+    return pred.new_empty(pred.shape), noise.new_empty((B, *pred.shape[2:]) if noise_grad else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    pred, noise, index, target, teacher, column, temp, mean = inputs
+    ctx.save_for_backward(pred, noise, index, target, teacher, output[1])
+    ctx.column, ctx.temp, ctx.mean = column, temp, mean
+    ctx.set_materialize_grads(False)  # an output without a gradient costs no zero-filled tensor
+
+
+def _backward(ctx, g_loss, g_e):
+    pred, noise, index, target, teacher, e = ctx.saved_tensors
+    dpred, dnoise = torch.ops.cp.dc_loss_backward(g_loss, g_e, e, pred, noise, index, target, teacher, ctx.column,
+                                                  ctx.temp, ctx.mean, ctx.needs_input_grad[1])
+    if ctx.needs_input_grad[1] and index is not None:  # images sharing a noise row add up
+        dnoise = torch.zeros_like(noise).index_add_(0, index, dnoise)
+    dteacher = None
+    if ctx.needs_input_grad[4] and g_loss is not None:  # dL/dq = -log p: never needed at the call sites
+        dteacher = (-g_loss[:, None] * torch.log_softmax(-e / ctx.temp, -1)).to(teacher.dtype)
+    return dpred, dnoise if ctx.needs_input_grad[1] else None, None, None, dteacher, None, None, None
+
+
+_dc_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kernel_wins(pred):
+    """Whether the compiled kernel is the faster path for pred [B, K, *latent] (measured: see KERNEL_MIN_NUMEL)."""
+    return pred.is_cuda and not INTERPRETED and pred.shape[1] <= KMAX and pred.numel() >= KERNEL_MIN_NUMEL
+
+
+def dc_loss_impl(pred, impl="auto"):
+    """Which path `dc_loss` and `dc_errors` take for pred: 'reference', 'triton' (compiled) or 'triton-interpret'.
+
+    'auto' is the kernel where `kernel_wins`, else the reference (always, on a CPU); 'triton' insists on the kernel,
+    under the interpreter when triton was imported with TRITON_INTERPRET=1.
+    """
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     if impl == "auto":
-        impl = "triton" if pred.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+        return "triton" if kernel_wins(pred) else "reference"
     if impl == "reference":
         return impl
-    if isinstance(_fwd_kernel, InterpretedFunction):
+    if pred.shape[1] > KMAX:
+        raise ValueError(f"the kernel takes at most {KMAX} prompts per image, got {pred.shape[1]}")
+    if INTERPRETED:
         return "triton-interpret"
     if not pred.is_cuda:
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 in the environment "
@@ -126,12 +249,22 @@ def dc_errors_impl(pred, impl="auto"):
     return "triton"
 
 
-def dc_errors(pred, noise, reduction="sum", impl="auto"):
-    """e[B, K] = sum (or mean) over latent dims of (pred[b, k] - noise[b])^2, differentiable in pred and noise.
+def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, reduction="mean", index=None, impl="auto"):
+    """(L [B], e [B, K]): the DC cross-entropy of each image and its errors, from predictions pred [B, K, *latent]
+    and noise [B, *latent] (or noise [N, *latent] and index [B], the row of noise each image uses).
 
-    impl: 'auto' (kernel on CUDA or under TRITON_INTERPRET=1, else reference), 'triton' or 'reference'.
+    target: the prompt of each image (an int, or a LongTensor [B]): L = -log p(c_target | x) (dc_score's
+    `dc_cross_entropy` of e); teacher [B, K]: L = -sum_k teacher[:, k] log p(c_k | x) (`soft_cross_entropy`);
+    neither: L is empty. temp: tau of the posterior (a float). impl: see `dc_loss_impl`.
     """
-    _check(pred, noise, reduction)
-    if dc_errors_impl(pred, impl) == "reference" or pred.numel() == 0:
-        return dc_errors_reference(pred, noise, reduction)
-    return _DCErrors.apply(pred, noise, 1.0 if reduction == "sum" else 1.0 / pred[0, 0].numel())
+    target = checked_target(pred, noise, reduction, index, target, teacher)
+    if dc_loss_impl(pred, impl) == "reference" or pred.shape[0] == 0:
+        return dc_loss_reference(pred, noise, target, temp, teacher, reduction, index)
+    column, target = (target, None) if isinstance(target, int) else (-1, target)
+    return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")
+
+
+def dc_errors(pred, noise, reduction="sum", impl="auto", index=None):
+    """e[B, K] = sum (or mean) over the latent dims of (pred[b, k] - noise[b])^2 (noise[index[b]] with index),
+    differentiable in pred and noise: `dc_loss` without a target."""
+    return dc_loss(pred, noise, reduction=reduction, index=index, impl=impl)[1]

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-# On a machine without CUDA the Triton kernel runs under Triton's interpreter, which has to be chosen before
-# triton is first imported (diffusers may import it): every test then exercises the kernel, not the reference.
+# On a machine without CUDA the kernel tests (tests/test_kernels.py, which ask for the Triton kernel) run it under
+# Triton's interpreter, which has to be chosen before triton is first imported (diffusers may import it). Everything
+# else on a CPU runs the PyTorch reference, as in normal use.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -34,9 +34,13 @@ def test_dry_run_does_every_step(tmp_path):
     assert {k: s["status"] for k, s in steps.items()} == {k: "ok" for k in gpu.STEPS}, p.stdout
     assert results["torch"] and results["triton"] and results["device"] and results["dry"]
     assert steps["tests"]["counts"]["passed"] > 0 and "failed" not in steps["tests"]["counts"]
-    kernel = steps["kernel"]["rows"]
-    assert sorted({r["BK"] for r in kernel}) == [4, 8, 16, 32, 64]
-    assert all(r["copy_GBs"] > 0 and r["roof_fwdbwd"] > 0 for r in kernel)
+    kernel = [r for r in steps["kernel"]["rows"] if r["section"] == "kernel"]
+    assert {r["case"] for r in kernel} == {"fisher", "task", "dsc", "sweep"}
+    assert sorted({r["B"] * r["K"] for r in kernel if r["case"] == "sweep"}) == [4, 16, 64]
+    assert {r["dtype"] for r in kernel} == {"bfloat16", "float16", "float32"}
+    assert all(r["eager_fwdbwd_ms"] > 0 and r["eager_fwd_ms"] > 0 and r["auto"] == "reference" for r in kernel)
+    (share,) = [r for r in steps["kernel"]["rows"] if r["section"] == "kernel-step"]
+    assert share["unet_fwdbwd_ms"] > 0 and 0 < share["eager_share"] < 1
     unet_rows = steps["unet-bf16"]["rows"] + steps["unet-fp16"]["rows"]
     assert sorted((r["shape"], r["mode"]) for r in unet_rows) == sorted(
         [(f"{b}x4x8x8", m) for b in (1, 4) for m in ("forward", "forward+backward")] * 2)
@@ -52,6 +56,7 @@ def test_dry_run_does_every_step(tmp_path):
     assert [(r["precision"], r["grad_accum"]) for r in rows[-2:]] == [("fp16", 1), ("fp32", 2)]
     assert all(r["train_steps_per_s"] > 0 for r in rows)
     assert "Dry run on the CPU" in md and all(f"| {k} | ok |" in md for k in gpu.STEPS)
+    assert "| task | bfloat16 | 8 | 3 |" in md and "the task loss's share of the step: eager" in md
 
 
 def test_without_diffusers_a_failed_step_does_not_stop_the_rest(tmp_path):

@@ -7,7 +7,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import unet as unet_lib
-from dc_score import classify, dc_cross_entropy, denoising_errors, posterior, soft_cross_entropy
+from dc_score import (classify, dc_cross_entropy, dc_loss, denoising_errors, noise_predictions, posterior,
+                      soft_cross_entropy)
 
 AC = unet_lib.alphas_cumprod_from_config(unet_lib.PRESETS["tiny"]["scheduler"])
 
@@ -72,6 +73,29 @@ def test_prompt_subsets_and_scalar_t():
     prompts = torch.tensor([[2, 0], [1, 3], [3, 3]])
     sub = denoising_errors(net, x0, context, 500, noise, AC, prompts=prompts)
     torch.testing.assert_close(sub, full.gather(1, prompts))
+
+
+def test_ragged_rows_score_only_their_pairs():
+    net, x0, context, t, noise = setup()
+    image, prompt = torch.tensor([0, 0, 2, 1, 2]), torch.tensor([3, 1, 0, 2, 0])
+    e, pred = denoising_errors(net, x0, context, t, noise, AC, "mean", rows=(image, prompt), return_pred=True)
+    assert e.shape == (5,) and pred.shape == (5, 4, 5, 5)
+    torch.testing.assert_close(e, denoising_errors(net, x0, context, t, noise, AC, "mean")[image, prompt])
+    torch.testing.assert_close(pred, noise_predictions(net, x0, context, t, noise, AC)[image, prompt])
+
+
+def test_fused_loss_is_the_cross_entropy_of_the_errors():
+    """dc_loss on the predictions gives the errors, dc_cross_entropy's L (hard target) and, against DSC's two
+    teachers added (rows summing to 2), the sum of the two soft cross-entropies."""
+    net, x0, context, t, noise = setup()
+    pred = noise_predictions(net, x0, context, t, noise, AC)
+    e = denoising_errors(net, x0, context, t, noise, AC, "mean")
+    L, e_fused = dc_loss(pred, noise, 0, 0.1)
+    torch.testing.assert_close(e_fused, e)
+    torch.testing.assert_close(L, dc_cross_entropy(e, 0, 0.1))
+    p1, p2 = posterior(e.flip(-1), 0.1), posterior(e, 0.3)
+    L, _ = dc_loss(pred, noise, temp=0.1, teacher=p1 + p2)
+    torch.testing.assert_close(L, soft_cross_entropy(p1, e, 0.1) + soft_cross_entropy(p2, e, 0.1))
 
 
 def test_identical_prompts_identical_errors():
