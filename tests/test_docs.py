@@ -1,6 +1,7 @@
 """The project's pages point only at what exists: every relative link of README.md, toy/README.md, tests/README.md,
 examples/README.md and bench/*.md names a file or folder of the repository (and, for `page.md#anchor`, a heading
-of that page), and every `python script.py` or `python -m package.module` they show names a script or module that exists.
+of that page), and every `python script.py` or `python -m package.module` they show names a script or module
+that exists.
 
 Fast: the pages are read as text, nothing is imported or run."""
 import glob
