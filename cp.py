@@ -70,7 +70,8 @@ class CPError(Exception):
 
 @dataclass
 class Hparams:
-    """Every knob of a task (each one a train.py flag). README "Defaults" says how each value was chosen."""
+    """Every knob of a task (each one a train.py flag). examples/README.md, "Defaults", says how each value was
+    chosen."""
     method: str = "ewc-dc"         # continual-personalization method (README "The method in one page")
     steps: int = 600               # optimizer steps on the new concept
     batch_size: int = 8            # images per optimizer step

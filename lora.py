@@ -1,5 +1,5 @@
 """
-LoRA and VeRA for the UNet's Linear layers (README "Where things live", "VeRA adapters").
+LoRA and VeRA for the UNet's Linear layers (README "Where things live"; examples/README.md, "VeRA adapters").
 
 A wrapped Linear computes  y = W x + b + sum_n ΔW_n x  over its enabled adapters n. Several named adapters can sit
 on one layer (C-LoRA keeps one per task and sums them).

@@ -1,6 +1,7 @@
-"""The project's pages point only at what exists: every relative link of README.md, toy/README.md, tests/README.md
-and bench/*.md names a file or folder of the repository (and, for `page.md#anchor`, a heading of that page), and
-every `python script.py` or `python -m package.module` they show names a script or module that exists.
+"""The project's pages point only at what exists: every relative link of README.md, toy/README.md, tests/README.md,
+examples/README.md and bench/*.md names a file or folder of the repository (and, for `page.md#anchor`, a heading
+of that page), and every `python script.py` or `python -m package.module` they show names a script or module
+that exists.
 
 Fast: the pages are read as text, nothing is imported or run."""
 import glob
@@ -11,7 +12,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "toy/README.md", "tests/README.md"] + sorted(
+PAGES = ["README.md", "toy/README.md", "tests/README.md", "examples/README.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "bench", "*.md")))
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.S | re.M)
@@ -117,7 +118,7 @@ def check_commands(page, root=ROOT):
 
 
 def test_the_pages_are_there():
-    for page in ["README.md", "toy/README.md", "tests/README.md"]:
+    for page in ["README.md", "toy/README.md", "tests/README.md", "examples/README.md"]:
         assert os.path.isfile(os.path.join(ROOT, page)), page
     assert len(PAGES) > 3
 
