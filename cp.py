@@ -46,7 +46,6 @@ from safetensors.torch import load_file, save_file
 
 import dc_score
 import lora
-from unet import add_noise
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 FISHER_NORMS = ("task", "total")
