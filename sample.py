@@ -53,7 +53,7 @@ def sample(model, prompts, negative_prompt="", steps=50, guidance=7.5, seed=0, l
         a_prev = abar[t - ratio] if t - ratio >= 0 else final_abar
         x0 = (x.float() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = (a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps).to(model.dtype)
-        if progress:
+        if progress and (sys.stderr.isatty() or i + 1 == len(timesteps)):  # a log file gets the last step only
             print(f"\rsampling step {i + 1}/{len(timesteps)}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)

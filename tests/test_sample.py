@@ -50,6 +50,7 @@ def test_cli_writes_png(tiny_model_dir, tmp_path):
                         "--steps", "3", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (32, 16)
+    assert r.stderr.count("sampling step") == 1 and "sampling step 3/3\n" in r.stderr  # off a terminal: one line
     bad = subprocess.run([sys.executable, "sample.py", "--model", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "not a diffusers model folder" in bad.stderr and "Traceback" not in bad.stderr
