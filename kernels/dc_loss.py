@@ -22,7 +22,7 @@ says which row of noise image b uses: the ragged batch's gather happens in the k
 
 `torch.ops.cp.dc_loss` is a torch.library op with its autograd formula (`torch.ops.cp.dc_loss_backward`), so
 torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `dc_loss` and `dc_errors` choose per call
-between it and `dc_loss_reference`, the formula in plain PyTorch (see `dc_loss_impl`).
+between it and `dc_loss_reference`, the formula in plain PyTorch (kernels/reference.py; see `dc_loss_impl`).
 """
 from typing import Optional
 
