@@ -541,8 +541,13 @@ def fisher_diagonal(params, sample_loss, n):
     for _ in range(n):
         for s, g in zip(squares, torch.autograd.grad(sample_loss(), params)):
             s += g.detach() ** 2
-    mean = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
-    return [s / mean for s in squares] if mean > 0 else squares
+    return mean_one(squares)
+
+
+def mean_one(tensors):
+    """The tensors divided by the mean of all their elements (unchanged when that mean is 0)."""
+    mean = sum(t.sum() for t in tensors) / sum(t.numel() for t in tensors)
+    return [t / mean for t in tensors] if mean > 0 else tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -776,8 +781,7 @@ def update_fisher(model, state, task, final):
     f_hat = fisher_estimate(model, state, task, hp.fisher_samples)
     fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
     if hp.fisher_norm == "total":
-        mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
-        fisher = {k: f / mean for k, f in fisher.items()} if mean > 0 else fisher
+        fisher = dict(zip(fisher, mean_one(list(fisher.values()))))
     return fisher, anchor
 
 

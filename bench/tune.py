@@ -172,8 +172,9 @@ def plan(root, methods):
         if all(a and b for a, b in pairs):
             mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
             decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
-    for m in (m for m in methods if m in COMBOS):  # stage 4: with every choice that concerns them decided
-        dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]]
+    combos = [m for m in methods if m in COMBOS]  # stage 4: with every choice that concerns them decided
+    dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]] if combos else []
+    for m in combos:
         needed = [k for k in open_choices if m in CHOICES[k][2]]
         if all(r for _, r in dsc) and all(k in decided for k in needed):
             won = {k: decided[k] for k in needed if decided[k] != BASE[k]}

@@ -21,8 +21,9 @@ Nothing of size B·K·D is saved or materialised; fp16 and bf16 inputs are read 
 says which row of noise image b uses: the ragged batch's gather happens in the kernel.
 
 `torch.ops.cp.dc_loss` is a torch.library op with its autograd formula (`torch.ops.cp.dc_loss_backward`), so
-torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `dc_loss` and `dc_errors` choose per call
-between it and `dc_loss_reference`, the formula in plain PyTorch (kernels/reference.py; see `dc_loss_impl`).
+torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `kernels.dc_loss` and `kernels.dc_errors`
+choose per call between it and `dc_loss_reference`, the formula in plain PyTorch (kernels/reference.py; see
+`dc_loss_impl`).
 """
 from typing import Optional
 
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _acc_dtype, checked_target, dc_loss_reference
+from .reference import _acc_dtype
 
 # Most prompts per image the kernel takes (the rows of one tile); more go to the reference.
 KMAX = 64
@@ -249,22 +250,7 @@ def dc_loss_impl(pred, impl="auto"):
     return "triton"
 
 
-def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, reduction="mean", index=None, impl="auto"):
-    """(L [B], e [B, K]): the DC cross-entropy of each image and its errors, from predictions pred [B, K, *latent]
-    and noise [B, *latent] (or noise [N, *latent] and index [B], the row of noise each image uses).
-
-    target: the prompt of each image (an int, or a LongTensor [B]): L = -log p(c_target | x) (dc_score's
-    `dc_cross_entropy` of e); teacher [B, K]: L = -sum_k teacher[:, k] log p(c_k | x) (`soft_cross_entropy`);
-    neither: L is empty. temp: tau of the posterior (a float). impl: see `dc_loss_impl`.
-    """
-    target = checked_target(pred, noise, reduction, index, target, teacher)
-    if dc_loss_impl(pred, impl) == "reference" or pred.shape[0] == 0:
-        return dc_loss_reference(pred, noise, target, temp, teacher, reduction, index)
+def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
+    """`kernels.dc_loss` on the fused op, its arguments already checked (`checked_target`)."""
     column, target = (target, None) if isinstance(target, int) else (-1, target)
     return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")
-
-
-def dc_errors(pred, noise, reduction="sum", impl="auto", index=None):
-    """e[B, K] = sum (or mean) over the latent dims of (pred[b, k] - noise[b])^2 (noise[index[b]] with index),
-    differentiable in pred and noise: `dc_loss` without a target."""
-    return dc_loss(pred, noise, reduction=reduction, index=index, impl=impl)[1]
