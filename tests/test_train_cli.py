@@ -61,7 +61,7 @@ def learned(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     a, b = write_concept(str(root / "alpha"), 0), write_concept(str(root / "beta"), 1)
     state = str(root / "state")
-    r = run("train.py", "--concept", a, "--state", state, "--model", tiny_model_dir, *FAST)
+    r = run("train.py", "--concept", a, "--state", state, "--model", tiny_model_dir, "--method", "ewc-dc", *FAST)
     assert "learned <alpha>" in r.stdout and os.path.exists(os.path.join(state, "manifest.json"))
     return dict(root=root, state=state, second=b, model=tiny_model_dir)
 
