@@ -80,7 +80,7 @@ class Hparams:
     alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
     targets: str = "kv+ff"         # LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)
     adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
-    ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; ewc-dc's tuned value)
+    ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; presets.json holds each method's tuned value)
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_norm: str = "task"      # task: each F̂ rescaled to mean 1 (F* grows to 1/(1−γ)); total: F* too, after each update
     fisher_samples: int = 16       # per-image gradients averaged into F̂
@@ -88,7 +88,7 @@ class Hparams:
     dc_temp: str = "auto"          # τ of the DC posterior over mean-over-dims errors: a number, or auto (calibrated per task, cp.calibrate_temp)
     dc_k: int = 5                  # k: most prompts in the DC subset S
     dc_batch: int = 2              # images of each batch that δ·L_DC scores under all of S (its cost grows with k)
-    clora_lambda: float = 1.0      # λ_c: C-LoRA self-regularization (its tuned value)
+    clora_lambda: float = 1.0      # λ_c: C-LoRA self-regularization (tuned value: presets.json)
     dsc_steps: int = 100           # consolidation steps after training (dsc*)
     dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
     dsc_w_n: float = 1.0           # w_n: weight of the noise-prediction distillation

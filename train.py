@@ -1,7 +1,7 @@
 """Learn one concept, continuing a continual-personalization state (the methods and losses live in cp.py).
 
-    python train.py --concept examples/concepts/pine_tree                    # tiny default model, method ewc-dc
-    python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc
+    python train.py --concept examples/concepts/pine_tree          # tiny default model, presets.json's default method
+    python train.py --concept my_dog --model path/to/sd15 --class-word dog --method dsc-ewc-dc   # another method
     python train.py --state runs/default --export exported/             # LoRA (diffusers + kohya) and tokens
     python train.py --concept examples/concepts/pine_tree --adapter vera --state runs/vera   # VeRA instead of LoRA
     python train.py --concept my_dog --model sd15 --gradient-checkpointing --precision fp16   # less GPU memory
