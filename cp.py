@@ -80,7 +80,7 @@ class Hparams:
     alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
     targets: str = "kv+ff"         # LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)
     adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
-    ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; presets.json holds each method's tuned value)
+    ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; tuned values: presets.json)
     ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
     fisher_norm: str = "task"      # task: each F̂ rescaled to mean 1 (F* grows to 1/(1−γ)); total: F* too, after each update
     fisher_samples: int = 16       # per-image gradients averaged into F̂
