@@ -7,7 +7,7 @@ For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a 
 
 and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). B images x K prompts run as one UNet batch of B*K
 rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times. From the predictions
-[B, K, *latent] and the noise [B, *latent], `dc_loss` (kernels/) gives the errors and the cross-entropy
+[B, K, *latent] and the noise [B, *latent], `dc_loss` (dc_kernels/) gives the errors and the cross-entropy
 -log p(c_target | x), or -sum_k q_k log p(c_k | x) against a teacher's q, in one fused op; `dc_errors` the errors
 alone. `dc_cross_entropy` and `soft_cross_entropy` are the same cross-entropies from errors already computed.
 
@@ -15,7 +15,7 @@ The UNet is any callable unet(x [N, C, h, w], t [N], context [N, L, Cc]) -> eps 
 """
 import torch
 
-from kernels import dc_errors, dc_loss  # noqa: F401 (dc_loss is this module's too: cp.py calls it)
+from dc_kernels import dc_errors, dc_loss  # noqa: F401 (dc_loss is this module's too: cp.py calls it)
 from unet import add_noise
 
 

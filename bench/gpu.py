@@ -386,7 +386,7 @@ def kernel_report(step):
     crossover = speed.kernel_crossover(rows, rows[0]["D"])
     if crossover:
         lines += ["", f"The kernel is no slower than either reference from B·K = {crossover // rows[0]['D']} on, in "
-                  f"every dtype: `KERNEL_MIN_NUMEL = {crossover}` in kernels/dc_loss.py."]
+                  f"every dtype: `KERNEL_MIN_NUMEL = {crossover}` in dc_kernels/__init__.py."]
     return lines
 
 

@@ -24,7 +24,7 @@ import triton.testing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import unet  # noqa: E402
-from kernels import dc_errors, dc_loss, dc_loss_impl  # noqa: E402
+from dc_kernels import dc_errors, dc_loss, dc_loss_impl  # noqa: E402
 
 
 # (name, UNet config, batch, latent side) of the UNet benchmarks: SD v1.5 at a small latent size, the tiny preset
@@ -283,7 +283,7 @@ def step_ms(device, dtype, rows, latent, repeats):
 
 
 def bench_kernel(device, dtype, repeats, quick=False):
-    """The fused DC loss (kernels/dc_loss.py) against the eager PyTorch reference and torch.compile of the same
+    """The fused DC loss (dc_kernels/fused.py) against the eager PyTorch reference and torch.compile of the same
     reference, at the shapes a step uses and over B·K.
 
     Cases: fisher (B = 1, K = 5, hard target), task (δ·L_DC's ragged batch: B = 8, the first 2 images under K = 3
@@ -343,7 +343,7 @@ def bench_kernel(device, dtype, repeats, quick=False):
     crossover = kernel_crossover(rows, D)
     if crossover:
         print(f"the kernel is at least as fast as every reference from B·K = {crossover // D} on, in every dtype: "
-              f"KERNEL_MIN_NUMEL = {crossover} (kernels/dc_loss.py)")
+              f"KERNEL_MIN_NUMEL = {crossover} (dc_kernels/__init__.py)")
     return rows
 
 

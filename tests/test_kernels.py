@@ -1,7 +1,6 @@
-"""kernels.dc_loss and dc_errors: the fused Triton forward and backward against the autograd of the PyTorch reference,
+"""dc_kernels.dc_loss and dc_errors: the fused Triton forward and backward against the autograd of the PyTorch reference,
 on CPU under the Triton interpreter (compiled on CUDA when a GPU is present and TRITON_INTERPRET is not 1); the
 torch.library op under torch.compile and CUDA-graph capture; one launch each way, no host sync; dispatch."""
-import importlib
 import os
 import subprocess
 import sys
@@ -14,9 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 pytest.importorskip("triton", reason="Triton is not installed (Linux only); the PyTorch reference serves instead")
 
 from conftest import ROOT  # noqa: E402
-from kernels import dc_errors, dc_errors_reference, dc_loss, dc_loss_impl, dc_loss_reference, kernel_wins  # noqa: E402
-
-fused = importlib.import_module("kernels.dc_loss")  # the module (kernels.dc_loss is the function)
+import dc_kernels  # noqa: E402
+from dc_kernels import dc_errors, dc_errors_reference, dc_loss, dc_loss_impl, dc_loss_reference, kernel_wins  # noqa: E402
+from dc_kernels import fused  # noqa: E402  (the Triton module)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU_KERNEL = pytest.mark.skipif(not fused.INTERPRETED, reason="TRITON_INTERPRET is not 1: the kernel cannot run on CPU")
 DEVICES = [pytest.param("cpu", marks=CPU_KERNEL), pytest.param("cuda", marks=CUDA)]
@@ -366,7 +365,7 @@ COMPILE_FOR_SM90 = r"""
 import itertools, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.dc_loss import _bwd_kernel, _fwd_kernel
+from dc_kernels.fused import _bwd_kernel, _fwd_kernel
 OPTIONAL = {"index", "target", "teacher", "g_loss", "g_e"}  # None, a constexpr, when not given
 POINTERS = OPTIONAL | {"pred", "noise", "dpred", "dnoise", "e_out", "loss_out", "e"}
 
@@ -422,14 +421,14 @@ def test_dispatch(monkeypatch):
     else:  # compiled mode: CPU tensors cannot run the kernel
         with pytest.raises(RuntimeError):
             dc_loss_impl(pred, "triton")
-    many = torch.zeros(1, fused.KMAX + 1, 1, device=DEVICE)
+    many = torch.zeros(1, dc_kernels.KMAX + 1, 1, device=DEVICE)
     assert not kernel_wins(many)
     with pytest.raises(ValueError):
         dc_loss_impl(many, "triton")
     if torch.cuda.is_available() and not fused.INTERPRETED:
         D = 4 * 64 * 64
         small = torch.empty(1, 4, D, device="cuda")
-        big = torch.empty((fused.KERNEL_MIN_NUMEL + 4 * D - 1) // (4 * D), 4, D, device="cuda")
+        big = torch.empty((dc_kernels.KERNEL_MIN_NUMEL + 4 * D - 1) // (4 * D), 4, D, device="cuda")
         assert not kernel_wins(small) and kernel_wins(big)
 
 
@@ -443,24 +442,3 @@ def test_bad_arguments():
             dc_loss(pred, noise, **kw)
     with pytest.raises(ValueError):
         dc_errors(pred, noise[:, :2])
-
-
-WITHOUT_TRITON = """
-import sys
-sys.modules["triton"] = None  # as where Triton does not install (Windows, macOS)
-import torch
-import cp, kernels, sample, train  # noqa: F401
-pred, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 4, 5)
-assert torch.equal(kernels.dc_errors(pred, noise, "mean"), kernels.dc_errors_reference(pred, noise, "mean"))
-for got, want in zip(kernels.dc_loss(pred, noise, [2, 0], 0.1), kernels.dc_loss_reference(pred, noise, torch.tensor([2, 0]), 0.1)):
-    assert torch.equal(got, want)
-assert kernels.dc_loss_impl(pred) == "reference" and not kernels.kernel_wins(pred)
-kernels.dc_errors(pred, noise, impl="triton")
-"""
-
-
-def test_without_triton_the_reference_serves_every_call():
-    from conftest import ROOT
-    r = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.stderr.strip().splitlines()[-1] == \
-        "RuntimeError: impl 'triton': Triton is not installed (pip install triton, on Linux)", r.stderr[-2000:]

@@ -21,9 +21,9 @@ Nothing of size B·K·D is saved or materialised; fp16 and bf16 inputs are read 
 says which row of noise image b uses: the ragged batch's gather happens in the kernel.
 
 `torch.ops.cp.dc_loss` is a torch.library op with its autograd formula (`torch.ops.cp.dc_loss_backward`), so
-torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `kernels.dc_loss` and `kernels.dc_errors`
-choose per call between it and `dc_loss_reference`, the formula in plain PyTorch (kernels/reference.py; see
-`dc_loss_impl`).
+torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `dc_kernels.dc_loss` and `dc_kernels.dc_errors`
+choose per call between it and `dc_loss_reference`, the formula in plain PyTorch (dc_kernels/reference.py; see
+`dc_loss_impl`). This module imports triton: it is imported only when a call takes the kernel.
 """
 from typing import Optional
 
@@ -34,12 +34,6 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import _acc_dtype
 
-# Most prompts per image the kernel takes (the rows of one tile); more go to the reference.
-KMAX = 64
-# Dispatch threshold on CUDA: the kernel for pred with at least this many elements. It must be set from the
-# crossover that `python bench/speed.py --only kernel` prints on a GPU. Until then it keeps the reference at and
-# below B·K = 64 SD latents (4x64x64), where the previous kernel (commit 932a9b2) was measured slower everywhere.
-KERNEL_MIN_NUMEL = 64 * 4 * 64 * 64 + 1
 # Elements per tile: the forward loops over D in tiles of KP x (FWD_TILE / KP); a backward program covers one.
 FWD_TILE, BWD_TILE = 16384, 4096
 
@@ -223,34 +217,7 @@ def _backward(ctx, g_loss, g_e):
 _dc_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_wins(pred):
-    """Whether the compiled kernel is the faster path for pred [B, K, *latent] (measured: see KERNEL_MIN_NUMEL)."""
-    return pred.is_cuda and not INTERPRETED and pred.shape[1] <= KMAX and pred.numel() >= KERNEL_MIN_NUMEL
-
-
-def dc_loss_impl(pred, impl="auto"):
-    """Which path `dc_loss` and `dc_errors` take for pred: 'reference', 'triton' (compiled) or 'triton-interpret'.
-
-    'auto' is the kernel where `kernel_wins`, else the reference (always, on a CPU); 'triton' insists on the kernel,
-    under the interpreter when triton was imported with TRITON_INTERPRET=1.
-    """
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if impl == "auto":
-        return "triton" if kernel_wins(pred) else "reference"
-    if impl == "reference":
-        return impl
-    if pred.shape[1] > KMAX:
-        raise ValueError(f"the kernel takes at most {KMAX} prompts per image, got {pred.shape[1]}")
-    if INTERPRETED:
-        return "triton-interpret"
-    if not pred.is_cuda:
-        raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 in the environment "
-                           "before triton is first imported (to run it on CPU under the interpreter)")
-    return "triton"
-
-
 def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
-    """`kernels.dc_loss` on the fused op, its arguments already checked (`checked_target`)."""
+    """`dc_kernels.dc_loss` on the fused op, its arguments already checked (`checked_target`)."""
     column, target = (target, None) if isinstance(target, int) else (-1, target)
     return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")

@@ -1,4 +1,4 @@
-"""The PyTorch reference of the fused DC loss (kernels/dc_loss.py), which needs no Triton:
+"""The PyTorch reference of the fused DC loss (dc_kernels/fused.py), which needs no Triton:
 
     e[b, k] = sum_d (pred[b, k, d] - noise[b, d])^2        (reduction "sum"; "mean" divides by D)
     L[b]    = -log softmax_k(-e[b, k] / tau)[y_b]            (hard target y_b)
