@@ -1,64 +1,41 @@
 """Continual personalization: learn concepts one at a time, keep no image, forget as little as possible.
 
-Task n brings concept c_n (a folder of images, a new token `<name>`, the prompt "a photo of a <name>"). The
-pretrained concept c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the adapter's
-parameters (A and B of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (Jha et al., ICLR 2025;
-README "The method in one page"):
+Task n brings concept c_n (images, a new token `<name>`, the prompt "a photo of a <name>"). The pretrained concept
+c₀ is a prompt the base model already knows ("a photo of a {class word}"). With φ the adapter's parameters (A and B
+of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (Jha et al., ICLR 2025; README "The method
+in one page"), each term is one function:
 
-    L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²                      (mean over dims)
-    L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over a subset S ∋ c_n, c₀
-                (τ calibrated per task: median over draws of std_i e_i, so −e/τ spreads by about one nat)
-    EWC       = (λ/2) Σ F*(φ − φ*)²,   F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1,  F* ← γ F* + F̂
-                (optionally F* rescaled to mean 1 too, so that λ weighs the same on every task)
-                (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`: the DC scores build the Fisher)
-    C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²
+    L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²  (mean over dims)                                           denoise_loss
+    L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over S ∋ c_n, c₀                 dc_loss
+                (the posterior and cross-entropy: dc_score.py; τ: calibrate_temp)
+    EWC       = (λ/2) Σ F*(φ − φ*)²                                                                    ewc_penalty
+                F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1, F* ← γ F* + F̂            fisher_diagonal
+                (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`, the DC-informed Fisher)           fisher_estimate
+    C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²                                        clora_penalty
     DSC       = w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
-                (first task: T2 = the base model on c₀, or no T2 terms)
+                (first task: T2 = the base model on c₀, or no T2 terms)                                 dsc_loss
 
-Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper).
-A task runs in four steps: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state.
-The state (weights, tokens, Fisher, anchor, the LoRA pool, a JSON manifest) is saved file by file under names new
-to the attempt, then the manifest, which names them, replaces the old one: an interrupted save leaves the old state
-whole. One process writes a state at a time (a lock file), and every file is checked when a state is loaded.
-How a task runs on the hardware (precision, micro-batches, checkpointing) is a `Run`, recorded in the task's history.
+Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
+denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
+(EWC), assemble the next state. Storing a state is cp_state.py's; how a task runs on the hardware (precision,
+micro-batches, checkpointing) is a `Run`, recorded in the task's history.
 """
 import contextlib
-import copy
-import json
 import math
-import os
 import random
 import re
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
-try:
-    import fcntl
-except ImportError:  # Windows: msvcrt's byte-range lock instead (`lock_state`)
-    fcntl = None
-    import msvcrt
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import dc_score
 import lora
+import unet
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 FISHER_NORMS = ("task", "total")
 DSC_FIRST = ("base", "none")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MANIFEST = "manifest.json"
-PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
-LOCK = ".lock"
-LOG, GRIDS = "log.jsonl", "grids"  # beside the state, not part of it: every saved step's losses, train.py's pictures
-# every name a save writes (data files carry the attempt's id), and the only names a state folder may hold
-# without a manifest (its lock, the log and pictures, leftovers of a first save that was killed)
-STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp)?|"
-                        r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype (None: no autocast)
 
@@ -67,33 +44,43 @@ class CPError(Exception):
     """Bad input or a failed run, reported to the user as one line."""
 
 
+def knob(default, help):
+    """A field of Hparams: its default and the help `train.py -h` prints for its flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Hparams:
-    """Every knob of a task (each one a train.py flag). examples/README.md, "Defaults", says how each value was
-    chosen."""
-    method: str = "ewc-dc"         # continual-personalization method (README "The method in one page")
-    steps: int = 600               # optimizer steps on the new concept
-    batch_size: int = 8            # images per optimizer step
-    lr: float = 3e-3               # LoRA (or VeRA) learning rate
-    token_lr: float = 5e-2         # learning rate of the new token's embedding row
-    rank: int = 8                  # LoRA rank r
-    alpha: float = 8.0             # LoRA alpha: the update B A is scaled by alpha / r
-    targets: str = "kv+ff"         # LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)
-    adapter: str = "lora"          # "lora" or "vera" (d, b over a shared random projection; alpha unused)
-    ewc_lambda: float = 0.01       # λ: weight of the EWC penalty (on a Fisher of mean 1; tuned values: presets.json)
-    ewc_gamma: float = 0.9         # γ: online-EWC decay of the accumulated Fisher
-    fisher_norm: str = "task"      # task: each F̂ rescaled to mean 1 (F* grows to 1/(1−γ)); total: F* too, after each update
-    fisher_samples: int = 16       # per-image gradients averaged into F̂
-    dc_weight: float = 0.0         # δ: weight of L_DC in ewc-dc's training loss (0: the DC scores only build the Fisher)
-    dc_temp: str = "auto"          # τ of the DC posterior over mean-over-dims errors: a number, or auto (calibrated per task, cp.calibrate_temp)
-    dc_k: int = 5                  # k: most prompts in the DC subset S
-    dc_batch: int = 2              # images of each batch that δ·L_DC scores under all of S (its cost grows with k)
-    clora_lambda: float = 1.0      # λ_c: C-LoRA self-regularization (tuned value: presets.json)
-    dsc_steps: int = 100           # consolidation steps after training (dsc*)
-    dsc_w_h: float = 1.0           # w_h: weight of the DC-score distillation
-    dsc_w_n: float = 1.0           # w_n: weight of the noise-prediction distillation
-    dsc_first: str = "base"        # T2 on the first task, which has no earlier concept: base (the base model on c₀) or none
-    seed: int = 0                  # seed of task n is seed * 1000 + n (batches, noise, the DC subset)
+    """Every knob of a task, each a train.py flag. The defaults are what a plain `python train.py` runs: the default
+    method at its tuned preset on the shipped toy model (presets.json; tests/test_state.py keeps them equal).
+    Another method's preset, or a larger base model's training settings, change some of them (`train.py -h`)."""
+    method: str = knob("dsc-ewc", "continual-personalization method (README \"The method in one page\")")
+    steps: int = knob(600, "optimizer steps on the new concept")
+    batch_size: int = knob(8, "images per optimizer step")
+    lr: float = knob(3e-3, "LoRA (or VeRA) learning rate")
+    token_lr: float = knob(5e-2, "learning rate of the new token's embedding row")
+    rank: int = knob(8, "LoRA rank r")
+    alpha: float = knob(8.0, "LoRA alpha: the update B A is scaled by alpha / r")
+    targets: str = knob("kv+ff", "LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)")
+    adapter: str = knob("lora", "lora, or vera (d, b over a shared random projection; alpha unused)")
+    ewc_lambda: float = knob(0.003, "λ: weight of the EWC penalty (on a Fisher of mean 1)")
+    ewc_gamma: float = knob(0.9, "γ: online-EWC decay of the accumulated Fisher")
+    fisher_norm: str = knob("total", "total: F* rescaled to mean 1 after each update, so λ weighs the same on every "
+                            "task; task: only each F̂ (F* grows towards 1/(1−γ))")
+    fisher_samples: int = knob(16, "per-image gradients averaged into F̂")
+    dc_weight: float = knob(0.0, "δ: weight of L_DC in ewc-dc's training loss (0: the DC scores only build the "
+                            "Fisher, as in the paper)")
+    dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (calibrated "
+                        "per task: cp.calibrate_temp)")
+    dc_k: int = knob(5, "k: most prompts in the DC subset S")
+    dc_batch: int = knob(2, "images of each batch that δ·L_DC scores under all of S (its cost grows with k)")
+    clora_lambda: float = knob(3.0, "λ_c: weight of C-LoRA's self-regularization")
+    dsc_steps: int = knob(100, "consolidation steps after training (dsc*)")
+    dsc_w_h: float = knob(0.003, "w_h: weight of DSC's DC-score distillation")
+    dsc_w_n: float = knob(1.0, "w_n: weight of DSC's noise-prediction distillation")
+    dsc_first: str = knob("base", "T2 on the first task, which has no earlier concept: base (the base model on c₀) "
+                          "or none (no T2 terms)")
+    seed: int = knob(0, "seed of task n is seed * 1000 + n (batches, noise, the DC subset)")
 
     def uses(self, part):
         """Which ingredients the method combines: 'lora', 'ewc', 'dc', 'dsc', 'clora'."""
@@ -130,6 +117,7 @@ class Run:
     flip: bool = False                   # mirror each drawn image with probability 1/2 (a generator of its own)
     sample_every: int = 0                # call preview(step) every this many training steps (0: never)
     preview: object = None               # preview(step): the caller's picture of the new concept during training
+    progress: object = None              # progress(steps, label) -> report(step, terms): the caller's display
     trace: list = field(default_factory=list)  # every optimizer step's loss terms, appended as dicts
 
 
@@ -163,46 +151,8 @@ def check_hparams(hp):
             raise bad(name, "a finite number ≥ 0 (0 turns the term off)")
     if not (number(hp.ewc_gamma) and 0 <= hp.ewc_gamma <= 1):
         raise bad("ewc_gamma", "between 0 and 1")
-
-
-def load_presets(path=None):
-    """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
-    "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
-    check_hparams refuses is a CPError naming it."""
-    path = path or PRESETS
-    try:
-        with open(path) as f:
-            presets = json.load(f)
-        models, methods, default = presets["models"], presets["methods"], presets["default_method"]
-        names = {f.name for f in fields(Hparams)} - {"method"}
-        for kind, values in models.items():
-            extra = set(values) - names - {"max_unet_params", "why"}
-            if extra:
-                raise CPError(f"model preset {kind!r} sets unknown hparams {sorted(extra)}")
-        for method, values in methods.items():
-            if method not in METHODS:
-                raise CPError(f"unknown method {method!r}")
-            if set(values) - names:
-                raise CPError(f"method preset {method!r} sets unknown hparams {sorted(set(values) - names)}")
-            check_hparams(Hparams(**values, method=method))
-        if default not in METHODS:
-            raise CPError(f"unknown default_method {default!r}")
-    except FileNotFoundError:
-        raise CPError(f"presets file {path} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, CPError) as e:
-        raise CPError(f"presets file {path} is damaged: {type(e).__name__}: {e}") from None
-    return presets
-
-
-def model_preset(presets, unet):
-    """(kind, {hparam: value}) of the first model preset, smallest first, whose max_unet_params the UNet fits
-    (null: no bound); the base model's size picks the training settings."""
-    n = sum(p.numel() for p in unet.parameters())
-    bound = lambda values: math.inf if values["max_unet_params"] is None else values["max_unet_params"]
-    for kind, values in sorted(presets["models"].items(), key=lambda kv: bound(kv[1])):
-        if n <= bound(values):
-            return kind, {k: v for k, v in values.items() if k not in ("max_unet_params", "why")}
-    raise CPError(f"no model preset in presets.json fits a UNet of {n:,} parameters")
+    if hp.uses("dc_loss") and hp.dc_batch == 0:
+        raise CPError(f"--dc-weight {hp.dc_weight}: δ·L_DC scores --dc-batch images of each batch, and it is 0")
 
 
 def fixed_temp(hp):
@@ -245,123 +195,13 @@ def base_prompt(class_word=None):
     return f"a photo of a {class_word}" if class_word else "a photo"
 
 
-def concept_files(folder):
-    """The image files of a concept folder (sorted) and the other files; a caption IMAGE.txt is neither."""
-    if not os.path.isdir(folder):
-        raise CPError(f"concept folder {folder} does not exist")
-    names = [n for n in sorted(os.listdir(folder)) if not n.startswith(".") and
-             not os.path.isdir(os.path.join(folder, n))]
-    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    captions = {caption_file(n) for n in images}
-    return images, [n for n in names if n not in images and n not in captions]
-
-
-def caption_file(image):
-    return os.path.splitext(image)[0] + ".txt"
-
-
-def load_captions(folder, token):
-    """Each image's own prompt, from IMAGE.txt beside it, with `{token}` where the concept's token goes (None for an
-    image without one); None when no image has a caption."""
-    captions = []
-    for name in concept_files(folder)[0]:
-        path = os.path.join(folder, caption_file(name))
-        if not os.path.isfile(path):
-            captions.append(None)
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = " ".join(f.read().split())
-        except (OSError, UnicodeDecodeError) as e:
-            raise CPError(f"cannot read caption {path}: {e}") from None
-        if "{token}" not in text:
-            raise CPError(f"caption {path} has no {{token}} (where the concept's token goes)")
-        captions.append(text.replace("{token}", token))
-    return captions if any(captions) else None
-
-
-def load_images(folder, resolution):
-    """Images of a concept folder as a tensor [N, 3, R, R] in [−1, 1]: any mode → RGB, resize + center crop.
-
-    Files without an image extension are skipped (and named in the returned notes); an image that cannot be
-    decoded is an error naming it.
-    """
-    names, skipped = concept_files(folder)
-    images = []
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(to_square_rgb(im, resolution))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-            raise CPError(f"cannot read image {path}: {e}") from None
-    if not images:
-        raise CPError(f"concept folder {folder} has no images" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, [f"skipped non-image file {s}" for s in skipped]
-
-
-def to_square_rgb(im, size):
-    if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels become white
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    im = im.convert("RGB")
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def add_tokens(model, tokens):
-    """Make each token one vocabulary entry with its own embedding row; set the rows given as tensors.
-
-    Returns the id of every token. A token that is not yet in the vocabulary gets a row initialised at the mean
-    embedding (a neutral start for textual inversion).
-    """
-    new = [t for t in tokens if t not in model.tokenizer.get_vocab()]
-    if new:
-        model.tokenizer.add_tokens(new)
-        emb = model.text_encoder.get_input_embeddings().weight
-        mean = emb.detach().mean(0)
-        model.text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
-        emb = model.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            for t in new:
-                emb[model.tokenizer.convert_tokens_to_ids(t)] = mean
-    ids = {t: model.tokenizer.convert_tokens_to_ids(t) for t in tokens}
-    with torch.no_grad():
-        emb = model.text_encoder.get_input_embeddings().weight
-        for t, row in tokens.items():
-            if row is not None:
-                emb[ids[t]] = row.to(emb)
-    return ids
-
-
-def trainable_row(model, token_id):
-    """A trainable copy of one token's embedding row, spliced into the embedding lookup by a forward hook.
-
-    The optimizer then holds this row alone: training the whole matrix under a gradient mask would carry its
-    gradient and AdamW's two moments, about 450 MB at SD's 49,408 × 768 in fp32, for one row. Remove the hook
-    and write the row back when done.
-    """
-    emb = model.text_encoder.get_input_embeddings()
-    row = torch.nn.Parameter(emb.weight[token_id].detach().clone())
-
-    def splice(module, args, out):
-        return torch.where((args[0] == token_id).unsqueeze(-1), row.to(out.dtype), out)
-
-    return row, emb.register_forward_hook(splice)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # putting a state's weights into the model
 
 
 def apply_state(model, state):
     """Load a state's tokens and LoRA(s) into a freshly loaded model, ready to sample or to continue."""
-    add_tokens(model, state.tokens)
+    unet.add_tokens(model, state.tokens)
     hp = state.hparams
     if hp.method == "clora":
         for i, weights in enumerate(state.pool):
@@ -394,25 +234,7 @@ def flat(weights):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the losses
-
-
-def ewc_penalty(unet, name, fisher, anchor, lam):
-    """(λ/2) Σ F*(φ − φ*)² over the adapter's parameters (zero before the first Fisher)."""
-    if not fisher:
-        return torch.zeros(())
-    live = flat(lora.get_adapter(unet, name))
-    return lam / 2 * sum((fisher[k] * (p - anchor[k]) ** 2).sum() for k, p in live.items())
-
-
-def clora_penalty(unet, name, lam):
-    """λ_c Σ_layers ‖(Σ_{m<n} s_m B_m A_m) ⊙ (s_n B_n A_n)‖², s = α/r; the old sum is constant."""
-    total = torch.zeros(())
-    for _, m in unet.named_modules():
-        if isinstance(m, lora.LoRALinear) and name in m.lora_A and len(m.lora_A) > 1:
-            old = sum(m.delta(n) for n in m.lora_A if n != name).detach()
-            total = total + (old * m.delta(name)).square().sum()
-    return lam * total
+# the losses, in the paper's order: L_denoise, L_DC (and δ·L_DC), EWC and its Fisher, C-LoRA, DSC
 
 
 class Batches:
@@ -446,25 +268,21 @@ def draw_noise(model, x0, gen):
     return t, torch.randn(x0.shape, generator=gen).to(x0)
 
 
-def task_loss(model, x0, prompts, hp, gen, tau=None, captions=None):
-    """L_denoise, and δ·L_DC at temperature τ when the method trains on it (δ > 0, K > 1 prompts), from one ragged
-    UNet batch: the first `dc_batch` images under all K prompts of S (target first; that column also serves
-    L_denoise), the other images under the target only. `captions` (one prompt per image): L_denoise of every image
-    under its own caption instead, S only for L_DC."""
+def denoise_loss(model, x0, prompts, gen):
+    """L_denoise = E ‖ε − ε_φ(x_t, t, c)‖², the mean squared error of the noise prediction: image i under prompts[i],
+    or every image under prompts[0] when it is the only one."""
     t, eps = draw_noise(model, x0, gen)
-    B, K = len(x0), len(prompts)
-    n_dc = min(hp.dc_batch, B) if hp.uses("dc_loss") and K > 1 else 0
-    first = 0 if captions else n_dc  # the first image of the L_denoise rows
-    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(first, B)])
-    prompt = torch.cat([torch.arange(K).repeat(n_dc), K + torch.arange(B) if captions else
-                        torch.zeros(B - n_dc, dtype=torch.long)])
-    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
-                                      model.alphas_cumprod, rows=(image, prompt))
-    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[first:], "mean")[:, 0]
-    if not n_dc:
-        return {"denoise": e.mean()}
-    ce, e_dc = dc_score.dc_loss(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, tau)
-    return {"denoise": (e if captions else torch.cat([e_dc[:, 0], e])).mean(), "dc": hp.dc_weight * ce.mean()}
+    image = torch.arange(len(x0))
+    rows = (image, image if len(prompts) > 1 else torch.zeros_like(image))
+    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod,
+                                      rows=rows)
+    return (eps - pred).square().mean()
+
+
+def dc_subset(state, target, c0, hp, rng):
+    """S: the current concept first, then c₀, then random earlier concepts, at most k prompts."""
+    earlier = [c["prompt"] for c in state.concepts]
+    return [target, c0] + rng.sample(earlier, min(len(earlier), max(hp.dc_k - 2, 0)))
 
 
 def subset_predictions(model, x0, prompts, gen):
@@ -480,16 +298,15 @@ def subset_errors(model, x0, prompts, gen):
 
 
 def dc_loss(model, x0, prompts, tau, gen):
-    """L_DC = mean over images of −log p_φ(c_n | x) at temperature τ."""
-    return dc_score.dc_loss(*subset_predictions(model, x0, prompts, gen), 0, tau)[0].mean()
+    """L_DC = mean over images of −log p_φ(c_n | x) at temperature τ, over S = prompts (c_n first)."""
+    return dc_score.dc_cross_entropy(*subset_predictions(model, x0, prompts, gen), 0, tau)[0].mean()
 
 
 def calibrate_temp(model, state, task, n=16):
     """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the spread (std) of the
-    errors among the prompts of a DC subset S. The logits −e/τ then spread by about one nat across S, so the
-    posterior neither saturates (τ far below the gaps) nor flattens (far above), and τ scales with the errors
-    themselves: it means the same on every base model and latent size. Its own random stream: calibrating changes
-    no other draw of the task."""
+    errors among the prompts of a DC subset S. The logits −e/τ then spread by about one nat across S, and τ scales
+    with the errors themselves, so it means the same on every base model and latent size. A random stream of its own:
+    calibrating changes no other draw of the task."""
     gen = torch.Generator().manual_seed(task.gen.initial_seed() + 7919)
     prompts = dc_subset(state, task.target, task.c0, state.hparams, random.Random(gen.initial_seed()))
     with torch.no_grad():
@@ -500,35 +317,30 @@ def calibrate_temp(model, state, task, n=16):
     return spread
 
 
-def dc_subset(state, target, c0, hp, rng):
-    """S: the current concept first, then c₀, then random earlier concepts, at most k prompts."""
-    earlier = [c["prompt"] for c in state.concepts]
-    return [target, c0] + rng.sample(earlier, min(len(earlier), max(hp.dc_k - 2, 0)))
-
-
-def teacher_outputs(model, name, x0, context, t, eps):
-    """Noise predictions [B, K, ...] and errors [B, K] of the model with only adapter `name` (None: base) on."""
-    enable_only(model.unet, name)
-    with torch.no_grad():
-        e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
-                                            return_pred=True)
-    return e, pred
-
-
-def dsc_loss(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2=True):
-    """L_DSC at temperature τ over the subset [c_n, c₀, (c_j)]: teachers T1 ("teacher1") and T2 (`teacher2`,
-    None = base model; use_t2=False drops its two terms), student "current"."""
+def denoise_and_dc_loss(model, x0, prompts, hp, gen, tau, captions=None):
+    """L_denoise and δ·L_DC at temperature τ from one ragged UNet batch: the first `dc_batch` images under all K
+    prompts of S (target first; that column also serves L_denoise), the other images under the target only.
+    `captions` (one prompt per image): L_denoise of every image under its own caption instead, S only for L_DC."""
     t, eps = draw_noise(model, x0, gen)
-    context = model.encode_text(prompts)
-    teachers = [("teacher1", 0)] + ([(teacher2, j_index)] if use_t2 else [])  # (adapter, the column it teaches)
-    outputs = [teacher_outputs(model, name, x0, context, t, eps) for name, _ in teachers]
-    enable_only(model.unet, "current")
-    pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
-    # the sum over teachers of H(p_T, p_S) is H(sum_T p_T, p_S): one soft cross-entropy, rows summing to 1 or 2
-    teacher = sum(dc_score.posterior(e_t, tau) for e_t, _ in outputs)
-    return {"dsc_h": hp.dsc_w_h * dc_score.dc_loss(pred, eps, temp=tau, teacher=teacher)[0].mean(),
-            "dsc_n": hp.dsc_w_n * sum((pred[:, k] - pred_t[:, k]).square().mean()
-                                      for (_, k), (_, pred_t) in zip(teachers, outputs))}
+    B, K = len(x0), len(prompts)
+    n_dc = min(hp.dc_batch, B)
+    first = 0 if captions else n_dc  # the first image of the L_denoise rows
+    image = torch.cat([torch.arange(n_dc).repeat_interleave(K), torch.arange(first, B)])
+    prompt = torch.cat([torch.arange(K).repeat(n_dc), K + torch.arange(B) if captions else
+                        torch.zeros(B - n_dc, dtype=torch.long)])
+    pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
+                                      model.alphas_cumprod, rows=(image, prompt))
+    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[first:], "mean")[:, 0]
+    ce, e_dc = dc_score.dc_cross_entropy(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, tau)
+    return {"denoise": (e if captions else torch.cat([e_dc[:, 0], e])).mean(), "dc": hp.dc_weight * ce.mean()}
+
+
+def ewc_penalty(unet, name, fisher, anchor, lam):
+    """(λ/2) Σ F*(φ − φ*)² over the adapter's parameters (zero before the first Fisher)."""
+    if not fisher:
+        return torch.zeros(())
+    live = flat(lora.get_adapter(unet, name))
+    return lam / 2 * sum((fisher[k] * (p - anchor[k]) ** 2).sum() for k, p in live.items())
 
 
 def fisher_diagonal(params, sample_loss, n):
@@ -550,29 +362,48 @@ def mean_one(tensors):
     return [t / mean for t in tensors] if mean > 0 else tensors
 
 
+def clora_penalty(unet, name, lam):
+    """λ_c Σ_layers ‖(Σ_{m<n} s_m B_m A_m) ⊙ (s_n B_n A_n)‖², s = α/r; the old sum is constant."""
+    total = torch.zeros(())
+    for _, m in unet.named_modules():
+        if isinstance(m, lora.LoRALinear) and name in m.lora_A and len(m.lora_A) > 1:
+            old = sum(m.delta(n) for n in m.lora_A if n != name).detach()
+            total = total + (old * m.delta(name)).square().sum()
+    return lam * total
+
+
+def teacher_outputs(model, name, x0, context, t, eps):
+    """Noise predictions [B, K, ...] and errors [B, K] of the model with only adapter `name` (None: base) on."""
+    enable_only(model.unet, name)
+    with torch.no_grad():
+        e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
+                                            return_pred=True)
+    return e, pred
+
+
+def dsc_loss(model, x0, prompts, j, teacher2, hp, gen, tau, use_t2=True):
+    """L_DSC at temperature τ over S = prompts = [c_n, c₀, (c_j)], the student the adapter "current":
+
+        w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
+
+    T1 the adapter "teacher1"; T2 the adapter `teacher2` (None: the base model), which teaches column j;
+    use_t2=False drops T2's two terms. All four terms share one (t, ε) per image."""
+    t, eps = draw_noise(model, x0, gen)
+    context = model.encode_text(prompts)
+    e_t1, pred_t1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
+    e_t2, pred_t2 = teacher_outputs(model, teacher2, x0, context, t, eps) if use_t2 else (None, None)
+    enable_only(model.unet, "current")
+    pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
+    h = dc_score.soft_cross_entropy(pred, eps, dc_score.posterior(e_t1, tau), tau)[0].mean()  # H(p_T1, p_S)
+    n = (pred[:, 0] - pred_t1[:, 0]).square().mean()                                           # ‖ε_T1(c_n) − ε_S(c_n)‖²
+    if use_t2:
+        h = h + dc_score.soft_cross_entropy(pred, eps, dc_score.posterior(e_t2, tau), tau)[0].mean()  # H(p_T2, p_S)
+        n = n + (pred[:, j] - pred_t2[:, j]).square().mean()                                   # ‖ε_T2(c_j) − ε_S(c_j)‖²
+    return {"dsc_h": hp.dsc_w_h * h, "dsc_n": hp.dsc_w_n * n}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one task: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state
-
-
-class Progress:
-    """Step, loss terms, it/s, ETA: one updating line on a terminal; where stderr is a file or a pipe, plain lines (the
-    first report, then one every tenth of the steps, and the last)."""
-
-    def __init__(self, total, label, stream=None):
-        self.total, self.label, self.stream, self.start = total, label, stream or sys.stderr, time.time()
-        self.tty, self.next = getattr(self.stream, "isatty", lambda: False)(), 0
-
-    def __call__(self, step, terms):
-        if not self.tty and step < min(self.next, self.total):
-            return
-        self.next = step + max(self.total // 10, 1)
-        elapsed = time.time() - self.start
-        rate = step / max(elapsed, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        losses = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        line = f"{self.label} {step}/{self.total} | {losses} | {rate:.2f} it/s | ETA {eta:.0f}s "
-        print("\r" + line if self.tty else line.rstrip(), end="\n" if step == self.total or not self.tty else "",
-              file=self.stream, flush=True)
 
 
 def optimize(params_groups, steps, loss_fn, phase, task, preview=None):
@@ -582,7 +413,7 @@ def optimize(params_groups, steps, loss_fn, phase, task, preview=None):
     run, label = task.run, f"[{task.name}] {phase}"
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     scaler = torch.amp.GradScaler(params_groups[0]["params"][0].device.type, enabled=run.precision == "fp16")
-    progress = Progress(steps, label) if task.log else None
+    progress = run.progress(steps, label) if run.progress else None
     terms = {}
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -620,20 +451,24 @@ class Task:
     gen: torch.Generator       # batches, t, ε
     rng: random.Random         # the DC subset, DSC's earlier concept
     ewc: tuple                 # (F*, φ*) of the state, on the adapter's device
-    log: bool = True
     tau: float = None          # τ of the DC terms (the flag's number, or calibrated: calibrate_temp)
     run: Run = field(default_factory=Run)
     captions: list = None      # one prompt per image for L_denoise (None: the target prompt for all)
 
 
-def learn_concept(model, state, folder, name=None, class_word=None, log=True, run=None):
-    """Learn one concept on top of `state` (already applied to `model`); returns the new state (unsaved). `run`: how
-    (precision, micro-batches, checkpointing, flips, previews; the steps' losses land in run.trace)."""
+def learn_concept(model, state, images, name, class_word=None, captions=None, run=None):
+    """Learn concept `name` from its images [N, 3, R, R] in [−1, 1] (train.read_concept reads them from a folder) on
+    top of `state` (already applied to `model`); returns the new state (unsaved). captions: one prompt per image, the
+    concept's token in it, None where an image has none (None: the concept's prompt for every image). `run`: how
+    (precision, micro-batches, checkpointing, flips, previews, progress; the steps' losses land in run.trace)."""
     run = run or Run()
     check_run(run, state.hparams)
+    check_name(name)
+    if any(c["name"] == name for c in state.concepts):
+        raise CPError(f"concept {name!r} is already learned in this state (use --name to pick another name)")
     model.unet.gradient_checkpointing = run.gradient_checkpointing
     with autocast(model.device.type, run.precision):
-        return _learn_concept(model, state, folder, name, class_word, log, run)
+        return _learn_concept(model, state, images, name, class_word, captions, run)
 
 
 def autocast(device_type, precision):
@@ -642,15 +477,8 @@ def autocast(device_type, precision):
     return torch.autocast(device_type, dtype) if dtype else contextlib.nullcontext()
 
 
-def _learn_concept(model, state, folder, name, class_word, log, run):
-    hp, given = state.hparams, name
-    name = name or os.path.basename(os.path.normpath(folder))
-    check_name(name, given=bool(given))
-    if any(c["name"] == name for c in state.concepts):
-        raise CPError(f"concept {name!r} is already learned in this state (use --name to pick another name)")
-    images, notes = load_images(folder, model.resolution)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+def _learn_concept(model, state, images, name, class_word, captions, run):
+    hp = state.hparams
     n = len(state.concepts)
     seed = hp.seed * 1000 + n
     torch.manual_seed(seed)
@@ -658,12 +486,11 @@ def _learn_concept(model, state, folder, name, class_word, log, run):
     flip = torch.Generator().manual_seed(2 ** 32 + seed) if run.flip else None  # never the task's stream
     adapter = (f"task{n}" if hp.uses("clora") else "current") if hp.uses("lora") else None
     token, target = f"<{name}>", concept_prompt(f"<{name}>", class_word)
-    captions = load_captions(folder, token)
     # the state keeps the EWC statistics on the CPU: move them to the adapter's device once per task
     ewc = tuple({k: v.to(model.device) for k, v in stats.items()} for stats in (state.fisher, state.anchor))
     task = Task(n, name, token, target, class_word, base_prompt(class_word), adapter,
                 Batches(model, images, hp.batch_size // run.grad_accum, gen, flip), gen, random.Random(seed), ewc,
-                log, run=run, captions=[c or target for c in captions] if captions else None)
+                run=run, captions=[c or target for c in captions] if captions else None)
 
     started = time.time()
     metrics = {"task": n, "name": name, "images": len(images),
@@ -698,8 +525,8 @@ def train_task(model, state, task):
     """Train the new token's embedding row and the task's adapter on L_denoise (+ δ L_DC) + the method's penalty.
     Returns the last loss terms and the trained row."""
     hp = state.hparams
-    token_id = add_tokens(model, {**{t: None for t in state.tokens}, task.token: None})[task.token]
-    row, hook = trainable_row(model, token_id)
+    token_id = unet.add_tokens(model, {**{t: None for t in state.tokens}, task.token: None})[task.token]
+    row, hook = unet.trainable_row(model, token_id)
     groups = [{"params": [row], "lr": hp.token_lr}]
     if task.adapter:
         if task.adapter not in lora.adapter_names(model.unet):
@@ -707,10 +534,13 @@ def train_task(model, state, task):
         groups.append({"params": lora.set_trainable(model.unet, task.adapter), "lr": hp.lr})
 
     def loss():
-        prompts = dc_subset(state, task.target, task.c0, hp, task.rng) if hp.uses("dc_loss") else [task.target]
         x0 = task.batches()
         captions = [task.captions[i] for i in task.batches.drawn] if task.captions else None
-        terms = task_loss(model, x0, prompts, hp, task.gen, tau, captions)
+        if hp.uses("dc_loss"):  # δ·L_DC: some images of the batch also scored under all of S
+            subset = dc_subset(state, task.target, task.c0, hp, task.rng)
+            terms = denoise_and_dc_loss(model, x0, subset, hp, task.gen, tau, captions)
+        else:
+            terms = {"denoise": denoise_loss(model, x0, captions or [task.target], task.gen)}
         if hp.uses("ewc"):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         if hp.uses("clora"):
@@ -758,24 +588,23 @@ def consolidate(model, state, task):
 
 
 def fisher_estimate(model, state, task, n):
-    """F̂ of the task's adapter over n single images: of the DC cross-entropy for the DC-informed methods, of
-    L_denoise for `ewc`."""
+    """F̂ of the task's adapter over n single images: of L_DC = −log p_φ(c_n | x) over S = {c_n, c₀, earlier
+    concepts} for the DC-informed methods (the Fisher then weighs the parameters that tell c_n apart from what the
+    model knew), of L_denoise for `ewc`."""
     hp = state.hparams
     if hp.uses("dc"):
         tau = task_temp(model, state, task)
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
                                       tau, task.gen)
     else:
-        sample_loss = lambda: task_loss(model, task.batches(1), [task.target], hp, task.gen)["denoise"]
+        sample_loss = lambda: denoise_loss(model, task.batches(1), [task.target], task.gen)
     return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)
 
 
 def update_fisher(model, state, task, final):
     """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
-    F̂ (`fisher_diagonal`) is taken of L_denoise for `ewc`, and of the DC cross-entropy −log p_φ(c_n | x) over
-    S = {c_n, c₀, earlier concepts} for the DC-informed methods: the Fisher then weighs the parameters that tell c_n
-    apart from what the model knew. `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs
-    the same on every task (with `task`, the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
+    `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs the same on every task (with
+    `task` the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
     hp = state.hparams
     anchor = flat(final)
     f_hat = fisher_estimate(model, state, task, hp.fisher_samples)
@@ -805,239 +634,8 @@ def next_state(model, state, task, row, final, fisher, anchor, metrics):
                  projection=tuple(P.cpu() for P in projection) if projection else None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# saving and loading the state
-
-
 def new_state(model, hp):
     check_hparams(hp)
     return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=hp)
 
 
-def lock_state(folder):
-    """Become the one writer of a state folder until this process ends (the OS drops the lock of a killed process).
-
-    Returns the open lock file; keep it. A folder that is not a state is refused before anything is written to it.
-    """
-    read_manifest(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, LOCK), "a+")
-    except OSError as e:
-        raise CPError(f"cannot write the state folder {folder}: {e}") from None
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:  # one byte far past the process id written below: a locked byte cannot be read by other processes
-            os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except BlockingIOError if fcntl else OSError:  # msvcrt: a plain OSError
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise CPError(f"state {folder} is in use by {f'process {holder}' if holder else 'another process'} "
-                      "(one run at a time writes a state)") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def append_log(folder, records):
-    """Add the steps of the task just saved to the log beside the state: one JSON object per line."""
-    with open(os.path.join(folder, LOG), "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def read_manifest(folder):
-    """The manifest of a state folder; None for a folder that does not exist or holds only what a state writes."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except FileNotFoundError:
-        foreign = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if not STATE_NAME.fullmatch(n)]
-        if foreign:
-            raise CPError(f"{folder} holds no {MANIFEST} and is not empty ({foreign[0]}, ...): it is not a state; "
-                          "give a new or empty folder") from None
-        return None
-    except OSError as e:
-        raise CPError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        m = json.loads(text)
-        named = _named(m["files"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CPError(f"{path} is damaged: not a state manifest ({type(e).__name__}: {e})") from None
-    if not all(isinstance(n, str) and re.fullmatch(r"(pool/)?[\w.-]+", n) and ".." not in n for n in named):
-        raise CPError(f"{path} is damaged: it names a file outside the state folder")
-    return m
-
-
-def _lora_files(files):
-    """The LoRA files a manifest names: the carried LoRA (if any), then the pool."""
-    return ([files["lora"]] if files["lora"] else []) + files["pool"]
-
-
-def _named(files):
-    return [files["tokens"], files["ewc"]] + _lora_files(files)
-
-
-def _write_file(path, write):
-    """write(path), then force the bytes to disk (opened for writing: Windows flushes no read-only handle)."""
-    write(path)
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def save_state(state, folder):
-    """Write the state's files under names new to this attempt, then replace the manifest (the commit point), then
-    remove the files that only the replaced manifest named. Nothing else in the folder is touched.
-
-    The manifest on disk must still be the one `state` continues (compare-and-swap); a failed write removes what
-    this attempt wrote and is a CPError: the previous state stays whole.
-    """
-    old = read_manifest(folder)
-    if old != state.base:
-        raise CPError(f"the state in {folder} changed since this run loaded it (another run saved to it); "
-                      "nothing was saved")
-    attempt, n, hp = os.urandom(4).hex(), len(state.concepts), state.hparams
-    kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
-    files = {"tokens": f"tokens_{n:03d}_{attempt}.safetensors", "ewc": f"ewc_{n:03d}_{attempt}.safetensors",
-             "lora": f"lora_{n:03d}_{attempt}.safetensors" if state.lora else None,
-             "pool": kept + [f"pool/task_{i:03d}_{attempt}.safetensors" for i in range(len(kept), len(state.pool))]}
-    tensors = {"tokens": state.tokens, "ewc": {**{"fisher." + k: v for k, v in state.fisher.items()},
-                                               **{"anchor." + k: v for k, v in state.anchor.items()}}}
-    manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=asdict(hp),
-                               concepts=state.concepts, history=state.history, files=files), indent=1)
-    write_lora = lambda w, projection=None: lambda p: (
-        lora.write_vera(w, p, projection) if hp.adapter == "vera" else
-        lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers"))
-    writes = [(files[k], lambda p, t=tensors[k]: save_file({k: v.contiguous() for k, v in t.items()}, p))
-              for k in ("tokens", "ewc")]
-    # VeRA: the carried file holds the shared projection, the pool files leave it out
-    writes += [(files["lora"], write_lora(state.lora, state.projection))] if state.lora else []
-    writes += [(name, write_lora(w)) for name, w in zip(files["pool"][len(kept):], state.pool[len(kept):])]
-    writes += [(f"{MANIFEST}.{attempt}.tmp", lambda p: _write_text(p, manifest))]
-    written = []
-    try:
-        os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
-        for name, write in writes:
-            written.append(os.path.join(folder, name))  # before writing: a half-written file is removed too
-            _write_file(written[-1], write)
-        os.replace(os.path.join(folder, writes[-1][0]), os.path.join(folder, MANIFEST))
-    except BaseException as e:
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
-        if isinstance(e, OSError):
-            raise CPError(f"cannot save the state to {folder}: {e}; the previous state is unchanged") from None
-        raise
-    for name in set(_named(old["files"]) if old else []) - set(_named(files)):
-        if os.path.isfile(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-    state.base = json.loads(manifest)
-
-
-def load_state(folder):
-    """The state a folder's manifest names. Every file is read and checked against the manifest: a missing, damaged
-    or mis-shaped file is a CPError that names it. Needs no lock: a save committed while reading means reading again.
-    """
-    while True:
-        m = read_manifest(folder)
-        if m is None:
-            raise CPError(f"{folder} holds no state (no {MANIFEST})")
-        try:
-            return _read_state(folder, m)
-        except CPError:
-            if read_manifest(folder) == m:
-                raise
-
-
-def _read_state(folder, m):
-    path = os.path.join(folder, MANIFEST)
-    try:
-        hp = Hparams(**m["hparams"])
-        check_hparams(hp)
-        concepts, files = m["concepts"], m["files"]
-        state = State(model=m["model"], hparams=hp, concepts=concepts, history=m["history"],
-                      base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
-        tokens = {c["token"] for c in concepts}
-    except (CPError, KeyError, TypeError) as e:
-        raise CPError(f"{path} is damaged: {type(e).__name__}: {e}") from None
-
-    def read(name, reader):
-        try:
-            return reader(os.path.join(folder, name))
-        except FileNotFoundError:
-            raise CPError(f"state file {os.path.join(folder, name)} is missing") from None
-        except (SafetensorError, OSError, ValueError, KeyError) as e:
-            raise CPError(f"state file {os.path.join(folder, name)} is damaged: {e}") from None
-
-    state.tokens = read(files["tokens"], load_file)
-    if set(state.tokens) != tokens or any(v.dim() != 1 for v in state.tokens.values()):
-        raise _damaged(folder, files["tokens"], f"holds {sorted(state.tokens)}, not one 1-D row per concept")
-    ewc = read(files["ewc"], load_file)
-    state.fisher = {k[7:]: v for k, v in ewc.items() if k.startswith("fisher.")}
-    state.anchor = {k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")}
-    if len(files["pool"]) != (len(concepts) if hp.uses("lora") else 0) or \
-            bool(files["lora"]) != (hp.uses("lora") and not hp.uses("clora") and len(concepts) > 0):
-        raise CPError(f"{path} is damaged: its files do not fit {len(concepts)} concepts of method {hp.method}")
-    read_adapter = lambda p: lora.read_vera(p)[:2] if hp.adapter == "vera" else (_pairs(lora.read_lora_file(p)), None)
-    adapters = [read(name, read_adapter) for name in _lora_files(files)]
-    state.lora, state.projection = adapters[0] if files["lora"] else (None, None)
-    state.pool = [w for w, _ in (adapters[1:] if files["lora"] else adapters)]
-    return state
-
-
-def _damaged(folder, name, what):
-    return CPError(f"state file {os.path.join(folder, name)} is damaged: it {what}")
-
-
-def _pairs(mods):
-    return {p: (A, B) for p, (A, B, _) in mods.items()}
-
-
-def check_model(state, model):
-    """The state fits `model`: made with the same base weights (a fingerprint), every tensor shaped for it."""
-    if state.model["fingerprint"] != model.fingerprint:
-        raise CPError(f"this state was made with another base model ({state.model['path']}, fingerprint "
-                      f"{state.model['fingerprint']}); the model given has fingerprint {model.fingerprint}")
-    if state.base is None:
-        return
-    files, hp = state.base["files"], state.hparams  # file names are relative to the state folder
-    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
-    if any(row.shape != (dim,) for row in state.tokens.values()):
-        raise _damaged("", files["tokens"], f"holds token rows not of the model's width {dim}")
-    names = "db" if hp.adapter == "vera" else "AB"  # as `flat` names them
-    shapes = lambda m: ((hp.rank,), (m.out_features,)) if hp.adapter == "vera" else \
-        ((hp.rank, m.in_features), (m.out_features, hp.rank))
-    need = {p: shapes(m) for p, m in lora.target_modules(model.unet, hp.targets)}
-    for name, w in zip(_lora_files(files), ([state.lora] if state.lora else []) + state.pool):
-        _check_shapes(name, {p: (tuple(A.shape), tuple(B.shape)) for p, (A, B) in w.items()}, need)
-    if hp.uses("ewc") and state.concepts:
-        for stats in (state.fisher, state.anchor):
-            _check_shapes(files["ewc"], {k: tuple(v.shape) for k, v in stats.items()},
-                          {f"{p}.{k}": s for p, pair in need.items() for k, s in zip(names, pair)})
-
-
-def _check_shapes(name, got, need):
-    """{tensor or module: shape} of a state file against what the model needs."""
-    for k in sorted(set(got) | set(need)):
-        if got.get(k) != need.get(k):
-            raise _damaged("", name, f"holds {k} as {got.get(k, 'nothing')}; the model needs "
-                           f"{need.get(k, 'no such tensor')}")
-
-
-def load_with_state(folder, model_path=None, device="cpu", dtype=torch.float32):
-    """The base model named by a state (or `model_path`), with the state's tokens and LoRA(s) applied."""
-    import unet
-    state = load_state(folder)
-    model = unet.load_model(model_path or state.model["path"], device, dtype)
-    check_model(state, model)
-    apply_state(model, state)
-    return model, state

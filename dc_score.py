@@ -7,15 +7,21 @@ For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a 
 
 and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). B images x K prompts run as one UNet batch of B*K
 rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times. From the predictions
-[B, K, *latent] and the noise [B, *latent], `dc_loss` (dc_kernels/) gives the errors and the cross-entropy
--log p(c_target | x), or -sum_k q_k log p(c_k | x) against a teacher's q, in one fused op; `dc_errors` the errors
-alone. `dc_cross_entropy` and `soft_cross_entropy` are the same cross-entropies from errors already computed.
+pred [B, K, *latent] and the noise [B, *latent]:
+
+    dc_errors           e[b, k]                                        (sum, or mean, over the latent dims)
+    posterior           p(c_k | x) = softmax_k(-e_k / tau)             (log_posterior: its log)
+    dc_cross_entropy    -log p(c_target | x)                           (L_DC, the DC Fisher)
+    soft_cross_entropy  H(q, p) = -sum_k q_k log p(c_k | x)            (DSC, q a teacher's posterior)
+
+On a CUDA device, at the sizes where it is faster, the three functions of pred hand their work to the fused Triton
+kernel (dc_kernels/), which computes the same formulas in one launch each way.
 
 The UNet is any callable unet(x [N, C, h, w], t [N], context [N, L, Cc]) -> eps [N, C, h, w].
 """
 import torch
 
-from dc_kernels import dc_errors, dc_loss  # noqa: F401 (dc_loss is this module's too: cp.py calls it)
+import dc_kernels
 from unet import add_noise
 
 
@@ -56,8 +62,51 @@ def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction
     if rows is None:
         e = dc_errors(pred, noise, reduction)
     else:  # every row against its own image's noise, gathered by the kernel
-        e = dc_errors(pred.unsqueeze(1), noise, reduction, index=rows[0])[:, 0]
+        e = dc_errors(pred.unsqueeze(1), noise, reduction, rows[0])[:, 0]
     return (e, pred) if return_pred else e
+
+
+def check_args(pred, noise, reduction, index=None, target=None, teacher=None):
+    """The target as the formulas and the kernel take it (an int column, or a LongTensor [B] on pred's device), after
+    checking every argument of the DC functions: a ValueError names what does not fit."""
+    if target is not None and not isinstance(target, (int, torch.Tensor)):
+        target = torch.as_tensor(target, device=pred.device)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if pred.dim() < 3 or pred.shape[2:] != noise.shape[1:] or \
+            (pred.shape[0] != noise.shape[0] if index is None else index.shape != pred.shape[:1]):
+        raise ValueError(f"expected pred [B, K, *latent], noise [B, *latent] (or [N, *latent] with index [B]), got "
+                         f"{tuple(pred.shape)} and {tuple(noise.shape)}")
+    if isinstance(target, int) and not 0 <= target < pred.shape[1]:
+        raise ValueError(f"target {target} is not one of the {pred.shape[1]} prompts")
+    if isinstance(target, torch.Tensor) and target.shape != pred.shape[:1]:
+        raise ValueError(f"expected one target per image, [{pred.shape[0]}], got {tuple(target.shape)}")
+    if teacher is not None and teacher.shape != pred.shape[:2]:
+        raise ValueError(f"expected a teacher [B, K] = {tuple(pred.shape[:2])}, got {tuple(teacher.shape)}")
+    return target
+
+
+def takes_kernel(pred, impl):
+    """Whether this call runs the fused kernel (dc_kernels.dc_loss_impl: 'auto' on a CUDA device where it is faster,
+    'triton' always, 'reference' never); an empty batch never does."""
+    return dc_kernels.dc_loss_impl(pred, impl) != "reference" and pred.shape[0] > 0
+
+
+def dc_errors(pred, noise, reduction="sum", index=None, impl="auto"):
+    """e[b, k] = sum_d (noise[b, d] - pred[b, k, d])^2 (mean over d with reduction "mean") of pred [B, K, *latent]
+    and noise [B, *latent] (noise[index[b]] with index [B]); accumulated in fp32 (fp64 for fp64 inputs)."""
+    check_args(pred, noise, reduction, index)
+    if takes_kernel(pred, impl):
+        return dc_kernels.fused_dc_loss(pred, noise, None, 1.0, None, reduction, index)[1]
+    acc = torch.float64 if torch.float64 in (pred.dtype, noise.dtype) else torch.float32
+    noise = noise if index is None else noise[index]
+    sq = (pred.to(acc) - noise.to(acc).unsqueeze(1)).square().flatten(2)
+    return sq.sum(-1) if reduction == "sum" else sq.mean(-1)
+
+
+def log_posterior(e, temp=1.0):
+    """log p(c_k | x) = log softmax_k(-e_k / temp) over the last dim."""
+    return torch.log_softmax(-e / temp, dim=-1)
 
 
 def posterior(e, temp=1.0):
@@ -65,18 +114,27 @@ def posterior(e, temp=1.0):
     return torch.softmax(-e / temp, dim=-1)
 
 
-def dc_cross_entropy(e, target, temp=1.0):
-    """-log p(c_target | x) per image [B]; target: an int or LongTensor [B] of prompt indices."""
-    log_p = torch.log_softmax(-e / temp, dim=-1)
+def dc_cross_entropy(pred, noise, target, temp=1.0, reduction="mean", index=None, impl="auto"):
+    """(L [B], e [B, K]): L = -log p(c_target | x) per image, p the posterior of the errors e = `dc_errors`;
+    target: the prompt of each image, an int column or a LongTensor [B]."""
+    target = check_args(pred, noise, reduction, index, target)
+    if takes_kernel(pred, impl):
+        return dc_kernels.fused_dc_loss(pred, noise, target, temp, None, reduction, index)
+    e = dc_errors(pred, noise, reduction, index, "reference")
+    log_p = log_posterior(e, temp)
     if isinstance(target, int):  # a column: no index tensor to copy to the device
-        return -log_p[:, target]
-    target = torch.as_tensor(target, device=e.device).expand(e.shape[0])
-    return -log_p.gather(-1, target[:, None]).squeeze(-1)
+        return -log_p[:, target], e
+    return -log_p.gather(-1, target[:, None]).squeeze(-1), e
 
 
-def soft_cross_entropy(p_teacher, e_student, temp=1.0):
-    """H(p_teacher, p_student) = -sum_k p_teacher[k] log p_student[k] per image [B], p_student from errors e_student."""
-    return -(p_teacher * torch.log_softmax(-e_student / temp, dim=-1)).sum(-1)
+def soft_cross_entropy(pred, noise, teacher, temp=1.0, reduction="mean", index=None, impl="auto"):
+    """(L [B], e [B, K]): L = H(q, p) = -sum_k q_k log p(c_k | x) per image, q = teacher [B, K] (a teacher's
+    posterior), p the posterior of the errors e = `dc_errors`."""
+    check_args(pred, noise, reduction, index, teacher=teacher)
+    if takes_kernel(pred, impl):
+        return dc_kernels.fused_dc_loss(pred, noise, None, temp, teacher, reduction, index)
+    e = dc_errors(pred, noise, reduction, index, "reference")
+    return -(teacher * log_posterior(e, temp)).sum(-1), e
 
 
 def _noise(shape, seed, j):

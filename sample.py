@@ -127,13 +127,14 @@ def main(argv=None):
             p.error(message)
 
     import cp
+    import cp_state
     import lora
     import unet
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
         if args.state:
-            model, state = cp.load_with_state(args.state, args.model, device, dtype)
+            model, state = cp_state.load_with_state(args.state, args.model, device, dtype)
             lora.scale(model.unet, args.lora_scale)
             lora.merge(model.unet)  # fold the LoRA(s) into the weights: plain-speed sampling
         else:

@@ -12,57 +12,130 @@ status 1; the state is then left as it was. One run at a time writes a state: a 
 at once, naming the process that holds it.
 """
 import argparse
-import inspect
+import json
+import math
 import os
-import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, fields, replace
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save_file
 
 import cp
+import cp_state
 import lora
 import unet
 
+class Progress:
+    """Step, loss terms, it/s, ETA: one updating line on a terminal; where stderr is a file or a pipe, plain lines (the
+    first report, then one every tenth of the steps, and the last)."""
+
+    def __init__(self, total, label, stream=None):
+        self.total, self.label, self.stream, self.start = total, label, stream or sys.stderr, time.time()
+        self.tty, self.next = getattr(self.stream, "isatty", lambda: False)(), 0
+
+    def __call__(self, step, terms):
+        if not self.tty and step < min(self.next, self.total):
+            return
+        self.next = step + max(self.total // 10, 1)
+        elapsed = time.time() - self.start
+        rate = step / max(elapsed, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        losses = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        line = f"{self.label} {step}/{self.total} | {losses} | {rate:.2f} it/s | ETA {eta:.0f}s "
+        print("\r" + line if self.tty else line.rstrip(), end="\n" if step == self.total or not self.tty else "",
+              file=self.stream, flush=True)
+
+
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
 FIXED = ("method", "rank", "alpha", "targets", "adapter")  # a state's adapter layout cannot change between tasks
 
 
-def add_hparam_flags(parser, skip=()):
-    """Every cp.Hparams field as a flag, its help the comment beside the field; None means "the state's value, else
-    the presets', else cp.Hparams' default"."""
-    defaults = cp.Hparams()
-    comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.+)$", inspect.getsource(cp.Hparams), re.M))
-    for f in fields(cp.Hparams):
-        if f.name not in skip:
-            what = comments.get(f.name, "")  # a field without a comment fails tests/test_state.py, not the CLI
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                                choices={"method": cp.METHODS, "targets": list(lora.PRESETS),
-                                         "adapter": lora.ADAPTERS, "fisher_norm": cp.FISHER_NORMS,
-                                         "dsc_first": cp.DSC_FIRST}.get(f.name),
-                                help=f"{what} (default {getattr(defaults, f.name)})".replace("%", "%%"))
-
-
-def presets_help():
-    """The epilog of -h: where defaults come from, and every preset's values."""
+def load_presets(path=None):
+    """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
+    "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
+    cp.check_hparams refuses is a cp.CPError naming it."""
+    path = path or PRESETS
     try:
-        presets = cp.load_presets()
-    except cp.CPError as e:
-        return f"presets: {e}"
+        with open(path) as f:
+            presets = json.load(f)
+        models, methods, default = presets["models"], presets["methods"], presets["default_method"]
+        names = {f.name for f in fields(cp.Hparams)} - {"method"}
+        for kind, values in models.items():
+            extra = set(values) - names - {"max_unet_params", "why"}
+            if extra:
+                raise cp.CPError(f"model preset {kind!r} sets unknown hparams {sorted(extra)}")
+        for method, values in methods.items():
+            if method not in cp.METHODS:
+                raise cp.CPError(f"unknown method {method!r}")
+            if set(values) - names:
+                raise cp.CPError(f"method preset {method!r} sets unknown hparams {sorted(set(values) - names)}")
+            cp.check_hparams(cp.Hparams(**values, method=method))
+        if default not in cp.METHODS:
+            raise cp.CPError(f"unknown default_method {default!r}")
+    except FileNotFoundError:
+        raise cp.CPError(f"presets file {path} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, cp.CPError) as e:
+        raise cp.CPError(f"presets file {path} is damaged: {type(e).__name__}: {e}") from None
+    return presets
+
+
+def model_preset(presets, unet):
+    """(kind, {hparam: value}) of the first model preset, smallest first, whose max_unet_params the UNet fits
+    (null: no bound); the base model's size picks the training settings."""
+    n = sum(p.numel() for p in unet.parameters())
+    bound = lambda values: math.inf if values["max_unet_params"] is None else values["max_unet_params"]
+    for kind, values in sorted(presets["models"].items(), key=lambda kv: bound(kv[1])):
+        if n <= bound(values):
+            return kind, {k: v for k, v in values.items() if k not in ("max_unet_params", "why")}
+    raise cp.CPError(f"no model preset in presets.json fits a UNet of {n:,} parameters")
+
+
+def add_hparam_flags(parser, presets=None, skip=()):
+    """Every cp.Hparams field as a flag, its help the field's. A flag not given is None: the state's value, else the
+    presets', else cp.Hparams' default, which is what a plain run uses; the help names the presets that change it."""
+    defaults = cp.Hparams()
+    choices = {"method": cp.METHODS, "targets": list(lora.PRESETS), "adapter": lora.ADAPTERS,
+               "fisher_norm": cp.FISHER_NORMS, "dsc_first": cp.DSC_FIRST}
+    for f in fields(cp.Hparams):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        changed = [f"{kind} model: {v[f.name]}" for kind, v in (presets or {}).get("models", {}).items()
+                   if f.name in v and v[f.name] != default]
+        changed += [f"{m}: {v[f.name]}" for m, v in (presets or {}).get("methods", {}).items()
+                    if f.name in v and v[f.name] != default]
+        help = f"{f.metadata['help']} (default {default}{''.join('; ' + c for c in changed)})"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
+                            choices=choices.get(f.name), help=help.replace("%", "%%"))
+
+
+def presets_help(presets):
+    """The epilog of -h: where defaults come from, and every preset's values."""
+    if isinstance(presets, cp.CPError):
+        return f"presets: {presets}"
     show = lambda values: ", ".join(f"{k} {v}" for k, v in values.items() if k not in ("max_unet_params", "why")) \
         or "no values of its own"
-    lines = [f"Defaults, weakest first: cp.Hparams, then a preset of {cp.PRESETS} for the base model's size, then "
-             f"the method's tuned preset ({presets['source']}); a continued state keeps its own values; flags win. "
-             f"Default method: {presets['default_method']}.", "model presets:"]
+    lines = [f"Defaults: a plain run is the default method, {presets['default_method']}, at its tuned preset on the "
+             f"shipped toy model: the defaults above. Another --method takes its own preset and a larger base model "
+             f"its own training settings (both from {PRESETS}: {presets['source']}); a continued state keeps its "
+             "values; flags win.", "model presets:"]
     lines += [f"  {kind}: {show(v)}" for kind, v in presets["models"].items()]
     lines += ["method presets:"] + [f"  {m}: {show(v)}" for m, v in presets["methods"].items()]
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Learn one concept with continual personalization.", epilog=presets_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        presets = load_presets()
+    except cp.CPError as e:  # -h still works; a run stops on it with one line
+        presets = e
+    p = argparse.ArgumentParser(description="Learn one concept with continual personalization.",
+                                epilog=presets_help(presets), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
     p.add_argument("--concept", help="folder of images of the new concept")
     p.add_argument("--state", default="runs/default", help="state directory (created if missing)")
@@ -84,7 +157,7 @@ def parse_args(argv):
     p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers; kohya with the tokens bundled; VeRA: "
                    "PEFT's folder layout) and the token embeddings")
     p.add_argument("--no-preview", action="store_true", help="skip the grid of every learned concept after training")
-    add_hparam_flags(p)
+    add_hparam_flags(p, None if isinstance(presets, cp.CPError) else presets)
     return p.parse_args(argv)
 
 
@@ -109,6 +182,95 @@ def describe_settings(hp, source, given):
     """The line printed at the start of a run: every setting, and where the defaults came from."""
     flags = f"; flags given: {', '.join(given)}" if given else ""
     return f"settings ({source}{flags}): " + ", ".join(f"{k} {v}" for k, v in asdict(hp).items())
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_concept(folder, resolution, name=None):
+    """(images [N, 3, R, R] in [−1, 1], name, captions) of a concept folder: its name is the folder's unless given;
+    skipped files are noted on stderr."""
+    given, name = name, name or os.path.basename(os.path.normpath(folder))
+    cp.check_name(name, given=bool(given))
+    images, notes = load_images(folder, resolution)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return images, name, load_captions(folder, f"<{name}>")
+
+
+def learn_folder(model, state, folder, name=None, class_word=None, **kw):
+    """cp.learn_concept on the concept a folder holds (`read_concept`)."""
+    images, name, captions = read_concept(folder, model.resolution, name)
+    return cp.learn_concept(model, state, images, name, class_word, captions, **kw)
+
+
+def concept_files(folder):
+    """The image files of a concept folder (sorted) and the other files; a caption IMAGE.txt is neither."""
+    if not os.path.isdir(folder):
+        raise cp.CPError(f"concept folder {folder} does not exist")
+    names = [n for n in sorted(os.listdir(folder)) if not n.startswith(".") and
+             not os.path.isdir(os.path.join(folder, n))]
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    captions = {caption_file(n) for n in images}
+    return images, [n for n in names if n not in images and n not in captions]
+
+
+def caption_file(image):
+    return os.path.splitext(image)[0] + ".txt"
+
+
+def load_captions(folder, token):
+    """Each image's own prompt, from IMAGE.txt beside it, with `{token}` where the concept's token goes (None for an
+    image without one); None when no image has a caption."""
+    captions = []
+    for name in concept_files(folder)[0]:
+        path = os.path.join(folder, caption_file(name))
+        if not os.path.isfile(path):
+            captions.append(None)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = " ".join(f.read().split())
+        except (OSError, UnicodeDecodeError) as e:
+            raise cp.CPError(f"cannot read caption {path}: {e}") from None
+        if "{token}" not in text:
+            raise cp.CPError(f"caption {path} has no {{token}} (where the concept's token goes)")
+        captions.append(text.replace("{token}", token))
+    return captions if any(captions) else None
+
+
+def load_images(folder, resolution):
+    """Images of a concept folder as a tensor [N, 3, R, R] in [−1, 1]: any mode → RGB, resize + center crop.
+
+    Files without an image extension are skipped (and named in the returned notes); an image that cannot be
+    decoded is an error naming it.
+    """
+    names, skipped = concept_files(folder)
+    images = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(to_square_rgb(im, resolution))
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+            raise cp.CPError(f"cannot read image {path}: {e}") from None
+    if not images:
+        raise cp.CPError(f"concept folder {folder} has no images" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, [f"skipped non-image file {s}" for s in skipped]
+
+
+def to_square_rgb(im, size):
+    if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels become white
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    im = im.convert("RGB")
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
@@ -153,13 +315,13 @@ def write_grids(model, state, folder, run):
     after every task: grids/after_NNN.png, and the latest as grids/latest.png."""
     import sample
     c0 = list(dict.fromkeys(cp.base_prompt(c["class_word"]) for c in state.concepts))
-    os.makedirs(os.path.join(folder, cp.GRIDS), exist_ok=True)
-    path = os.path.join(folder, cp.GRIDS, f"after_{len(state.concepts):03d}.png")
+    os.makedirs(os.path.join(folder, cp_state.GRIDS), exist_ok=True)
+    path = os.path.join(folder, cp_state.GRIDS, f"after_{len(state.concepts):03d}.png")
     with cp.autocast(model.device.type, run.precision):
         grid = sample.concept_grid(model, [c["prompt"] for c in state.concepts] + c0,
                                    [c["token"] for c in state.concepts] + c0)
     grid.save(path)
-    shutil.copyfile(path, os.path.join(folder, cp.GRIDS, "latest.png"))
+    shutil.copyfile(path, os.path.join(folder, cp_state.GRIDS, "latest.png"))
     return path
 
 
@@ -171,26 +333,27 @@ def run(args):
         raise cp.CPError("--device cuda: this machine has no CUDA device")
     if args.concept and not os.path.isdir(args.concept):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
-    presets = cp.load_presets()
+    presets = load_presets()
     if args.concept:
         name = args.name or os.path.basename(os.path.normpath(args.concept))
         cp.check_name(name, given=bool(args.name))
-        cp.load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
+        load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
     settings = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
-                      gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every)
+                      gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
+                      progress=Progress)
     cp.check_run(settings, resolve_hparams(args, None, presets))  # every flag checked before any work
-    lock = cp.lock_state(args.state) if args.concept else None  # held while this run lasts
-    state = cp.load_state(args.state) if cp.read_manifest(args.state) else None
+    lock = cp_state.lock_state(args.state) if args.concept else None  # held while this run lasts
+    state = cp_state.load_state(args.state) if cp_state.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state, presets)
     model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "toy", "model"))
     model = unet.load_model(model_path, device)
     given = [f.name for f in fields(cp.Hparams) if getattr(args, f.name) is not None]
     if state is not None:
-        cp.check_model(state, model)
+        cp_state.check_model(state, model)
         source = f"the state's, {len(state.concepts)} concepts"
     else:
-        kind, model_values = cp.model_preset(presets, model.unet)
+        kind, model_values = model_preset(presets, model.unet)
         hparams = resolve_hparams(args, None, presets, model_values)
         state = cp.new_state(model, hparams)
         source = f"new state: model preset {kind}, method preset {hparams.method} of presets.json"
@@ -202,13 +365,13 @@ def run(args):
     if args.concept:
         if settings.sample_every:
             settings.preview = previewer(model, state, args)
-        state = cp.learn_concept(model, state, args.concept, args.name, args.class_word, run=settings)
-        cp.save_state(state, args.state)
+        state = learn_folder(model, state, args.concept, args.name, args.class_word, run=settings)
+        cp_state.save_state(state, args.state)
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
               f"({len(state.concepts)} concepts)")
         try:  # the state is saved: what follows only records it
-            cp.append_log(args.state, settings.trace)
+            cp_state.append_log(args.state, settings.trace)
             if not args.no_preview:
                 print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
                       f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
@@ -226,7 +389,7 @@ def previewer(model, state, args):
     prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
 
     def preview(step):
-        path = os.path.join(args.state, cp.GRIDS, f"task_{n:03d}_step_{step:05d}.png")
+        path = os.path.join(args.state, cp_state.GRIDS, f"task_{n:03d}_step_{step:05d}.png")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             sample.concept_grid(model, [prompt], [f"step {step}"]).save(path)

@@ -676,6 +676,47 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def add_tokens(model, tokens):
+    """Make each token one vocabulary entry with its own embedding row; set the rows given as tensors.
+
+    Returns the id of every token. A token that is not yet in the vocabulary gets a row initialised at the mean
+    embedding (a neutral start for textual inversion).
+    """
+    new = [t for t in tokens if t not in model.tokenizer.get_vocab()]
+    if new:
+        model.tokenizer.add_tokens(new)
+        emb = model.text_encoder.get_input_embeddings().weight
+        mean = emb.detach().mean(0)
+        model.text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
+        emb = model.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for t in new:
+                emb[model.tokenizer.convert_tokens_to_ids(t)] = mean
+    ids = {t: model.tokenizer.convert_tokens_to_ids(t) for t in tokens}
+    with torch.no_grad():
+        emb = model.text_encoder.get_input_embeddings().weight
+        for t, row in tokens.items():
+            if row is not None:
+                emb[ids[t]] = row.to(emb)
+    return ids
+
+
+def trainable_row(model, token_id):
+    """A trainable copy of one token's embedding row, spliced into the embedding lookup by a forward hook.
+
+    The optimizer then holds this row alone: training the whole matrix under a gradient mask would carry its
+    gradient and AdamW's two moments, about 450 MB at SD's 49,408 × 768 in fp32, for one row. Remove the hook
+    and write the row back when done.
+    """
+    emb = model.text_encoder.get_input_embeddings()
+    row = torch.nn.Parameter(emb.weight[token_id].detach().clone())
+
+    def splice(module, args, out):
+        return torch.where((args[0] == token_id).unsqueeze(-1), row.to(out.dtype), out)
+
+    return row, emb.register_forward_hook(splice)
+
+
 def fingerprint(unet, text_encoder):
     """A short hash of the base model: configs and a few weight tensors (enough to tell two models apart)."""
     h = hashlib.sha256(json.dumps(unet.config, sort_keys=True).encode())

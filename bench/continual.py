@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cp  # noqa: E402
+import cp_state  # noqa: E402
 import dc_score  # noqa: E402
 import lora  # noqa: E402
 import sample  # noqa: E402
@@ -158,7 +159,7 @@ def photo_concepts(args, tmp, resolution):
         name = os.path.basename(os.path.normpath(folder))
         if not os.path.isdir(folder):
             sys.exit(f"error: concept folder {folder} does not exist")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(cp.IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(train.IMAGE_EXTENSIONS))
         if args.holdout:
             if len(files) <= args.holdout:
                 sys.exit(f"error: {folder} has {len(files)} images, too few to hold out {args.holdout}")
@@ -169,7 +170,7 @@ def photo_concepts(args, tmp, resolution):
             folder_train, folder_eval = os.path.join(tmp, "train", name), os.path.join(tmp, "eval", name)
         else:
             folder_train = folder_eval = folder
-        images, _ = cp.load_images(folder_eval, resolution)
+        images, _ = train.load_images(folder_eval, resolution)
         folders.append(folder_train), names.append(name), real.append((images + 1) / 2)
     return names, folders, real
 
@@ -260,12 +261,13 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
         if state is None:
             state = cp.new_state(model, cp.Hparams(**{**hparams, "method": method, "seed": seed}))
         else:
-            state = cp.load_state(state_dir)
-            cp.check_model(state, model)
+            state = cp_state.load_state(state_dir)
+            cp_state.check_model(state, model)
         cp.apply_state(model, state)
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
-            state = cp.learn_concept(model, state, folder, class_word=words[m], log=not args.quiet and args.jobs == 1)
-        cp.save_state(state, state_dir)
+            state = train.learn_folder(model, state, folder, class_word=words[m], run=cp.Run(
+                progress=None if args.quiet or args.jobs > 1 else train.Progress))
+        cp_state.save_state(state, state_dir)
         lora.merge(model.unet)  # sampling and scoring only from here on: fold the LoRA(s) in
         trained = time.time()
         last = []
@@ -521,7 +523,7 @@ def method_hparams(args, methods, model_values=None):
     if args.tuned:
         with open(args.tuned) as f:
             tuned = json.load(f)
-    presets = {} if args.no_presets else cp.load_presets()["methods"]
+    presets = {} if args.no_presets else train.load_presets()["methods"]
     out = {m: {**(model_values or {}), **presets.get(m, {}), **tuned.get(m, {}), **given} for m in methods}
     for m in methods:
         try:
@@ -545,7 +547,7 @@ def main(argv=None):
         base = unet.load_model(args.model, "cpu")  # fails early on a bad --model
         resolution = base.resolution
         hparams = method_hparams(args, methods, None if args.no_presets else
-                                 cp.model_preset(cp.load_presets(), base.unet)[1])
+                                 train.model_preset(train.load_presets(), base.unet)[1])
         del base
         ctx = setup(args, tmp, resolution)
         judge_acc = float(np.mean([np.mean(pred == i) for i, pred in enumerate(ctx["real_pred"])]))

@@ -26,6 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cp  # noqa: E402
+import train  # noqa: E402
 import lora  # noqa: E402
 import unet  # noqa: E402
 
@@ -40,14 +41,14 @@ def trained(names, seed):
     """A model with `seq`'s adapter after learning names[0] then names[1]; the state before names[1], and its task."""
     model = unet.load_model(os.path.join(ROOT, "toy", "model"))
     state = cp.new_state(model, cp.Hparams(method="seq", seed=seed))
-    state = cp.learn_concept(model, state, os.path.join(CONCEPTS, names[0]), log=False)
-    after = cp.learn_concept(model, state, os.path.join(CONCEPTS, names[1]), log=False)
+    state = train.learn_folder(model, state, os.path.join(CONCEPTS, names[0]))
+    after = train.learn_folder(model, state, os.path.join(CONCEPTS, names[1]))
     return model, state, after
 
 
 def task_for(model, state, concept, folder, seed):
     gen = torch.Generator().manual_seed(seed)
-    images, _ = cp.load_images(folder, model.resolution)
+    images, _ = train.load_images(folder, model.resolution)
     return cp.Task(len(state.concepts), concept["name"], concept["token"], concept["prompt"], None, cp.base_prompt(),
                    "current", cp.Batches(model, images, 8, gen), gen, random.Random(seed), ({}, {}), False)
 

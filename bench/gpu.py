@@ -181,6 +181,7 @@ def timed(module, name, log):
 def step_train(ctx, method=None, concept=CONCEPTS[0]):
     """`train.py` on a new state with `method`, or (method None) continuing the ewc-dc state with `concept`."""
     import cp
+    import cp_state
     import train
     state_dir = os.path.join(ctx.work, "states", method or "ewc-dc")
     argv = ["--model", ctx.model, "--concept", os.path.join(ctx.work, "concepts", concept), "--state", state_dir,
@@ -193,7 +194,7 @@ def step_train(ctx, method=None, concept=CONCEPTS[0]):
     start = time.perf_counter()
     train.main(argv)
     wall = time.perf_counter() - start
-    state = cp.load_state(state_dir)  # the state reloads
+    state = cp_state.load_state(state_dir)  # the state reloads
     rates = {args[3].split()[-1] + "_steps_per_s": args[1] / seconds for args, seconds in phases}
     return dict(command=shlex.join(["python", "train.py"] + argv), method=state.hparams.method, wall_s=wall,
                 task_s=state.history[-1]["seconds"], concepts=len(state.concepts), losses=state.history[-1]["train"],
@@ -205,6 +206,7 @@ def step_methods(ctx):
     defaults (batch 8) but for the step counts; one process, the peak memory counted afresh for each task."""
     import cp
     import lora
+    import train
     import unet
     model = unet.load_model(ctx.model, ctx.device)
     concept = os.path.join(ctx.work, "concepts", CONCEPTS[0])
@@ -223,7 +225,7 @@ def step_methods(ctx):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         phases.clear()
-        state = cp.learn_concept(model, state, concept, log=False, run=run)
+        state = train.learn_folder(model, state, concept, run=run)
         rates = {args[3] + "_steps_per_s": args[1] / seconds for args, seconds in phases}
         if i:
             rows.append(dict(method=method, precision=run.precision, checkpointing=run.gradient_checkpointing,

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cp  # noqa: E402
+import train  # noqa: E402
 import lora  # noqa: E402
 import sample  # noqa: E402
 import unet as unet_lib  # noqa: E402
@@ -68,7 +69,7 @@ def main():
         lora.set_trainable = train_part(args.part, lora.set_trainable)
     state = cp.new_state(model, hp)
     t0 = time.time()
-    state = cp.learn_concept(model, state, os.path.join(ROOT, "examples", "concepts", args.concept), log=False)
+    state = train.learn_folder(model, state, os.path.join(ROOT, "examples", "concepts", args.concept))
     seconds = time.time() - t0
     images = sample.sample(model, [state.concepts[0]["prompt"]] * 32, steps=50, guidance=7.5, seed=0)
     acc = float(np.mean(oracle.predict(images)["concept"] == args.concept))

@@ -382,6 +382,7 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
     from dataclasses import replace
 
     import cp
+    import train
     model_path = model_path or os.path.join(ROOT, "toy", "model")
     folders = sorted(os.path.join(ROOT, "examples", "concepts", d) for d in os.listdir(os.path.join(ROOT, "examples", "concepts")))[:2]
     rows, per_step = [], {}
@@ -389,10 +390,10 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
         def task_seconds(n, dsc_n=0):
             model = unet.load_model(model_path, device)
             state = cp.new_state(model, cp.Hparams(method=method, steps=2, dsc_steps=2, fisher_samples=2))
-            state = cp.learn_concept(model, state, folders[0], log=False)
+            state = train.learn_folder(model, state, folders[0])
             state.hparams = replace(state.hparams, steps=n, dsc_steps=dsc_n, fisher_samples=2)
             t0 = time.perf_counter()
-            cp.learn_concept(model, state, folders[1], log=False)
+            train.learn_folder(model, state, folders[1])
             sync(device)
             return time.perf_counter() - t0
         n1, n2 = steps

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cp  # noqa: E402
+import train  # noqa: E402
 from continual import PALETTE  # noqa: E402
 
 COARSE, TOP, SEEDS = 8, 2, 3
@@ -249,7 +250,7 @@ def write_presets(path, root, methods, chosen, decided, command):
     with open(tmp, "w") as f:
         json.dump(presets, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    cp.load_presets(tmp)  # what is written must load
+    train.load_presets(tmp)  # what is written must load
     os.replace(tmp, path)
     return default
 
@@ -262,7 +263,7 @@ def main(argv=None):
     ap.add_argument("--model", default=os.path.join(ROOT, "toy", "model"))
     ap.add_argument("--adapter", choices=["lora", "vera"], default="lora", help="the adapter every cell trains")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tuning"))
-    ap.add_argument("--presets", default=cp.PRESETS, help="presets.json to write once every stage of every method "
+    ap.add_argument("--presets", default=train.PRESETS, help="presets.json to write once every stage of every method "
                     "is finished ('none': never)")
     ap.add_argument("--report", action="store_true", help="run nothing: only write the table (and the presets)")
     argv = sys.argv[1:] if argv is None else argv

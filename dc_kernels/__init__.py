@@ -1,20 +1,19 @@
-"""The fused DC loss and the choice, per call, between it and its PyTorch reference.
+"""The fused DC loss: the errors, posterior and cross-entropy of dc_score.py in one Triton launch forward and one
+backward, a torch.library op (dc_kernels/fused.py), and the choice, per call, of whether a call takes it.
 
-dc_loss: the DC errors, posterior and cross-entropy as one Triton launch forward and one backward, a torch.library
-op (dc_kernels/fused.py), or the same formula in plain PyTorch (dc_kernels/reference.py); dc_errors: the same without
-a target. `dc_loss_impl` says which one a call takes.
+dc_score's `dc_errors`, `dc_cross_entropy` and `soft_cross_entropy` are the formulas, in plain PyTorch; where
+`dc_loss_impl` says so they hand their arguments to `fused_dc_loss` instead, which computes the same thing without
+materialising B·K·D temporaries. tests/test_kernels.py checks the kernel against those formulas.
 
 The package is not called `kernels`: that is the import name of Hugging Face's hub-kernels distribution, which
 transformers imports, and a top-level folder of that name would be found first and break it.
 
 Triton is imported only when a call would take the kernel (a CUDA tensor, or impl="triton"). Where triton is missing
 or fails to import (Windows, macOS, a broken wheel, a missing compiler or driver library) every call takes the
-reference; a CUDA call says so once, on one line.
+formulas; a CUDA call says so once, on one line.
 """
 import importlib
 import sys
-
-from .reference import checked_target, dc_errors_reference, dc_loss_reference
 
 # Most prompts per image the kernel takes (the rows of one tile); more go to the reference.
 KMAX = 64
@@ -52,9 +51,10 @@ def kernel_wins(pred):
 
 
 def dc_loss_impl(pred, impl="auto"):
-    """Which path `dc_loss` and `dc_errors` take for pred: 'reference', 'triton' (compiled) or 'triton-interpret'.
+    """Which path dc_score's DC functions take for pred: 'reference' (their PyTorch formulas), 'triton' (the compiled
+    kernel) or 'triton-interpret'.
 
-    'auto' is the kernel where `kernel_wins`, else the reference (always, on a CPU); 'triton' insists on the kernel,
+    'auto' is the kernel where `kernel_wins`, else the formulas (always, on a CPU); 'triton' insists on the kernel,
     under the interpreter when triton was imported with TRITON_INTERPRET=1.
     """
     if impl not in ("auto", "triton", "reference"):
@@ -77,24 +77,7 @@ def dc_loss_impl(pred, impl="auto"):
     return "triton"
 
 
-def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, reduction="mean", index=None, impl="auto"):
-    """(L [B], e [B, K]): the DC cross-entropy of each image and its errors, from predictions pred [B, K, *latent]
-    and noise [B, *latent] (or noise [N, *latent] and index [B], the row of noise each image uses).
-
-    target: the prompt of each image (an int, or a LongTensor [B]): L = -log p(c_target | x) (dc_score's
-    `dc_cross_entropy` of e); teacher [B, K]: L = -sum_k teacher[:, k] log p(c_k | x) (`soft_cross_entropy`);
-    neither: L is empty. temp: tau of the posterior (a float). impl: see `dc_loss_impl`.
-    """
-    target = checked_target(pred, noise, reduction, index, target, teacher)
-    if dc_loss_impl(pred, impl) == "reference" or pred.shape[0] == 0:
-        return dc_loss_reference(pred, noise, target, temp, teacher, reduction, index)
+def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
+    """(L [B], e [B, K]) of the fused op, its arguments checked by dc_score: target an int column or a LongTensor [B]
+    (or None), teacher [B, K] (or None; neither: L is empty)."""
     return fused_module().fused_dc_loss(pred, noise, target, temp, teacher, reduction, index)
-
-
-def dc_errors(pred, noise, reduction="sum", impl="auto", index=None):
-    """e[B, K] = sum (or mean) over the latent dims of (pred[b, k] - noise[b])^2 (noise[index[b]] with index),
-    differentiable in pred and noise: `dc_loss` without a target."""
-    return dc_loss(pred, noise, reduction=reduction, index=index, impl=impl)[1]
-
-
-__all__ = ["dc_errors", "dc_errors_reference", "dc_loss", "dc_loss_impl", "dc_loss_reference", "kernel_wins"]

@@ -21,9 +21,9 @@ Nothing of size B·K·D is saved or materialised; fp16 and bf16 inputs are read 
 says which row of noise image b uses: the ragged batch's gather happens in the kernel.
 
 `torch.ops.cp.dc_loss` is a torch.library op with its autograd formula (`torch.ops.cp.dc_loss_backward`), so
-torch.compile(fullgraph=True) and CUDA-graph capture take it whole. `dc_kernels.dc_loss` and `dc_kernels.dc_errors`
-choose per call between it and `dc_loss_reference`, the formula in plain PyTorch (dc_kernels/reference.py; see
-`dc_loss_impl`). This module imports triton: it is imported only when a call takes the kernel.
+torch.compile(fullgraph=True) and CUDA-graph capture take it whole. dc_score's `dc_errors`, `dc_cross_entropy` and
+`soft_cross_entropy` call it where `dc_kernels.dc_loss_impl` says so, and are the formulas it is tested against.
+This module imports triton: it is imported only when a call takes the kernel.
 """
 from typing import Optional
 
@@ -32,7 +32,12 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _acc_dtype
+
+
+def _acc_dtype(pred, noise):
+    """fp32 accumulation, fp64 for fp64 inputs (as dc_score.dc_errors)."""
+    return torch.float64 if torch.float64 in (pred.dtype, noise.dtype) else torch.float32
+
 
 # Elements per tile: the forward loops over D in tiles of KP x (FWD_TILE / KP); a backward program covers one.
 FWD_TILE, BWD_TILE = 16384, 4096
@@ -218,6 +223,6 @@ _dc_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
-    """`dc_kernels.dc_loss` on the fused op, its arguments already checked (`checked_target`)."""
+    """`dc_kernels.fused_dc_loss`: the op, its arguments already checked by dc_score."""
     column, target = (target, None) if isinstance(target, int) else (-1, target)
     return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")

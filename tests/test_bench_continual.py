@@ -14,7 +14,7 @@ from conftest import ROOT, write_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
-import cp  # noqa: E402
+import train  # noqa: E402
 
 TINY = ["--steps", "2", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--sample-steps", "2",
         "--n-samples", "2", "--n-real", "3", "--dc-timesteps", "2", "--grid-n", "2", "--quiet"]
@@ -163,7 +163,7 @@ def test_model_inside_the_repository_is_recorded_relative_to_it(tmp_path, monkey
 def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
     """As train.py resolves a new state: the model preset, the method's preset, --tuned, the flags; --no-presets
     leaves cp.Hparams' defaults under --tuned and the flags (bench/tune.py's cells)."""
-    presets = cp.load_presets()["methods"]
+    presets = train.load_presets()["methods"]
     args = continual.parse_args(["--ewc-gamma", "0.5"])
     assert continual.method_hparams(args, ["seq", "ewc"], {"lr": 0.1}) == \
         {"seq": {"lr": 0.1, **presets["seq"], "ewc_gamma": 0.5}, "ewc": {"lr": 0.1, **presets["ewc"], "ewc_gamma": 0.5}}

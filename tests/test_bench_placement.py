@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cp
+import train
 import lora
 import unet as U
 from conftest import ROOT
@@ -20,7 +21,7 @@ def test_only_the_part_trains(tiny_model_dir, part, monkeypatch):
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     monkeypatch.setattr(lora, "set_trainable", placement.train_part(part, lora.set_trainable))
     hp = cp.Hparams(method="seq", steps=3, batch_size=2, lr=1e-2)
-    cp.learn_concept(model, cp.new_state(model, hp), os.path.join(ROOT, "examples", "concepts", "house"), log=False)
+    train.learn_folder(model, cp.new_state(model, hp), os.path.join(ROOT, "examples", "concepts", "house"))
     moved = {n for n, p in model.unet.named_parameters() if n in before and not torch.equal(before[n], p)}
     in_part = {n for n in before if ".lora_" not in n and any(s in n for s in placement.PARTS[part])}
     assert moved and moved == in_part  # every weight of the part moved, and nothing else (the LoRA's B stays 0)

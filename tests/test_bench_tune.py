@@ -12,6 +12,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
 import cp  # noqa: E402
+import train  # noqa: E402
 import tune  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def test_ties_on_a_go_to_the_lower_f():
 
 def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid):
     root, presets = str(tmp_path / "cells"), str(tmp_path / "presets.json")
-    shutil.copy(cp.PRESETS, presets)
+    shutil.copy(train.PRESETS, presets)
     before = open(presets).read()
     fake_cell(root, "seq", {}, [0.3, 0.3, 0.3])
     for v in (0.1, 0.2):
@@ -110,9 +111,9 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
     assert "1 cells not finished yet" in open(os.path.join(root, "README.md")).read()
     fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "none"}, [0.2, 0.2, 0.2])
     tune.main(args)
-    written = cp.load_presets(presets)
+    written = train.load_presets(presets)
     assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_steps": 100}}
-    assert written["default_method"] == "dsc" and written["models"] == json.load(open(cp.PRESETS))["models"]
+    assert written["default_method"] == "dsc" and written["models"] == json.load(open(train.PRESETS))["models"]
     assert "dsc 0.467" in written["source"] and "seq 0.300" in written["source"]
 
 

@@ -8,6 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cp
+import cp_state
+import train
 import dc_score
 import lora
 import unet
@@ -47,9 +49,9 @@ def state_tensors(state):
 def test_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, method):
     model, state = fresh(tiny_model_dir, method)
     for folder in concepts:
-        state = cp.learn_concept(model, state, folder, log=False)
-        cp.save_state(state, str(tmp_path))
-        loaded = cp.load_state(str(tmp_path))
+        state = train.learn_folder(model, state, folder)
+        cp_state.save_state(state, str(tmp_path))
+        loaded = cp_state.load_state(str(tmp_path))
         a, b = state_tensors(state), state_tensors(loaded)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert loaded.concepts == state.concepts
@@ -59,7 +61,7 @@ def test_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, method):
     assert all((h["lora_norm"] == 0) == (method == "ti") for h in state.history)  # bench/continual.py reads it
     # a fresh model with the loaded state gives the same UNet output as the trained one
     again = unet.load_model(tiny_model_dir)
-    cp.apply_state(again, cp.load_state(str(tmp_path)))
+    cp.apply_state(again, cp_state.load_state(str(tmp_path)))
     x, ctx = torch.randn(1, 4, 8, 8), model.encode_text(["a photo of a <alpha>"])
     with torch.no_grad():
         assert torch.allclose(model.unet(x, 10, ctx), again.unet(x, 10, again.encode_text(["a photo of a <alpha>"])),
@@ -100,7 +102,7 @@ def test_ewc_penalty_by_hand(tiny_model_dir):
 def test_fisher_nonnegative_mean_one_and_shaped_like_lora(tiny_model_dir, concepts):
     for method in ("ewc", "ewc-dc"):
         model, state = fresh(tiny_model_dir, method)
-        state = cp.learn_concept(model, state, concepts[0], log=False)
+        state = train.learn_folder(model, state, concepts[0])
         live = cp.flat(lora.get_adapter(model.unet, "current"))
         assert state.fisher.keys() == live.keys()
         assert all(state.fisher[k].shape == live[k].shape and (state.fisher[k] >= 0).all() for k in live)
@@ -118,8 +120,8 @@ def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
         return made[-1]
     monkeypatch.setattr(cp, "fisher_diagonal", fixed_fisher)
     model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7)
-    first = cp.learn_concept(model, state, concepts[0], log=False)
-    second = cp.learn_concept(model, first, concepts[1], log=False)
+    first = train.learn_folder(model, state, concepts[0])
+    second = train.learn_folder(model, first, concepts[1])
     keys = list(cp.flat(lora.get_adapter(model.unet, "current")))
     for i, k in enumerate(keys):
         torch.testing.assert_close(first.fisher[k], made[0][i])
@@ -138,7 +140,7 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
     params = lora.set_trainable(model.unet, "current")
     state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"},
                                                      {"prompt": "a red star"}])
-    images, _ = cp.load_images(concepts[0], model.resolution)
+    images, _ = train.load_images(concepts[0], model.resolution)
     fisher, anchor = cp.update_fisher(model, state, alpha_task(model, images, state, 5),
                                      cp.snapshot(model.unet, "current"))
 
@@ -159,25 +161,30 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
         torch.testing.assert_close(fisher[k], s / mean, rtol=1e-3, atol=1e-4)  # F̂ has mean 1
 
 
-@pytest.mark.parametrize("method,dc_batch,dc_weight", [("seq", 2, 0.5), ("ewc-dc", 2, 0.5), ("ewc-dc", 3, 0.5),
-                                                      ("ewc-dc", 0, 0.5), ("ewc-dc", 2, 0.0)])
-def test_task_loss_matches_full_batch_of_errors(tiny_model_dir, method, dc_batch, dc_weight):
-    """The ragged UNet batch (dc_batch images × K prompts, the rest × the target) gives the same L_denoise and L_DC
-    as scoring every image under every prompt and keeping the rows each term uses; δ = 0 (the default) adds no DC
-    term."""
+@pytest.mark.parametrize("dc_batch", [0, 2, 3])
+def test_denoise_and_dc_losses_match_a_full_batch_of_errors(tiny_model_dir, dc_batch):
+    """L_denoise, the mean squared error of the target's noise prediction (dc_batch 0), and the ragged UNet batch of
+    δ·L_DC (dc_batch images × K prompts, the rest × the target) give what scoring every image under every prompt
+    and keeping the rows each term uses gives."""
     model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method=method, dc_batch=dc_batch, dc_weight=dc_weight)
+    hp = cp.Hparams(method="ewc-dc", dc_batch=dc_batch, dc_weight=0.5)
     x0, prompts = torch.randn(3, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
-    given = prompts if method == "ewc-dc" else prompts[:1]
-    terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1), tau=0.05)
+    if dc_batch:
+        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1), tau=0.05)
+    else:
+        terms = {"denoise": cp.denoise_loss(model, x0, prompts[:1], torch.Generator().manual_seed(1))}
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
     e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
     assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
-    if method == "seq" or dc_batch == 0 or dc_weight == 0:
-        assert "dc" not in terms
-    else:
+    if dc_batch:
         ce = -torch.log_softmax(-e[:dc_batch] / 0.05, -1)[:, 0].mean()
         assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
+
+
+def test_dc_weight_without_dc_batch_is_refused():
+    with pytest.raises(cp.CPError, match="--dc-batch"):
+        cp.check_hparams(cp.Hparams(method="ewc-dc", dc_weight=0.5, dc_batch=0))
+    cp.check_hparams(cp.Hparams(method="ewc-dc", dc_weight=0.0, dc_batch=0))
 
 
 def test_dc_subset():
@@ -251,7 +258,7 @@ def test_dsc_teacher2_is_the_pool_entry_of_the_earlier_concept_it_distils(tiny_m
     model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4)
     for i, folder in enumerate(folders):
         before, seen[:] = state, []
-        state = cp.learn_concept(model, state, folder, log=False)
+        state = train.learn_folder(model, state, folder)
         for prompts, j_index, teacher2, weights in seen:
             assert prompts[:2] == [state.concepts[-1]["prompt"], "a photo"]
             if i == 0:
@@ -271,7 +278,7 @@ def test_ti_changes_only_the_token_row(tiny_model_dir, concepts):
     model, state = fresh(tiny_model_dir, "ti")
     before_unet = {k: v.clone() for k, v in model.unet.state_dict().items()}
     before_emb = model.text_encoder.get_input_embeddings().weight.detach().clone()
-    state = cp.learn_concept(model, state, concepts[0], log=False)
+    state = train.learn_folder(model, state, concepts[0])
     after_emb = model.text_encoder.get_input_embeddings().weight.detach()
     assert all(torch.equal(before_unet[k], v) for k, v in model.unet.state_dict().items())
     token_id = model.tokenizer.convert_tokens_to_ids("<alpha>")
@@ -286,9 +293,9 @@ def test_token_row_trains_like_the_masked_matrix(tiny_model_dir):
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["a photo of a <alpha> next to a <alpha>"]  # twice: the row's gradient sums over both places
     new, ref = unet.load_model(tiny_model_dir), unet.load_model(tiny_model_dir)
-    token_id = cp.add_tokens(new, {"<alpha>": None})["<alpha>"]
-    assert cp.add_tokens(ref, {"<alpha>": None})["<alpha>"] == token_id
-    row, hook = cp.trainable_row(new, token_id)
+    token_id = unet.add_tokens(new, {"<alpha>": None})["<alpha>"]
+    assert unet.add_tokens(ref, {"<alpha>": None})["<alpha>"] == token_id
+    row, hook = unet.trainable_row(new, token_id)
     emb = ref.text_encoder.get_input_embeddings().weight.requires_grad_(True)
     mask = torch.zeros(emb.shape[0], 1)
     mask[token_id] = 1
@@ -299,7 +306,7 @@ def test_token_row_trains_like_the_masked_matrix(tiny_model_dir):
     for step in range(3):
         losses = []
         for model in (new, ref):
-            loss = cp.task_loss(model, x0, prompts, hp, torch.Generator().manual_seed(step))["denoise"]
+            loss = cp.denoise_loss(model, x0, prompts, torch.Generator().manual_seed(step))
             optimizers[id(model)].zero_grad()
             loss.backward()
             optimizers[id(model)].step()
@@ -325,7 +332,7 @@ def test_optimizer_holds_the_token_row_not_the_matrix(tiny_model_dir, concepts, 
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     model, state = fresh(tiny_model_dir, "ti")
-    state = cp.learn_concept(model, state, concepts[0], log=False)
+    state = train.learn_folder(model, state, concepts[0])
     emb = model.text_encoder.get_input_embeddings()
     assert held == [[(emb.weight.shape[1],)]]
     # the trained row is written back into the matrix, and the lookup is plain again
@@ -338,15 +345,15 @@ def test_a_failed_task_leaves_no_row_spliced_in(tiny_model_dir, concepts):
     model = unet.load_model(tiny_model_dir)
     state = cp.new_state(model, cp.Hparams(**dict(FAST, method="seq", lr=1e30, token_lr=1e30)))
     with pytest.raises(cp.CPError, match="non-finite"):
-        cp.learn_concept(model, state, concepts[0], log=False)
+        train.learn_folder(model, state, concepts[0])
     assert not model.text_encoder.get_input_embeddings()._forward_hooks
 
 
 def test_state_holds_no_image_or_latent(tiny_model_dir, concepts, tmp_path):
     model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
     for folder in concepts:
-        state = cp.learn_concept(model, state, folder, log=False)
-    cp.save_state(state, str(tmp_path))
+        state = train.learn_folder(model, state, folder)
+    cp_state.save_state(state, str(tmp_path))
     for root, _, files in os.walk(tmp_path):
         for f in files:
             assert f.endswith((".json", ".safetensors")), f
@@ -357,20 +364,20 @@ def test_state_holds_no_image_or_latent(tiny_model_dir, concepts, tmp_path):
 
 def test_interrupted_save_leaves_previous_state(tiny_model_dir, concepts, tmp_path, monkeypatch):
     model, state = fresh(tiny_model_dir, "ewc")
-    state = cp.learn_concept(model, state, concepts[0], log=False)
-    cp.save_state(state, str(tmp_path))
+    state = train.learn_folder(model, state, concepts[0])
+    cp_state.save_state(state, str(tmp_path))
     snapshot = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(tmp_path) for f in fs}
-    state2 = cp.learn_concept(model, state, concepts[1], log=False)
+    state2 = train.learn_folder(model, state, concepts[1])
 
     def crash(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(lora, "write_lora_file", crash)
     with pytest.raises(cp.CPError, match="disk full"):
-        cp.save_state(state2, str(tmp_path))
-    loaded = cp.load_state(str(tmp_path))
+        cp_state.save_state(state2, str(tmp_path))
+    loaded = cp_state.load_state(str(tmp_path))
     assert [c["name"] for c in loaded.concepts] == ["alpha"]
-    manifest = open(os.path.join(tmp_path, cp.MANIFEST), "rb").read()
-    assert manifest == snapshot[cp.MANIFEST]
+    manifest = open(os.path.join(tmp_path, cp_state.MANIFEST), "rb").read()
+    assert manifest == snapshot[cp_state.MANIFEST]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
@@ -379,7 +386,7 @@ def test_any_image_mode_and_size(tmp_path, mode):
     im = Image.fromarray((rng.random((37, 23, 3)) * 255).astype(np.uint8))
     im = im.convert(mode) if mode != "I;16" else im.convert("L").convert("I;16")
     im.save(tmp_path / ("a.tif" if mode in ("CMYK", "I;16") else "a.png"))
-    x, notes = cp.load_images(str(tmp_path), 16)
+    x, notes = train.load_images(str(tmp_path), 16)
     assert x.shape == (1, 3, 16, 16) and -1 <= x.min() and x.max() <= 1 and notes == []
 
 
@@ -391,7 +398,7 @@ def test_denoising_fisher_by_hand(tiny_model_dir, concepts):
     randomize(model.unet, "current", 4)
     params = lora.set_trainable(model.unet, "current")
     state = cp.State(model={}, hparams=hp)
-    images, _ = cp.load_images(concepts[0], model.resolution)
+    images, _ = train.load_images(concepts[0], model.resolution)
     fisher, _ = cp.update_fisher(model, state, alpha_task(model, images, state, 3),
                                 cp.snapshot(model.unet, "current"))
     t_ = alpha_task(model, images, state, 3)
@@ -414,8 +421,8 @@ def test_fisher_norm(tiny_model_dir, concepts):
     runs = {}
     for norm in ("task", "total"):
         model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7, fisher_norm=norm)
-        first = cp.learn_concept(model, state, concepts[0], log=False)
-        runs[norm] = first, cp.learn_concept(model, first, concepts[1], log=False)
+        first = train.learn_folder(model, state, concepts[0])
+        runs[norm] = first, train.learn_folder(model, first, concepts[1])
         assert mean(first.fisher) == pytest.approx(1.0, rel=1e-5)
     task, total = runs["task"][1].fisher, runs["total"][1].fisher
     assert mean(task) == pytest.approx(1.7, rel=1e-5) and mean(total) == pytest.approx(1.0, rel=1e-5)
@@ -438,7 +445,7 @@ def test_ewc_penalty_uses_the_states_fisher_anchor_and_lambda_when_training_and_
     for i, folder in enumerate(folders):
         calls[:] = []
         before = state
-        state = cp.learn_concept(model, state, folder, log=False)
+        state = train.learn_folder(model, state, folder)
         assert len(calls) == 4  # 2 training steps + 2 consolidation steps
         for name, fisher, anchor, lam in calls:
             assert name == "current" and lam == 0.37
@@ -462,7 +469,7 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
         return real(model, *args)
     monkeypatch.setattr(cp, "dsc_loss", recording)
     model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05)
-    cp.learn_concept(model, state, concepts[0], log=False)
+    train.learn_folder(model, state, concepts[0])
     flat = [(cp.flat(t), cp.flat(s), grads) for t, s, grads in seen]
     trained = flat[0][1]  # the student starts from T1
     assert all(torch.equal(trained[k], flat[0][0][k]) for k in trained)
@@ -506,7 +513,7 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
         model, state = fresh(tiny_model_dir, "dsc", dsc_first=first)
         for folder in concepts:
             used[:] = []
-            state = cp.learn_concept(model, state, folder, log=False)
+            state = train.learn_folder(model, state, folder)
             assert set(used) == {expect[len(state.concepts) - 1]}
 
 
@@ -523,7 +530,7 @@ def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_d
     state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"}, {"prompt": "a red star"}])
     spreads = []
     for size in (model.resolution, 2 * model.resolution):  # latents of two sizes
-        images, _ = cp.load_images(concepts[0], size)
+        images, _ = train.load_images(concepts[0], size)
         tau = cp.calibrate_temp(model, state, alpha_task(model, images, state))
         task = alpha_task(model, images, state, seed=1)
         with torch.no_grad():
@@ -540,11 +547,11 @@ def test_calibration_draws_nothing_from_the_tasks_stream(tiny_model_dir, concept
     """A task with `--dc-temp auto` records its τ, and trains exactly as one given that τ as a number: calibrating
     took no draw from the task's batches, noise or subsets."""
     model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
-    auto = cp.learn_concept(model, state, concepts[0], log=False)
+    auto = train.learn_folder(model, state, concepts[0])
     tau = auto.history[-1]["dc_temp"]
     assert isinstance(tau, float) and tau > 0
     model, state = fresh(tiny_model_dir, "dsc-ewc-dc", dc_temp=tau)
-    fixed = cp.learn_concept(model, state, concepts[0], log=False)
+    fixed = train.learn_folder(model, state, concepts[0])
     a, b = state_tensors(auto), state_tensors(fixed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert fixed.history[-1]["dc_temp"] == tau

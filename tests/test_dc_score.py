@@ -1,4 +1,5 @@
 """dc_score: batched per-(image, prompt) errors, posterior and cross-entropies, adaptive classification."""
+import math
 import os
 
 import pytest
@@ -7,8 +8,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import unet as unet_lib
-from dc_score import (classify, dc_cross_entropy, dc_loss, denoising_errors, noise_predictions, posterior,
-                      soft_cross_entropy)
+from dc_score import (classify, dc_cross_entropy, dc_errors, denoising_errors, log_posterior, noise_predictions,
+                      posterior, soft_cross_entropy)
 
 AC = unet_lib.alphas_cumprod_from_config(unet_lib.PRESETS["tiny"]["scheduler"])
 
@@ -84,18 +85,19 @@ def test_ragged_rows_score_only_their_pairs():
     torch.testing.assert_close(pred, noise_predictions(net, x0, context, t, noise, AC)[image, prompt])
 
 
-def test_fused_loss_is_the_cross_entropy_of_the_errors():
-    """dc_loss on the predictions gives the errors, dc_cross_entropy's L (hard target) and, against DSC's two
-    teachers added (rows summing to 2), the sum of the two soft cross-entropies."""
+def test_cross_entropies_of_the_predictions_are_those_of_their_errors():
+    """dc_cross_entropy and soft_cross_entropy of the predictions return the errors `denoising_errors` gives and the
+    cross-entropies of the posterior of those errors, written out here."""
     net, x0, context, t, noise = setup()
     pred = noise_predictions(net, x0, context, t, noise, AC)
     e = denoising_errors(net, x0, context, t, noise, AC, "mean")
-    L, e_fused = dc_loss(pred, noise, 0, 0.1)
-    torch.testing.assert_close(e_fused, e)
-    torch.testing.assert_close(L, dc_cross_entropy(e, 0, 0.1))
-    p1, p2 = posterior(e.flip(-1), 0.1), posterior(e, 0.3)
-    L, _ = dc_loss(pred, noise, temp=0.1, teacher=p1 + p2)
-    torch.testing.assert_close(L, soft_cross_entropy(p1, e, 0.1) + soft_cross_entropy(p2, e, 0.1))
+    L, e_dc = dc_cross_entropy(pred, noise, 0, 0.1)
+    torch.testing.assert_close(e_dc, e)
+    torch.testing.assert_close(L, -torch.log_softmax(-e / 0.1, -1)[:, 0])
+    q = posterior(e.flip(-1), 0.3)
+    L, e_dc = soft_cross_entropy(pred, noise, q, 0.1)
+    torch.testing.assert_close(e_dc, e)
+    torch.testing.assert_close(L, -(q * torch.log_softmax(-e / 0.1, -1)).sum(-1))
 
 
 def test_identical_prompts_identical_errors():
@@ -120,14 +122,21 @@ def test_posterior_normalized_and_permutes_with_prompts():
 
 
 def test_cross_entropies():
+    """By hand: errors e = pred² (noise 0, one latent dim), their posterior at τ = 2 and both cross-entropies."""
     e = torch.tensor([[1.0, 2.0, 4.0], [3.0, 0.5, 0.5]])
+    pred, noise = e.sqrt()[..., None], torch.zeros(2, 1)
+    torch.testing.assert_close(dc_errors(pred, noise), e)
     p = posterior(e, 2.0)
-    torch.testing.assert_close(dc_cross_entropy(e, torch.tensor([0, 2]), 2.0), -p[[0, 1], [0, 2]].log())
-    torch.testing.assert_close(dc_cross_entropy(e, 1, 2.0), -p[:, 1].log())
+    by_hand = torch.tensor([1.0, math.exp(-0.5), math.exp(-1.5)])  # exp(-e/2) relative to the first
+    torch.testing.assert_close(p[0], by_hand / by_hand.sum())
+    torch.testing.assert_close(log_posterior(e, 2.0), p.log())
+    torch.testing.assert_close(dc_cross_entropy(pred, noise, torch.tensor([0, 2]), 2.0)[0], -p[[0, 1], [0, 2]].log())
+    torch.testing.assert_close(dc_cross_entropy(pred, noise, 1, 2.0)[0], -p[:, 1].log())
     # H(p, p) is the entropy; H(one-hot, q) is the cross-entropy to that class; huge errors stay finite
-    torch.testing.assert_close(soft_cross_entropy(p, e, 2.0), -(p * p.log()).sum(-1))
-    torch.testing.assert_close(soft_cross_entropy(torch.eye(3)[[2, 0]], e, 2.0), dc_cross_entropy(e, [2, 0], 2.0))
-    assert torch.isfinite(dc_cross_entropy(e * 1e4, 2)).all()
+    torch.testing.assert_close(soft_cross_entropy(pred, noise, p, 2.0)[0], -(p * p.log()).sum(-1))
+    torch.testing.assert_close(soft_cross_entropy(pred, noise, torch.eye(3)[[2, 0]], 2.0)[0],
+                               dc_cross_entropy(pred, noise, [2, 0], 2.0)[0])
+    assert torch.isfinite(dc_cross_entropy(pred * 100, noise, 2)[0]).all()
 
 
 def test_gradients_match_finite_differences():
@@ -150,7 +159,7 @@ def test_gradients_reach_the_real_unet():
     e = denoising_errors(net, x0, context, t, noise, AC, "mean", chunk_size=4)
     with torch.no_grad():
         torch.testing.assert_close(e.double(), naive_errors(net, x0, context, t, noise, "mean"), rtol=1e-4, atol=1e-5)
-    dc_cross_entropy(e, 0).mean().backward()
+    (-log_posterior(e)[:, 0]).mean().backward()
     to_k = net.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k").weight
     assert to_k.grad is not None and to_k.grad.abs().sum() > 0
 

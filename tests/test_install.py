@@ -94,15 +94,15 @@ WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = None  # as where Triton does not install (Windows, macOS)
 import torch
-import cp, dc_kernels, sample, train  # noqa: F401
+import cp, dc_kernels, dc_score, sample, train  # noqa: F401
 pred, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 4, 5)
-assert torch.equal(dc_kernels.dc_errors(pred, noise, "mean"), dc_kernels.dc_errors_reference(pred, noise, "mean"))
-for got, want in zip(dc_kernels.dc_loss(pred, noise, [2, 0], 0.1),
-                     dc_kernels.dc_loss_reference(pred, noise, torch.tensor([2, 0]), 0.1)):
-    assert torch.equal(got, want)
+for impl in ("auto", "reference"):
+    dc_score.dc_errors(pred, noise, "mean", impl=impl)
+    dc_score.dc_cross_entropy(pred, noise, [2, 0], 0.1, impl=impl)
+    dc_score.soft_cross_entropy(pred, noise, torch.rand(2, 3), 0.1, impl=impl)
 assert dc_kernels.dc_loss_impl(pred) == "reference" and not dc_kernels.kernel_wins(pred)
 assert "dc_kernels.fused" not in sys.modules
-dc_kernels.dc_errors(pred, noise, impl="triton")
+dc_score.dc_errors(pred, noise, impl="triton")
 """
 
 

@@ -1,4 +1,4 @@
-"""dc_kernels.dc_loss and dc_errors: the fused Triton forward and backward against the autograd of the PyTorch reference,
+"""The fused DC loss (dc_kernels): its Triton forward and backward against the autograd of dc_score's formulas,
 on CPU under the Triton interpreter (compiled on CUDA when a GPU is present and TRITON_INTERPRET is not 1); the
 torch.library op under torch.compile and CUDA-graph capture; one launch each way, no host sync; dispatch."""
 import os
@@ -14,7 +14,8 @@ pytest.importorskip("triton", reason="Triton is not installed (Linux only); the 
 
 from conftest import ROOT  # noqa: E402
 import dc_kernels  # noqa: E402
-from dc_kernels import dc_errors, dc_errors_reference, dc_loss, dc_loss_impl, dc_loss_reference, kernel_wins  # noqa: E402
+import dc_score  # noqa: E402
+from dc_kernels import dc_loss_impl, kernel_wins  # noqa: E402
 from dc_kernels import fused  # noqa: E402  (the Triton module)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU_KERNEL = pytest.mark.skipif(not fused.INTERPRETED, reason="TRITON_INTERPRET is not 1: the kernel cannot run on CPU")
@@ -24,6 +25,27 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.f
 # what each way of scoring passes to dc_loss: no target (the errors alone), a hard target as an int or one per
 # image, a teacher whose rows sum to 1 or (DSC's two teachers added) to 2
 MODES = ["errors", "column", "targets", "teacher", "teacher2"]
+
+
+def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, reduction="mean", index=None, impl="auto"):
+    """(L, e) of the dc_score function each way of scoring calls: a teacher (soft_cross_entropy), a hard target
+    (dc_cross_entropy), neither (dc_errors; L empty). impl "reference" runs the formulas, "triton" the kernel."""
+    if teacher is not None:
+        if target is not None:
+            raise ValueError("a teacher or a target, not both")
+        return dc_score.soft_cross_entropy(pred, noise, teacher, temp, reduction, index, impl)
+    if target is not None:
+        return dc_score.dc_cross_entropy(pred, noise, target, temp, reduction, index, impl)
+    e = dc_score.dc_errors(pred, noise, reduction, index, impl)
+    return e.new_empty(0), e
+
+
+def dc_loss_reference(*args, **kw):
+    return dc_loss(*args, **kw, impl="reference")
+
+
+def dc_errors(pred, noise, reduction="sum", impl="auto", index=None):
+    return dc_score.dc_errors(pred, noise, reduction, index, impl)
 
 
 def inputs(shape, dtype, device, seed=0, mode="column", noise_grad=True):
@@ -97,7 +119,7 @@ def test_reference_is_the_formula():
         for k in range(3):
             d = pred[b, k] - noise[b]
             assert torch.allclose(e[b, k], (d * d).mean())
-            assert torch.allclose(dc_errors_reference(pred, noise, "sum")[b, k], (d * d).sum())
+            assert torch.allclose(dc_errors(pred, noise, "sum", "reference")[b, k], (d * d).sum())
         p = [torch.exp(-e[b, k] / temp) / torch.exp(-e[b] / temp).sum() for k in range(3)]
         assert torch.allclose(L_hard[b], -torch.log(p[[2, 0][b]]))
         assert torch.allclose(L_soft[b], -sum(teacher[b, k] * torch.log(p[k]) for k in range(3)))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import cp
+import cp_state
 import dc_score
 import lora
 import train
@@ -21,7 +22,7 @@ FAST = ["--steps", "3", "--batch-size", "4", "--fisher-samples", "2", "--dsc-ste
 
 def saved_tensors(folder):
     """The trained tensors of a saved state: its LoRA, tokens, Fisher and anchor."""
-    with open(os.path.join(folder, cp.MANIFEST)) as f:
+    with open(os.path.join(folder, cp_state.MANIFEST)) as f:
         m = json.load(f)
     files = m["files"]
     return {f"{part}:{k}": v for part in ("lora", "tokens", "ewc")
@@ -86,7 +87,7 @@ def one_step_gradients(tiny_model_dir, monkeypatch, runs):
             s = slice(first, first + size)
             e = dc_score.denoising_errors(model.unet, x0[s], context, t[s], eps[s], model.alphas_cumprod, "mean")
             return {"denoise": e.mean(), "ewc": cp.ewc_penalty(model.unet, "current", fisher, anchor, 0.5)}
-        task = types.SimpleNamespace(run=run, name="x", index=0, log=False)
+        task = types.SimpleNamespace(run=run, name="x", index=0)
         with cp.autocast("cpu", run.precision):
             cp.optimize([{"params": params, "lr": 1e-3}], 1, loss, "train", task)
         logged.append(run.trace[-1])
@@ -136,13 +137,13 @@ def test_captions_beside_images(tmp_path):
     folder = write_concept(str(tmp_path / "dog"), 0, n=3)
     (tmp_path / "dog" / "0.txt").write_text("a photo of {token} on\n the grass\n")
     (tmp_path / "dog" / "notes.txt").write_text("not a caption")
-    assert cp.load_captions(folder, "<dog>") == ["a photo of <dog> on the grass", None, None]
-    assert cp.load_images(folder, 16)[1] == ["skipped non-image file notes.txt"]  # a caption is no note
+    assert train.load_captions(folder, "<dog>") == ["a photo of <dog> on the grass", None, None]
+    assert train.load_images(folder, 16)[1] == ["skipped non-image file notes.txt"]  # a caption is no note
     (tmp_path / "dog" / "0.txt").unlink()
-    assert cp.load_captions(folder, "<dog>") is None
+    assert train.load_captions(folder, "<dog>") is None
     (tmp_path / "dog" / "2.txt").write_text("a photo of my dog")
     with pytest.raises(cp.CPError, match=r"2\.txt has no \{token\}"):
-        cp.load_captions(folder, "<dog>")
+        train.load_captions(folder, "<dog>")
 
 
 @pytest.mark.parametrize("method,dc_weight", [("seq", 0.0), ("ewc-dc", 0.5)])
@@ -152,8 +153,10 @@ def test_captions_drive_l_denoise_and_the_target_l_dc(tiny_model_dir, method, dc
     hp = cp.Hparams(method=method, dc_batch=2, dc_weight=dc_weight)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts, captions = ["a photo of a red star", "a photo", "a blue star"], ["a red star", "a star", "a blue photo"]
-    given = prompts if method == "ewc-dc" else prompts[:1]
-    terms = cp.task_loss(model, x0, given, hp, torch.Generator().manual_seed(1), tau=0.05, captions=captions)
+    if dc_weight:
+        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1), 0.05, captions)
+    else:
+        terms = {"denoise": cp.denoise_loss(model, x0, captions, torch.Generator().manual_seed(1))}
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
     e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts + captions), t, eps, model.alphas_cumprod,
                                   "mean")
@@ -172,7 +175,7 @@ def test_progress_prints_plain_lines_off_a_terminal():
         def isatty(self):
             return True
     for stream in (io.StringIO(), Terminal()):
-        progress = cp.Progress(600, "[x] train", stream)
+        progress = train.Progress(600, "[x] train", stream)
         for step in range(5, 601, 5):  # cp.optimize reports every fifth step
             progress(step, {"denoise": 0.5})
         text = stream.getvalue()

@@ -2,7 +2,6 @@
 flags. Each case ends in a one-line error (or in success) and loses nothing that was saved."""
 import dataclasses
 import errno
-import inspect
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 import cp
+import cp_state
 import lora
 import sample
 import train
@@ -31,7 +31,7 @@ def saved(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("state")
     alpha, beta, gamma = (write_concept(str(root / n), i) for i, n in enumerate(["alpha", "beta", "gamma"]))
     model, state = fresh(tiny_model_dir, "ewc-dc")
-    cp.save_state(cp.learn_concept(model, state, alpha, log=False), str(root / "state"))
+    cp_state.save_state(train.learn_folder(model, state, alpha), str(root / "state"))
     return dict(state=str(root / "state"), beta=beta, gamma=gamma, model=tiny_model_dir)
 
 
@@ -43,14 +43,14 @@ def copy_state(saved, tmp_path):
 
 def continue_state(folder, tiny_model_dir, concept, **hparams):
     """Load a state into a fresh model and learn one more concept (not saved)."""
-    model, state = unet.load_model(tiny_model_dir), cp.load_state(folder)
+    model, state = unet.load_model(tiny_model_dir), cp_state.load_state(folder)
     state.hparams = dataclasses.replace(state.hparams, **hparams)
     cp.apply_state(model, state)
-    return cp.learn_concept(model, state, concept, log=False)
+    return train.learn_folder(model, state, concept)
 
 
 def manifest(folder):
-    with open(os.path.join(folder, cp.MANIFEST)) as f:
+    with open(os.path.join(folder, cp_state.MANIFEST)) as f:
         return json.load(f)
 
 
@@ -64,7 +64,7 @@ def exit_message(main, argv):
 
 
 def samples(folder):
-    model, _ = cp.load_with_state(folder)
+    model, _ = cp_state.load_with_state(folder)
     lora.merge(model.unet)
     return sample.sample(model, ["a photo of a <alpha>"], steps=2, guidance=5.0, seed=0)
 
@@ -95,12 +95,12 @@ def test_save_refuses_a_manifest_changed_since_load(saved, tiny_model_dir, tmp_p
     state = copy_state(saved, tmp_path)
     first = continue_state(state, tiny_model_dir, saved["beta"])
     second = continue_state(state, tiny_model_dir, saved["gamma"])
-    cp.save_state(first, state)
+    cp_state.save_state(first, state)
     before = digest(state)
     with pytest.raises(cp.CPError, match="changed since this run loaded it"):
-        cp.save_state(second, state)
+        cp_state.save_state(second, state)
     assert digest(state) == before
-    assert [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"]
+    assert [c["name"] for c in cp_state.load_state(state).concepts] == ["alpha", "beta"]
 
 
 def test_reader_sees_a_whole_state_during_a_save(saved, tiny_model_dir, tmp_path, monkeypatch):
@@ -111,27 +111,27 @@ def test_reader_sees_a_whole_state_during_a_save(saved, tiny_model_dir, tmp_path
 
     def commit_then_read(path):
         if not committed:
-            committed.append(cp.save_state(newer, state))
+            committed.append(cp_state.save_state(newer, state))
         return read_file(path)
-    monkeypatch.setattr(cp, "load_file", commit_then_read)
-    assert [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"] and committed
+    monkeypatch.setattr(cp_state, "load_file", commit_then_read)
+    assert [c["name"] for c in cp_state.load_state(state).concepts] == ["alpha", "beta"] and committed
 
 
 KILLED_SAVE = """
 import os, signal, sys
-import cp, unet
+import cp, cp_state, train, unet
 folder, concept, model_dir = sys.argv[1:]
-model, state = unet.load_model(model_dir), cp.load_state(folder)
+model, state = unet.load_model(model_dir), cp_state.load_state(folder)
 state.hparams.lr *= 3  # this attempt's LoRA differs from the next one's
 cp.apply_state(model, state)
-state = cp.learn_concept(model, state, concept, log=False)
-write = cp._write_file
+state = train.learn_folder(model, state, concept)
+write = cp_state._write_file
 def write_until_manifest(path, what):
-    if os.path.basename(path).startswith(cp.MANIFEST):
+    if os.path.basename(path).startswith(cp_state.MANIFEST):
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, what)
-cp._write_file = write_until_manifest
-cp.save_state(state, folder)
+cp_state._write_file = write_until_manifest
+cp_state.save_state(state, folder)
 """
 
 
@@ -139,16 +139,16 @@ def test_save_killed_before_the_manifest_is_never_reused(saved, tiny_model_dir, 
     """C-LoRA keeps a task's LoRA only in the pool: a killed save's pool file must not stand in for the next."""
     folder, alpha = str(tmp_path / "state"), write_concept(str(tmp_path / "alpha"), 0)
     model, state = fresh(tiny_model_dir, "clora")
-    cp.save_state(cp.learn_concept(model, state, alpha, log=False), folder)
+    cp_state.save_state(train.learn_folder(model, state, alpha), folder)
     r = subprocess.run([sys.executable, "-c", KILLED_SAVE, folder, saved["beta"], tiny_model_dir], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     aborted = [f"pool/{f}" for f in os.listdir(os.path.join(folder, "pool"))
                if f"pool/{f}" not in manifest(folder)["files"]["pool"]]
-    assert len(aborted) == 1 and [c["name"] for c in cp.load_state(folder).concepts] == ["alpha"]
+    assert len(aborted) == 1 and [c["name"] for c in cp_state.load_state(folder).concepts] == ["alpha"]
     again = continue_state(folder, tiny_model_dir, saved["beta"])
-    cp.save_state(again, folder)
-    kept = cp.load_state(folder).pool[-1]
+    cp_state.save_state(again, folder)
+    kept = cp_state.load_state(folder).pool[-1]
     left = {p: (A, B) for p, (A, B, _) in lora.read_lora_file(os.path.join(folder, aborted[0])).items()}
     same = lambda x, y: all(torch.equal(x[p][i], y[p][i]) for p in x for i in (0, 1))
     assert same(kept, again.pool[-1]) and not same(left, again.pool[-1])
@@ -181,9 +181,9 @@ def reshape(folder, m):
 
 
 def not_json(folder, m):
-    with open(os.path.join(folder, cp.MANIFEST), "w") as f:
+    with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
         f.write('{"format": "cp-state/1", "files": ')
-    return cp.MANIFEST
+    return cp_state.MANIFEST
 
 
 @pytest.mark.parametrize("damage", [truncate, remove, reshape, not_json])
@@ -219,7 +219,7 @@ def test_failed_write_leaves_the_previous_state(saved, tiny_model_dir, tmp_path,
     state = copy_state(saved, tmp_path)
     newer = continue_state(state, tiny_model_dir, saved["beta"])
     before, reference = digest(state), samples(state)
-    write, calls = cp._write_file, []
+    write, calls = cp_state._write_file, []
 
     def failing_write(path, what):
         calls.append(path)
@@ -228,17 +228,17 @@ def test_failed_write_leaves_the_previous_state(saved, tiny_model_dir, tmp_path,
                 f.write(b"\0" * 8)
             raise OSError(code, os.strerror(code), path)
         write(path, what)
-    monkeypatch.setattr(cp, "_write_file", failing_write)
+    monkeypatch.setattr(cp_state, "_write_file", failing_write)
     for fail_at in range(1, 6):  # tokens, ewc, lora, the new pool entry, the manifest
         calls.clear()
         with pytest.raises(cp.CPError, match=os.strerror(code)) as e:
-            cp.save_state(newer, state)
+            cp_state.save_state(newer, state)
         assert "\n" not in str(e.value) and "previous state is unchanged" in str(e.value)
         assert digest(state) == before and torch.equal(samples(state), reference), f"write {fail_at} failed"
     fail_at = 0
     calls.clear()
-    cp.save_state(newer, state)
-    assert len(calls) == 5 and [c["name"] for c in cp.load_state(state).concepts] == ["alpha", "beta"]
+    cp_state.save_state(newer, state)
+    assert len(calls) == 5 and [c["name"] for c in cp_state.load_state(state).concepts] == ["alpha", "beta"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,11 +250,11 @@ def test_state_folder_owns_only_its_files(saved, tiny_model_dir, tmp_path):
     for name in ("holiday.jpg", "pool/notes.txt"):
         with open(os.path.join(state, name), "w") as f:
             f.write("not the state's")
-    old = set(cp._named(manifest(state)["files"]))
-    cp.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
-    new = set(cp._named(manifest(state)["files"]))
+    old = set(cp_state._named(manifest(state)["files"]))
+    cp_state.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
+    new = set(cp_state._named(manifest(state)["files"]))
     on_disk = {os.path.relpath(os.path.join(r, f), state) for r, _, fs in os.walk(state) for f in fs}
-    assert on_disk == new | {cp.MANIFEST, "holiday.jpg", "pool/notes.txt"}  # the replaced files only are gone
+    assert on_disk == new | {cp_state.MANIFEST, "holiday.jpg", "pool/notes.txt"}  # the replaced files only are gone
     assert old - new and len(old & new) == 1  # the first pool entry is kept as it was written
 
     thesis = tmp_path / "thesis"
@@ -264,13 +264,13 @@ def test_state_folder_owns_only_its_files(saved, tiny_model_dir, tmp_path):
                                                             *FAST_FLAGS])
     model, state = fresh(tiny_model_dir, "seq")
     with pytest.raises(cp.CPError, match="it is not a state"):
-        cp.save_state(state, str(thesis))
+        cp_state.save_state(state, str(thesis))
     assert os.listdir(thesis) == ["thesis.tex"]
 
 
 NO_FCNTL = """
 import fcntl, os, sys, types
-import dc_score, lora, unet  # cp's imports first: others take a module named msvcrt for Windows itself
+import cp, dc_score, lora, unet  # cp_state's imports first: others take a module named msvcrt for Windows itself
 lockf, fcntl_module = fcntl.lockf, fcntl
 sys.modules["fcntl"] = None  # as on Windows: msvcrt instead, here a stand-in on POSIX record locks
 msvcrt = sys.modules["msvcrt"] = types.ModuleType("msvcrt")
@@ -279,10 +279,10 @@ def locking(fd, mode, n):  # like msvcrt.locking: n bytes from the file position
     assert mode == msvcrt.LK_NBLCK
     lockf(fd, fcntl_module.LOCK_EX | fcntl_module.LOCK_NB, n, os.lseek(fd, 0, os.SEEK_CUR))
 msvcrt.locking = locking
-import cp
-assert cp.fcntl is None
+import cp_state
+assert cp_state.fcntl is None
 try:
-    lock = cp.lock_state(sys.argv[1])
+    lock = cp_state.lock_state(sys.argv[1])
 except cp.CPError as e:
     sys.exit(f"error: {e}")
 print("locked", flush=True)
@@ -309,10 +309,10 @@ def test_lock_without_fcntl(tmp_path):
 def test_log_and_grids_belong_beside_a_state(tmp_path):
     """A folder holding only what train.py writes beside a state (a first run killed after them) is still a state's."""
     folder = tmp_path / "state"
-    (folder / cp.GRIDS).mkdir(parents=True)
-    (folder / cp.LOG).write_text("")
-    assert cp.read_manifest(str(folder)) is None
-    cp.lock_state(str(folder)).close()
+    (folder / cp_state.GRIDS).mkdir(parents=True)
+    (folder / cp_state.LOG).write_text("")
+    assert cp_state.read_manifest(str(folder)) is None
+    cp_state.lock_state(str(folder)).close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,25 +347,38 @@ def test_bad_flags_are_refused_before_any_work(saved, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["state"]
 
 
-def test_every_flag_says_what_it_does(capsys, monkeypatch):
-    """Each method flag's help is the comment beside its cp.Hparams field."""
+def test_every_flag_says_what_it_does_and_what_a_plain_run_uses(capsys, monkeypatch):
+    """Each method flag's help is its cp.Hparams field's, with the default a plain run uses and the presets that
+    change it."""
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
     with pytest.raises(SystemExit):
         train.parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    source = inspect.getsource(cp.Hparams).splitlines()
+    presets = train.load_presets()
     for f in dataclasses.fields(cp.Hparams):
-        field_line = next(line for line in source if line.strip().startswith(f.name + ":"))
-        comment = field_line.split("#", 1)[1].strip() if "#" in field_line else ""
         help_text = text.split(f" --{f.name.replace('_', '-')} ", 1)[1].split(" --", 1)[0]
-        assert len(comment.split()) >= 3 and comment in help_text, (f.name, help_text)
+        assert len(f.metadata["help"].split()) >= 3 and f.metadata["help"] in help_text, (f.name, help_text)
+        assert f"(default {f.default}" in help_text, (f.name, help_text)
+        for m, values in presets["methods"].items():
+            assert (f"{m}: {values[f.name]}" in help_text) == (values.get(f.name, f.default) != f.default), help_text
+
+
+def test_the_defaults_are_what_a_plain_run_uses(monkeypatch):
+    """cp.Hparams() is the default method at its preset on the shipped toy model: what `python train.py` runs and
+    what `-h` calls the defaults."""
+    import unet as unet_lib
+    presets = train.load_presets()
+    model = unet_lib.load_model(os.path.join(ROOT, "toy", "model"))
+    kind, model_values = train.model_preset(presets, model.unet)
+    plain = train.resolve_hparams(train.parse_args([]), None, presets, model_values)
+    assert kind == "toy" and plain == cp.Hparams()
 
 
 def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
     write_concept(str(tmp_path), 0, n=1)  # 20 × 24 = 480 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # Pillow refuses images of more than twice this
     with pytest.raises(cp.CPError, match=r"0\.png.*decompression bomb"):
-        cp.load_images(str(tmp_path), 16)
+        train.load_images(str(tmp_path), 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +386,7 @@ def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
 
 
 def write_presets(path, **change):
-    with open(cp.PRESETS) as f:
+    with open(train.PRESETS) as f:
         presets = json.load(f)
     presets.update(change)
     with open(path, "w") as f:
@@ -385,7 +398,7 @@ def write_presets(path, **change):
                                     "bad value", "bad default"])
 def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path, monkeypatch, damage):
     path = tmp_path / "presets.json"
-    methods = json.load(open(cp.PRESETS))["methods"]
+    methods = json.load(open(train.PRESETS))["methods"]
     if damage == "not json":
         path.write_text('{"models": ')
     elif damage == "no methods":
@@ -395,7 +408,7 @@ def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path,
                                "unknown hparam": dict(methods={**methods, "ewc": {"ewc_lamda": 1.0}}),
                                "bad value": dict(methods={**methods, "ewc": {"ewc_lambda": -1.0}}),
                                "bad default": dict(default_method="best")}[damage])
-    monkeypatch.setattr(cp, "PRESETS", str(path))
+    monkeypatch.setattr(train, "PRESETS", str(path))
     monkeypatch.setattr(unet, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     new = str(tmp_path / "new")
     message = exit_message(train.main, ["--concept", saved["beta"], "--state", new, "--model", saved["model"]])
@@ -403,7 +416,7 @@ def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path,
     assert ("missing" if damage == "missing" else "damaged") in message
     assert not os.path.exists(new)
     with pytest.raises(cp.CPError):
-        cp.load_presets()
+        train.load_presets()
 
 
 def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(saved, tmp_path, monkeypatch, capsys):
@@ -412,7 +425,7 @@ def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(sav
     path = write_presets(tmp_path / "presets.json", models=models, default_method="ewc",
                          methods={"ewc": {"ewc_lambda": 0.5, "fisher_norm": "total", "batch_size": 2,
                                           "fisher_samples": 5}, "seq": {}})
-    monkeypatch.setattr(cp, "PRESETS", path)
+    monkeypatch.setattr(train, "PRESETS", path)
     folder = str(tmp_path / "state")
     train.main(["--concept", saved["beta"], "--state", folder, "--model", saved["model"], "--no-preview",
                 "--fisher-samples", "2", "--lr", "0.004"])
@@ -425,7 +438,7 @@ def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(sav
     train.main(["--concept", saved["gamma"], "--state", folder, "--no-preview"])
     assert manifest(folder)["hparams"] == hp  # a continued state keeps what it was made with
     big = type("UNet", (), {"parameters": lambda self: iter([torch.empty(1).expand(10 ** 8 + 1)])})()
-    assert cp.model_preset(cp.load_presets(path), big) == ("sd-v1", {"steps": 500, "lr": 1e-4})
+    assert train.model_preset(train.load_presets(path), big) == ("sd-v1", {"steps": 500, "lr": 1e-4})
 
 
 def test_help_lists_every_presets_values(capsys, monkeypatch):
@@ -433,8 +446,8 @@ def test_help_lists_every_presets_values(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train.parse_args(["-h"])
     text = capsys.readouterr().out
-    presets = cp.load_presets()
-    assert f"Default method: {presets['default_method']}" in text
+    presets = train.load_presets()
+    assert f"the default method, {presets['default_method']}, at its tuned preset" in " ".join(text.split())
     for kind, values in presets["models"].items():
         assert f"{kind}: steps {values['steps']}" in text
     for method, values in presets["methods"].items():

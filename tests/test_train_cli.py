@@ -152,11 +152,11 @@ def test_export_loads_in_diffusers(learned, tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    import cp
+    import cp_state
     import lora
     export = tmp_path / "export"
     run("train.py", "--state", learned["state"], "--export", str(export))
-    ours, _ = cp.load_with_state(learned["state"])
+    ours, _ = cp_state.load_with_state(learned["state"])
     pipe = StableDiffusionPipeline.from_pretrained(learned["model"], local_files_only=True, safety_checker=None)
     pipe.load_textual_inversion(str(export / "alpha.safetensors"))
     pipe.load_lora_weights(str(export / "pytorch_lora_weights.safetensors"))

@@ -9,6 +9,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cp
+import cp_state
+import train
 import lora
 import sample
 import unet as U
@@ -152,11 +154,11 @@ def test_vera_task_trains_d_b_and_token_row_only(tiny_model_dir, concepts, monke
                      [n for n, p in model.text_encoder.named_parameters() if p.requires_grad]))
         return optimize(groups, *a, **k)
     monkeypatch.setattr(cp, "optimize", spy)
-    state = cp.learn_concept(model, state, concepts[0], log=False)
+    state = train.learn_folder(model, state, concepts[0])
     unet_names, text_names = seen[0]
     layers = len(lora.target_modules(model.unet, state.hparams.targets))  # the defaults' kv+ff: 16 in the test UNet
     assert len(unet_names) == 2 * layers and all(".vera_lambda_" in n and n.endswith(".current") for n in unet_names)
-    assert text_names == []  # the new token's row trains as its own parameter (cp.trainable_row)
+    assert text_names == []  # the new token's row trains as its own parameter (unet.trainable_row)
     emb = model.text_encoder.get_input_embeddings().weight.detach()
     token = model.tokenizer.convert_tokens_to_ids("<alpha>")
     assert torch.equal(emb[:emb0.shape[0]], emb0) and token == emb0.shape[0]  # only the new row moved
@@ -171,15 +173,15 @@ def test_vera_two_tasks_and_round_trip(tiny_model_dir, concepts, tmp_path, metho
     model = U.load_model(tiny_model_dir)
     state = cp.new_state(model, cp.Hparams(method=method, adapter="vera", **FAST))
     for folder in concepts:
-        state = cp.learn_concept(model, state, folder, log=False)
-        cp.save_state(state, str(tmp_path))
-        loaded = cp.load_state(str(tmp_path))
+        state = train.learn_folder(model, state, folder)
+        cp_state.save_state(state, str(tmp_path))
+        loaded = cp_state.load_state(str(tmp_path))
         a, b = state_tensors(state), state_tensors(loaded)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert all(torch.equal(x, y) for x, y in zip(state.projection, loaded.projection))
     assert all(d.shape == (cp.Hparams().rank,) and b.ndim == 1 for d, b in state.lora.values())
     again = U.load_model(tiny_model_dir)
-    cp.apply_state(again, cp.load_state(str(tmp_path)))
+    cp.apply_state(again, cp_state.load_state(str(tmp_path)))
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         mine = model.unet(x, 10, model.encode_text(["a photo of a <alpha>"]))
@@ -197,7 +199,7 @@ def test_vera_cli_round_trip_sample_export_and_refusals(tiny_model_dir, tmp_path
             "--method", "ewc", *CLI_FAST, "--lr", "0.1")  # 3 steps at 0.1: b moves far enough to show in an image
     r = run_cli("train.py", "--concept", b, "--state", state, *CLI_FAST, "--export", str(tmp_path / "export"))
     assert "learned <beta>" in r.stdout and "2 concepts" in r.stdout
-    loaded = cp.load_state(state)
+    loaded = cp_state.load_state(state)
     assert loaded.hparams.adapter == "vera"
     assert len(loaded.pool) == 2 and all(d.ndim == 1 for d, _ in loaded.lora.values())
     # sample.py --state applies the VeRA: its image is ours with the adapter, not without it
@@ -205,7 +207,7 @@ def test_vera_cli_round_trip_sample_export_and_refusals(tiny_model_dir, tmp_path
     run_cli("sample.py", "--state", state, "--prompt", prompt, "-n", "1", "--steps", "3", "--out",
             str(tmp_path / "s.png"))
     cli = np.asarray(Image.open(tmp_path / "s.png"), dtype=float)
-    model, _ = cp.load_with_state(state)
+    model, _ = cp_state.load_with_state(state)
     grid = lambda: np.asarray(sample.to_grid(sample.sample(model, [prompt], steps=3, seed=0)), dtype=float)
     with_vera = grid()
     lora.set_enabled(model.unet, "current", False)

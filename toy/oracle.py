@@ -278,9 +278,9 @@ def eval_vae(vae, n=64, seed=0):
 def eval_state(folder, n=32, steps=50, guidance=7.5, seed=0):
     """Concept fidelity of a personalized model: the share of samples of each learned concept's prompt that the
     oracle assigns to that concept."""
-    import cp
+    import cp_state
     import sample
-    model, state = cp.load_with_state(folder)
+    model, state = cp_state.load_with_state(folder)
     out = {}
     for c in state.concepts:
         images = torch.cat([sample.sample(model, [c["prompt"]] * min(32, n - i), steps=steps, guidance=guidance,
