@@ -637,5 +637,3 @@ def next_state(model, state, task, row, final, fisher, anchor, metrics):
 def new_state(model, hp):
     check_hparams(hp)
     return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=hp)
-
-

@@ -230,9 +230,13 @@ def _pairs(mods):
 
 def check_model(state, model):
     """The state fits `model`: made with the same base weights (a fingerprint), every tensor shaped for it."""
-    if state.model["fingerprint"] != model.fingerprint:
+    old = len(state.model["fingerprint"]) == 16  # an older state records `unet.old_fingerprint`, 16 hex digits
+    given = model.old_fingerprint if old else model.fingerprint
+    if state.model["fingerprint"] != given:
         raise cp.CPError(f"this state was made with another base model ({state.model['path']}, fingerprint "
-                      f"{state.model['fingerprint']}); the model given has fingerprint {model.fingerprint}")
+                         f"{state.model['fingerprint']}); the model given has fingerprint {given}")
+    if old:  # the same model as far as the old hash tells: the state's next save records the full fingerprint
+        state.model = dict(state.model, fingerprint=model.fingerprint)
     if state.base is None:
         return
     files, hp = state.base["files"], state.hparams  # file names are relative to the state folder

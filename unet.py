@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -607,7 +608,8 @@ class Model:
     scaling_factor: float
     scheduler_config: dict
     path: str
-    fingerprint: str
+    fingerprint: str           # the base weights' identity, which a state records (`fingerprint`)
+    old_fingerprint: str = ""  # the four-tensor hash that older states record (`old_fingerprint`)
 
     @property
     def device(self):
@@ -717,13 +719,86 @@ def trainable_row(model, token_id):
     return row, emb.register_forward_hook(splice)
 
 
-def fingerprint(unet, text_encoder):
-    """A short hash of the base model: configs and a few weight tensors (enough to tell two models apart)."""
+def old_fingerprint(unet, text_encoder):
+    """The hash older states record (16 hex digits, not `fingerprint`'s 32): the UNet config and four weight tensors.
+
+    Kept only so that `cp_state.check_model` can compare such a state with its own model. It hashes the float32 weights
+    as loaded, so `load_model` computes it before casting the networks to the dtype asked for."""
     h = hashlib.sha256(json.dumps(unet.config, sort_keys=True).encode())
     for t in (unet.conv_in.weight, unet.conv_out.weight, unet.time_embedding.linear_1.weight,
               text_encoder.get_input_embeddings().weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cache_dir():
+    """Where derived values are kept between runs: $CP_CACHE_DIR, else $XDG_CACHE_HOME/cp, else ~/.cache/cp."""
+    return os.environ.get("CP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cp")
+
+
+def stamp_files(path, files):
+    """What a cached fingerprint of the model at `path` is valid for: its resolved path and the size and mtime (ns)
+    of each weight file. Taken before the files are read, so a file rewritten during a load is hashed again later."""
+    stats = [(os.path.realpath(f), os.stat(f)) for f in files]
+    return {"path": os.path.realpath(path), "files": [[f, s.st_size, s.st_mtime_ns] for f, s in stats]}
+
+
+def hash_weights(nets):
+    """SHA-256 over every tensor of {network name: state dict}: name, dtype, shape and bytes, in sorted order.
+
+    Each tensor is hashed as float32, little-endian: the dtype `load_model` builds and loads every network in, before
+    it casts them. So the digest is that of the weights the model computes with: the device and dtype it is loaded
+    to do not change it, nor does the file's encoding (an fp16 file, or the same values in fp32)."""
+    h = hashlib.sha256()
+    for net in sorted(nets):
+        for name in sorted(nets[net]):
+            t = nets[net][name].detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{net}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.numpy().astype("<f4", copy=False))
+    return h.hexdigest()
+
+
+def _cached_digest(file, stamp):
+    """The digest a cache file holds if it was made for `stamp`; None for another stamp, or no readable file."""
+    try:
+        entry = read_json(file)
+        return entry["weights"] if entry["stamp"] == stamp and re.fullmatch("[0-9a-f]{64}", entry["weights"]) else None
+    except Exception:  # missing, unreadable, or not a cache entry: the digest is computed
+        return None
+
+
+def _write_cache(file, entry):
+    """Write a JSON file whole or not at all (a temp file renamed over it); a folder that cannot be written: skip."""
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, file)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def fingerprint(unet, vae, text_encoder, stamp):
+    """The base model's identity: 32 hex digits hashing the UNet config and every UNet, VAE and text-encoder weight.
+
+    A state records it and `cp_state.check_model` refuses a model whose fingerprint differs. Hashing every weight of SD v1
+    (~1 B parameters) takes seconds, so the weights' digest is cached in `cache_dir()`, one file per model path,
+    valid for its `stamp` (`stamp_files`); with a cache that cannot be read or written, the digest is computed."""
+    cache = os.path.join(cache_dir(), f"fingerprint-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}.json")
+    weights = _cached_digest(cache, stamp)
+    if weights is None:
+        weights = hash_weights({"unet": unet.state_dict(), "vae": vae.state_dict(),
+                                "text_encoder": fix_text_keys(text_encoder.state_dict())})
+        _write_cache(cache, {"stamp": stamp, "weights": weights})
+    return hashlib.sha256((json.dumps(unet.config, sort_keys=True) + weights).encode()).hexdigest()[:32]
 
 
 def load_model(path, device="cpu", dtype=torch.float32, config=None):
@@ -739,18 +814,22 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
         if not os.path.exists(os.path.join(path, "unet", "config.json")):
             raise LoadError(f"{path}: not a diffusers model folder (no unet/config.json)")
         cfg = _model_configs(path)
-        parts = {"unet": read_weights(_weights_file(os.path.join(path, "unet"), [
-            "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])),
-            "vae": fix_vae_keys(read_weights(_weights_file(os.path.join(path, "vae"), [
-                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]))),
-            "text_encoder": read_weights(_weights_file(os.path.join(path, "text_encoder"), [
-                "model.safetensors", "pytorch_model.bin"]))}
+        files = {"unet": _weights_file(os.path.join(path, "unet"), [
+            "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
+            "vae": _weights_file(os.path.join(path, "vae"), [
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
+            "text_encoder": _weights_file(os.path.join(path, "text_encoder"), [
+                "model.safetensors", "pytorch_model.bin"])}
+        stamp = stamp_files(path, files.values())
+        parts = {name: read_weights(f) for name, f in files.items()}
+        parts["vae"] = fix_vae_keys(parts["vae"])
         tokenizer_dir = os.path.join(path, "tokenizer")
     elif os.path.isfile(path):
         if not path.endswith((".safetensors", ".ckpt", ".pt", ".pth")):
             raise LoadError(f"{path}: not a model (expected a diffusers folder, .safetensors or .ckpt)")
         config = config or "sd-v1"
         cfg = _model_configs(config)
+        stamp = stamp_files(path, [path])
         parts = split_ldm_checkpoint(read_weights(path), cfg)
         tokenizer_dir = os.path.join(config, "tokenizer") if config not in PRESETS else \
             os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
@@ -762,8 +841,8 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     load_state_dict_strict(vae, parts["vae"], "vae")
     text_encoder = _build_text_encoder(cfg["text_encoder"], parts["text_encoder"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    fp = fingerprint(unet, text_encoder)
+    fp, old_fp = fingerprint(unet, vae, text_encoder, stamp), old_fingerprint(unet, text_encoder)  # before the cast
     for net in (unet, vae, text_encoder):
         net.to(device, dtype).eval().requires_grad_(False)
     return Model(unet, vae, text_encoder, tokenizer, alphas_cumprod_from_config(cfg["scheduler"]),
-                 float(cfg["vae"].get("scaling_factor", 0.18215)), dict(cfg["scheduler"]), path, fp)
+                 float(cfg["vae"].get("scaling_factor", 0.18215)), dict(cfg["scheduler"]), path, fp, old_fp)

@@ -86,6 +86,18 @@ def write_tiny_model(folder, seed=0):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_cache(tmp_path_factory):
+    """The fingerprint cache of every test (and of the scripts they run) in a temporary folder, not the home folder."""
+    folder, before = str(tmp_path_factory.mktemp("cache")), os.environ.get("CP_CACHE_DIR")
+    os.environ["CP_CACHE_DIR"] = folder
+    yield folder
+    if before is None:
+        del os.environ["CP_CACHE_DIR"]
+    else:
+        os.environ["CP_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of a random tiny SD model in diffusers folder layout (built once per test session)."""

@@ -1,5 +1,6 @@
 """Loading: diffusers folders, single-file LDM checkpoints (checked against diffusers' own converter), bad files."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -154,3 +155,101 @@ def test_pickle_with_objects_is_refused(tmp_path, capsys):
     torch.save({"state_dict": {"a": torch.zeros(1), "b": "text"}}, path)
     with pytest.raises(unet.LoadError, match="not tensors: b"):
         unet.read_weights(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fingerprint: every weight, whatever dtype the model is loaded in, cached by path, size and mtime
+
+WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+           "text_encoder": "text_encoder/model.safetensors"}
+
+
+def copy_model(tiny_model_dir, tmp_path):
+    folder = str(tmp_path / "model")
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def touch(path):
+    """A newer mtime (by 1 ns), the bytes unchanged."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+
+
+@pytest.mark.parametrize("net, suffix", [("unet", "conv_in.bias"), ("vae", "decoder.conv_out.bias"),
+                                         ("text_encoder", "final_layer_norm.bias")])
+def test_fingerprint_covers_every_weight(tiny_model_dir, tmp_path, net, suffix):
+    """One bias ×1.01, in any of the three networks, is another base model (the old four-tensor hash misses it)."""
+    base = unet.load_model(tiny_model_dir)
+    folder = copy_model(tiny_model_dir, tmp_path)
+    path = os.path.join(folder, WEIGHTS[net])
+    sd = load_file(path)
+    key = next(k for k in sd if k.endswith(suffix))  # text_model.-prefixed or not, by transformers' version
+    sd[key] = sd[key] * 1.01 + 1e-3  # + 1e-3: a freshly initialised CLIP's biases are zeros
+    save_file(sd, path)
+    changed = unet.load_model(folder)
+    assert len(changed.fingerprint) == 32 and int(changed.fingerprint, 16) >= 0
+    assert changed.fingerprint != base.fingerprint
+    assert changed.old_fingerprint == base.old_fingerprint
+    assert unet.load_model(copy_model(tiny_model_dir, tmp_path / "same")).fingerprint == base.fingerprint
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fingerprint_does_not_depend_on_the_load_dtype(tiny_model_dir, tmp_path, monkeypatch, dtype):
+    """Hashed afresh each time (a new cache folder), the same weights loaded in another dtype give one fingerprint."""
+    hashed, real = [], unet.hash_weights
+    monkeypatch.setattr(unet, "hash_weights", lambda nets: hashed.append(1) or real(nets))
+    monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "a"))
+    ref = unet.load_model(tiny_model_dir)
+    monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "b"))
+    model = unet.load_model(tiny_model_dir, dtype=dtype)
+    assert model.dtype == dtype and len(hashed) == 2
+    assert (model.fingerprint, model.old_fingerprint) == (ref.fingerprint, ref.old_fingerprint)
+
+
+def test_fingerprint_is_cached_by_path_size_and_mtime(tiny_model_dir, tmp_path, monkeypatch):
+    """The second load takes the digest from the cache; a weight file with a newer mtime is hashed again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CP_CACHE_DIR", str(cache))
+    folder = copy_model(tiny_model_dir, tmp_path)
+    hashed, real = [], unet.hash_weights
+    monkeypatch.setattr(unet, "hash_weights", lambda nets: hashed.append(1) or real(nets))
+    first = unet.load_model(folder).fingerprint
+    assert len(hashed) == 1 and [f.suffix for f in cache.iterdir()] == [".json"]  # one entry, no temp file left
+
+    def no_hash(nets):
+        raise AssertionError("hashed again")
+    monkeypatch.setattr(unet, "hash_weights", no_hash)
+    assert unet.load_model(folder).fingerprint == first
+    monkeypatch.setattr(unet, "hash_weights", lambda nets: hashed.append(1) or real(nets))
+    for n, net in enumerate(WEIGHTS, start=2):
+        touch(os.path.join(folder, WEIGHTS[net]))
+        assert unet.load_model(folder).fingerprint == first and len(hashed) == n  # hashed again: the same weights
+        assert unet.load_model(folder).fingerprint == first and len(hashed) == n  # and cached for the new mtime
+
+
+def test_a_cache_that_cannot_be_used_is_no_error(tiny_model_dir, tmp_path, monkeypatch):
+    """A cache folder that cannot be created, or a damaged entry: the fingerprint is computed (and the entry fixed)."""
+    ref = unet.load_model(tiny_model_dir).fingerprint
+    (tmp_path / "file").write_text("a file, not a folder")
+    monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "file" / "cp"))
+    assert unet.load_model(tiny_model_dir).fingerprint == ref
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CP_CACHE_DIR", str(cache))
+    unet.load_model(tiny_model_dir)
+    for damage in ["{not json", '{"stamp": 1}', '{"stamp": null, "weights": 7}', "[]"]:
+        [entry] = cache.iterdir()
+        entry.write_text(damage)
+        assert unet.load_model(tiny_model_dir).fingerprint == ref
+        assert "weights" in unet.read_json(entry)
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "mine"))
+    assert unet.cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv("CP_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert unet.cache_dir() == str(tmp_path / "xdg" / "cp")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert unet.cache_dir() == str(tmp_path / "home" / ".cache" / "cp")

@@ -208,6 +208,25 @@ def test_damaged_state_from_the_command_line(saved, tmp_path):
     assert_one_line_error(r, name, "is damaged")
 
 
+def test_a_state_with_the_old_fingerprint_loads_with_its_model(saved, tmp_path):
+    """A state recording the older four-tensor hash still loads with its own model, in any dtype, is refused with
+    another model, and its next save records the full fingerprint."""
+    from conftest import write_tiny_model
+    folder = copy_state(saved, tmp_path)
+    m, model = manifest(folder), unet.load_model(saved["model"])
+    m["model"]["fingerprint"] = model.old_fingerprint
+    with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
+        json.dump(m, f, indent=1)
+    loaded, state = cp_state.load_with_state(folder, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and state.model["fingerprint"] == model.fingerprint
+    with pytest.raises(cp.CPError, match=f"another base model .*fingerprint {model.old_fingerprint}"):
+        cp_state.load_with_state(folder, write_tiny_model(str(tmp_path / "other"), seed=1))
+    state = cp_state.load_state(folder)
+    cp_state.check_model(state, model)
+    cp_state.save_state(state, folder)
+    assert manifest(folder)["model"]["fingerprint"] == model.fingerprint
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # failed writes
 
