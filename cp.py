@@ -83,9 +83,10 @@ class Hparams:
     seed: int = knob(0, "seed of task n is seed * 1000 + n (batches, noise, the DC subset)")
 
     def uses(self, part):
-        """Which ingredients the method combines: 'lora', 'ewc', 'dc', 'dsc', 'clora'."""
+        """Which ingredients the method combines: lora, ewc, dc_fisher (the DC-informed Fisher), dc_loss (δ·L_DC),
+        dsc, clora."""
         m = self.method
-        return {"lora": m != "ti", "ewc": "ewc" in m, "dc": m.endswith("ewc-dc"),
+        return {"lora": m != "ti", "ewc": "ewc" in m, "dc_fisher": m.endswith("ewc-dc"),
                 "dc_loss": m.endswith("ewc-dc") and self.dc_weight > 0,
                 "dsc": m.startswith("dsc"), "clora": m == "clora"}[part]
 
@@ -127,8 +128,8 @@ def check_hparams(hp):
         return CPError(f"--{name.replace('_', '-')} {getattr(hp, name)!r}: must be {need}")
     if hp.method not in METHODS:
         raise CPError(f"unknown method {hp.method!r} (choose from {', '.join(METHODS)})")
-    if hp.targets not in lora.PRESETS:
-        raise bad("targets", " or ".join(lora.PRESETS))
+    if hp.targets not in lora.TARGETS:
+        raise bad("targets", " or ".join(lora.TARGETS))
     if hp.adapter not in lora.ADAPTERS:
         raise bad("adapter", " or ".join(lora.ADAPTERS))
     if hp.adapter == "vera" and hp.uses("clora"):
@@ -498,7 +499,7 @@ def _learn_concept(model, state, images, name, class_word, captions, run):
                        "gradient_checkpointing": run.gradient_checkpointing, "flip": run.flip,
                        "captions": sum(c is not None for c in captions or [])}}
     metrics["train"], row = train_task(model, state, task)
-    if hp.uses("dc") or hp.uses("dsc"):
+    if hp.uses("dc_fisher") or hp.uses("dsc"):
         metrics["dc_temp"] = task_temp(model, state, task)
     if hp.uses("dsc"):
         metrics["consolidate"] = consolidate(model, state, task)
@@ -592,7 +593,7 @@ def fisher_estimate(model, state, task, n):
     concepts} for the DC-informed methods (the Fisher then weighs the parameters that tell c_n apart from what the
     model knew), of L_denoise for `ewc`."""
     hp = state.hparams
-    if hp.uses("dc"):
+    if hp.uses("dc_fisher"):
         tau = task_temp(model, state, task)
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
                                       tau, task.gen)

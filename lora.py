@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 KV = ("attn2.to_k", "attn2.to_v")  # cross-attention keys and values (C-LoRA / Custom Diffusion)
 ATTN = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
 FF = ("ff.net.0.proj", "ff.net.2")  # the transformer blocks' feed-forward (GEGLU in, Linear out)
-PRESETS = {"kv": KV, "attn": ATTN, "kv+ff": KV + FF}
+TARGETS = {"kv": KV, "attn": ATTN, "kv+ff": KV + FF}
 METADATA_KEY = "lora_adapter_metadata"
 ADAPTERS = ("lora", "vera")
 VERA_D_INITIAL = 0.1  # PEFT's default d_initial
@@ -158,7 +158,7 @@ def get_projection(unet):
 
 def target_modules(unet, targets=KV):
     """[(path, nn.Linear)] of every nn.Linear whose path ends with one of `targets` (a tuple, "kv" or "attn")."""
-    targets = PRESETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
+    targets = TARGETS.get(targets, (targets,)) if isinstance(targets, str) else tuple(targets)
     return [(p, m) for p, m in unet.named_modules()
             if isinstance(m, nn.Linear) and any(p == t or p.endswith("." + t) for t in targets)]
 

@@ -51,7 +51,7 @@ class Progress:
               file=self.stream, flush=True)
 
 
-PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
+PRESETS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
 FIXED = ("method", "rank", "alpha", "targets", "adapter")  # a state's adapter layout cannot change between tasks
 
 
@@ -59,7 +59,7 @@ def load_presets(path=None):
     """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
     "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
     cp.check_hparams refuses is a cp.CPError naming it."""
-    path = path or PRESETS
+    path = path or PRESETS_FILE
     try:
         with open(path) as f:
             presets = json.load(f)
@@ -99,7 +99,7 @@ def add_hparam_flags(parser, presets=None, skip=()):
     """Every cp.Hparams field as a flag, its help the field's. A flag not given is None: the state's value, else the
     presets', else cp.Hparams' default, which is what a plain run uses; the help names the presets that change it."""
     defaults = cp.Hparams()
-    choices = {"method": cp.METHODS, "targets": list(lora.PRESETS), "adapter": lora.ADAPTERS,
+    choices = {"method": cp.METHODS, "targets": list(lora.TARGETS), "adapter": lora.ADAPTERS,
                "fisher_norm": cp.FISHER_NORMS, "dsc_first": cp.DSC_FIRST}
     for f in fields(cp.Hparams):
         if f.name in skip:
@@ -122,7 +122,7 @@ def presets_help(presets):
         or "no values of its own"
     lines = [f"Defaults: a plain run is the default method, {presets['default_method']}, at its tuned preset on the "
              f"shipped toy model: the defaults above. Another --method takes its own preset and a larger base model "
-             f"its own training settings (both from {PRESETS}: {presets['source']}); a continued state keeps its "
+             f"its own training settings (both from {PRESETS_FILE}: {presets['source']}); a continued state keeps its "
              "values; flags win.", "model presets:"]
     lines += [f"  {kind}: {show(v)}" for kind, v in presets["models"].items()]
     lines += ["method presets:"] + [f"  {m}: {show(v)}" for m, v in presets["methods"].items()]
@@ -325,7 +325,7 @@ def write_grids(model, state, folder, run):
     return path
 
 
-def run(args):
+def execute(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not args.concept and not args.export:
         raise cp.CPError("nothing to do: give --concept DIR to learn a concept, or --export DIR")
@@ -338,10 +338,10 @@ def run(args):
         name = args.name or os.path.basename(os.path.normpath(args.concept))
         cp.check_name(name, given=bool(args.name))
         load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
-    settings = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
+    run = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
                       gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
                       progress=Progress)
-    cp.check_run(settings, resolve_hparams(args, None, presets))  # every flag checked before any work
+    cp.check_run(run, resolve_hparams(args, None, presets))  # every flag checked before any work
     lock = cp_state.lock_state(args.state) if args.concept else None  # held while this run lasts
     state = cp_state.load_state(args.state) if cp_state.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state, presets)
@@ -363,17 +363,17 @@ def run(args):
     cp.apply_state(model, state)
 
     if args.concept:
-        if settings.sample_every:
-            settings.preview = previewer(model, state, args)
-        state = learn_folder(model, state, args.concept, args.name, args.class_word, run=settings)
+        if run.sample_every:
+            run.preview = previewer(model, state, args)
+        state = learn_folder(model, state, args.concept, args.name, args.class_word, run=run)
         cp_state.save_state(state, args.state)
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
               f"({len(state.concepts)} concepts)")
         try:  # the state is saved: what follows only records it
-            cp_state.append_log(args.state, settings.trace)
+            cp_state.append_log(args.state, run.trace)
             if not args.no_preview:
-                print(f"grid: {write_grids(model, state, args.state, settings)}  (rows: "
+                print(f"grid: {write_grids(model, state, args.state, run)}  (rows: "
                       f"{', '.join(c['token'] for c in state.concepts)}, then c0)")
         except OSError as e:
             print(f"warning: the step log or the grid was not written: {e}", file=sys.stderr)
@@ -401,7 +401,7 @@ def previewer(model, state, args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        execute(args)
     except (cp.CPError, unet.LoadError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

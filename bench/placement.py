@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--concept", required=True, help="a folder name under examples/concepts")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--part", choices=list(PARTS), help="train this part of the UNet outright")
-    what.add_argument("--lora", choices=list(lora.PRESETS), help="train a LoRA at this preset (train.py's --targets)")
+    what.add_argument("--lora", choices=list(lora.TARGETS), help="train a LoRA at this preset (train.py's --targets)")
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--steps", type=int, default=cp.Hparams.steps)
     ap.add_argument("--rank", type=int, default=cp.Hparams.rank, help="LoRA rank (alpha = rank)")

@@ -100,7 +100,7 @@ def test_ties_on_a_go_to_the_lower_f():
 
 def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid):
     root, presets = str(tmp_path / "cells"), str(tmp_path / "presets.json")
-    shutil.copy(train.PRESETS, presets)
+    shutil.copy(train.PRESETS_FILE, presets)
     before = open(presets).read()
     fake_cell(root, "seq", {}, [0.3, 0.3, 0.3])
     for v in (0.1, 0.2):
@@ -113,7 +113,7 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
     tune.main(args)
     written = train.load_presets(presets)
     assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_steps": 100}}
-    assert written["default_method"] == "dsc" and written["models"] == json.load(open(train.PRESETS))["models"]
+    assert written["default_method"] == "dsc" and written["models"] == json.load(open(train.PRESETS_FILE))["models"]
     assert "dsc 0.467" in written["source"] and "seq 0.300" in written["source"]
 
 

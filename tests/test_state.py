@@ -405,7 +405,7 @@ def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
 
 
 def write_presets(path, **change):
-    with open(train.PRESETS) as f:
+    with open(train.PRESETS_FILE) as f:
         presets = json.load(f)
     presets.update(change)
     with open(path, "w") as f:
@@ -417,7 +417,7 @@ def write_presets(path, **change):
                                     "bad value", "bad default"])
 def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path, monkeypatch, damage):
     path = tmp_path / "presets.json"
-    methods = json.load(open(train.PRESETS))["methods"]
+    methods = json.load(open(train.PRESETS_FILE))["methods"]
     if damage == "not json":
         path.write_text('{"models": ')
     elif damage == "no methods":
@@ -427,7 +427,7 @@ def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path,
                                "unknown hparam": dict(methods={**methods, "ewc": {"ewc_lamda": 1.0}}),
                                "bad value": dict(methods={**methods, "ewc": {"ewc_lambda": -1.0}}),
                                "bad default": dict(default_method="best")}[damage])
-    monkeypatch.setattr(train, "PRESETS", str(path))
+    monkeypatch.setattr(train, "PRESETS_FILE", str(path))
     monkeypatch.setattr(unet, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     new = str(tmp_path / "new")
     message = exit_message(train.main, ["--concept", saved["beta"], "--state", new, "--model", saved["model"]])
@@ -444,7 +444,7 @@ def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(sav
     path = write_presets(tmp_path / "presets.json", models=models, default_method="ewc",
                          methods={"ewc": {"ewc_lambda": 0.5, "fisher_norm": "total", "batch_size": 2,
                                           "fisher_samples": 5}, "seq": {}})
-    monkeypatch.setattr(train, "PRESETS", path)
+    monkeypatch.setattr(train, "PRESETS_FILE", path)
     folder = str(tmp_path / "state")
     train.main(["--concept", saved["beta"], "--state", folder, "--model", saved["model"], "--no-preview",
                 "--fisher-samples", "2", "--lr", "0.004"])
