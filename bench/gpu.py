@@ -369,7 +369,7 @@ def kernel_report(step):
     timer = {"cudagraph": "CUDA graphs replayed back to back, timed by CUDA events", "wall": "the median wall time",
              "events": "back-to-back calls between CUDA events"}[rows[0]["eager_timer"]]
     lines = [f"`{step['command']}`; latent {rows[0]['D']} elements; forward+backward time ({timer}) in µs; "
-             "'kernel' is the Triton op, 'auto' what `dc_loss` picks by itself.", "",
+             "'kernel' is the Triton op, 'auto' what dc_score's functions pick by themselves.", "",
              "| case | dtype | B | K | eager | compiled | kernel | kernel vs eager / compiled | kernels e / c / k | "
              "syncs k | host enqueue µs e / k | auto |", "|" + " --- |" * 12]
     for r in rows:

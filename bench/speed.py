@@ -24,7 +24,8 @@ import triton.testing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import unet  # noqa: E402
-from dc_kernels import dc_errors, dc_loss, dc_loss_impl  # noqa: E402
+import dc_score  # noqa: E402
+from dc_kernels import dc_loss_impl  # noqa: E402
 
 
 # (name, UNet config, batch, latent side) of the UNet benchmarks: SD v1.5 at a small latent size, the tiny preset
@@ -180,24 +181,26 @@ TAU = 0.05  # the DC posterior's temperature (cp.Hparams.dc_temp)
 def loss_case(name, B, K, latent, device, dtype, seed=0):
     """pred (requiring grad), and loss(impl, pred) -> (outputs, their upstream gradients) for one case:
     'fisher' and 'sweep': the DC cross-entropy, target 0 (the Fisher's, B = 1); 'dsc': the soft cross-entropy
-    against two teachers (rows summing to 2); 'task': δ·L_DC's ragged batch, the first 2 of B images under K prompts
+    against a teacher's posterior (DSC takes one per teacher); 'task': δ·L_DC's ragged batch, the first 2 of B images under K prompts
     and the others under the target alone (L_DC of the 2, and the errors L_denoise reads)."""
     g = torch.Generator().manual_seed(seed)
     rows = 2 * K + B - 2 if name == "task" else B * K
     pred = torch.randn(rows, *latent, generator=g).to(device, dtype).requires_grad_()
     noise = torch.randn(B, *latent, generator=g).to(device, dtype)
-    teacher = 2 * torch.softmax(torch.randn(B, K, generator=g), -1).to(device)
+    teacher = torch.softmax(torch.randn(B, K, generator=g), -1).to(device)
     g_image = torch.full((B,), 1 / B, device=device)
     g_dc = torch.zeros(2, K, device=device)
     g_dc[:, 0] = 1 / B  # L_denoise reads the target's column of the DC images
 
     def loss(impl, pred):
         if name == "task":
-            ce, e_dc = dc_loss(pred[:2 * K].view(2, K, *latent), noise[:2], 0, TAU, impl=impl)
-            return (ce, e_dc, dc_errors(pred[2 * K:, None], noise[2:], "mean", impl=impl)[:, 0]), (g_image[:2], g_dc,
-                                                                                              g_image[2:])
-        L, _ = dc_loss(pred.view(B, K, *latent), noise, None if name == "dsc" else 0, TAU,
-                       teacher if name == "dsc" else None, impl=impl)
+            ce, e_dc = dc_score.dc_cross_entropy(pred[:2 * K].view(2, K, *latent), noise[:2], 0, TAU, impl=impl)
+            e = dc_score.dc_errors(pred[2 * K:, None], noise[2:], "mean", impl=impl)[:, 0]
+            return (ce, e_dc, e), (g_image[:2], g_dc, g_image[2:])
+        if name == "dsc":
+            L, _ = dc_score.soft_cross_entropy(pred.view(B, K, *latent), noise, teacher, TAU, impl=impl)
+        else:
+            L, _ = dc_score.dc_cross_entropy(pred.view(B, K, *latent), noise, 0, TAU, impl=impl)
         return (L,), (g_image,)
     return pred, loss
 
@@ -291,7 +294,7 @@ def bench_kernel(device, dtype, repeats, quick=False):
     CUDA, the toy model's 4x16x16 on a CPU, 4x8x8 with quick. Each way: forward and forward+backward device time
     (ms; CUDA graphs replayed back to back, timed by CUDA events), the host's enqueue time and the synced latency of
     a forward+backward, its kernels (profiler) and host syncs (sync-debug mode). 'kernel' is the Triton op itself
-    (impl='triton'; CUDA only); 'auto' says which path dc_loss picks by itself. dtype None: bf16, fp16 and fp32.
+    (impl='triton'; CUDA only); 'auto' says which path dc_score's functions pick by themselves. dtype None: bf16, fp16 and fp32.
     The compiled reference (torch.compile, fullgraph) runs on CUDA only (inductor takes about a minute per shape on
     a small CPU) and in bf16 only, the training dtype. Last, the loss's share of a training step: the task case
     against the UNet's forward+backward over the same rows.
