@@ -25,7 +25,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
@@ -452,6 +452,7 @@ class Task:
     gen: torch.Generator       # batches, t, ε
     rng: random.Random         # the DC subset, DSC's earlier concept
     ewc: tuple                 # (F*, φ*) of the state, on the adapter's device
+    _: KW_ONLY                 # the fields below are given by name
     tau: float = None          # τ of the DC terms (the flag's number, or calibrated: calibrate_temp)
     run: Run = field(default_factory=Run)
     captions: list = None      # one prompt per image for L_denoise (None: the target prompt for all)

@@ -50,7 +50,7 @@ def task_for(model, state, concept, folder, seed):
     gen = torch.Generator().manual_seed(seed)
     images, _ = train.load_images(folder, model.resolution)
     return cp.Task(len(state.concepts), concept["name"], concept["token"], concept["prompt"], None, cp.base_prompt(),
-                   "current", cp.Batches(model, images, 8, gen), gen, random.Random(seed), ({}, {}), False)
+                   "current", cp.Batches(model, images, 8, gen), gen, random.Random(seed), ({}, {}))
 
 
 def flat_values(fisher, keys):

@@ -81,7 +81,7 @@ def alpha_task(model, images, state, seed=0):
     """Task n = len(state.concepts) of concept alpha on `images`, its draws seeded by `seed`."""
     gen = torch.Generator().manual_seed(seed)
     return cp.Task(len(state.concepts), "alpha", "<alpha>", "a photo of a red star", None, "a photo", "current",
-                   cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}), False)
+                   cp.Batches(model, images, 2, gen), gen, cp.random.Random(seed), ({}, {}))
 
 
 def test_ewc_penalty_by_hand(tiny_model_dir):
@@ -119,7 +119,7 @@ def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
         made.append([torch.full_like(p, float(len(made) + 1)) * torch.rand_like(p) for p in params])
         return made[-1]
     monkeypatch.setattr(cp, "fisher_diagonal", fixed_fisher)
-    model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7)
+    model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7, fisher_norm="task")
     first = train.learn_folder(model, state, concepts[0])
     second = train.learn_folder(model, first, concepts[1])
     keys = list(cp.flat(lora.get_adapter(model.unet, "current")))
