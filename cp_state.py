@@ -69,6 +69,44 @@ def lock_state(folder):
     return f
 
 
+def first_missing(path):
+    """The outermost folder of `path` that does not exist (what lock_state's makedirs creates); None if it exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def unlock_unsaved(folder, lock, created):
+    """Undo `lock_state` for a run that ends before its first save: when it created the folder (`created`, from
+    `first_missing` before locking), the lock file, the empty pool/ a failed save leaves, and every folder from
+    `folder` up to `created` go, each only if nothing else is in it. The lock file is removed while still held, so
+    no other run takes it in between (Windows, which removes no open file: right after)."""
+    try:
+        if created is None:
+            return
+        left = set(os.listdir(folder)) - {LOCK}
+        if left - {"pool"} or (left and os.listdir(os.path.join(folder, "pool"))):
+            return
+        try:
+            os.remove(os.path.join(folder, LOCK))
+        except OSError:
+            lock.close()
+            os.remove(os.path.join(folder, LOCK))
+        if left:
+            os.rmdir(os.path.join(folder, "pool"))
+        path = os.path.abspath(folder)
+        while True:
+            os.rmdir(path)  # refuses a folder that is not empty: another process's, left alone
+            if path == created:
+                break
+            path = os.path.dirname(path)
+    except OSError:
+        pass  # a folder left behind is harmless; the error that ended the run is the one to report
+    finally:
+        lock.close()
+
+
 def append_log(folder, records):
     """Add the steps of the task just saved to the log beside the state: one JSON object per line."""
     with open(os.path.join(folder, LOG), "a", encoding="utf-8") as f:

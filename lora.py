@@ -23,7 +23,8 @@ Files (safetensors, LoRA tensors only):
                   Without that entry diffusers uses alpha = r, so does `load_lora`.
   kohya:          `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`; token
                   embeddings may ride along as `bundle_emb.<name>.string_to_param.*` [1, dim] (the bundle that
-                  AUTOMATIC1111's and ComfyUI's LoRA loaders read; `<name>` is the word that calls it in a prompt).
+                  AUTOMATIC1111's LoRA loader reads; `<name>` is the word that calls it in a prompt; diffusers'
+                  load_lora_weights refuses a file that holds it, ComfyUI does not read it).
   PEFT VeRA:      `base_model.model.<module>.vera_lambda_d` / `.vera_lambda_b`, and the shared projection as
                   `base_model.vera_A` / `base_model.vera_B` (PEFT's save_projection=True; without them PEFT and
                   `load_vera` regenerate it from `projection_prng_key`), beside PEFT's adapter_config.json (a folder,

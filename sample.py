@@ -98,8 +98,42 @@ def unknown_tokens(prompt, tokens):
     return [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in tokens]
 
 
+OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # RGB grids (GIF: 256 colours)
+
+
+def out_extensions():
+    """The extensions of OUT_EXTENSIONS that this Pillow can write."""
+    formats = Image.registered_extensions()
+    return [e for e in OUT_EXTENSIONS if formats.get(e) in Image.SAVE]
+
+
+def blocked_by(path):
+    """The file that stands where the folder `path`, or a folder above it, would go; None if nothing does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+def check_out(path, overwrite=False):
+    """What is wrong with an --out path (before any work), or None: a folder, an extension Pillow cannot write a
+    grid in, an existing file (unless `overwrite`), a file where its folder would go."""
+    known = ", ".join(out_extensions())
+    if os.path.isdir(path):
+        return f"--out {path} is a folder; give an image file name ({known})"
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in out_extensions():
+        return f"--out {path}: {f'unknown extension {ext}' if ext else 'no extension'}; use one of {known}"
+    if os.path.lexists(path) and not overwrite:
+        return f"--out {path} exists; give --overwrite to replace it"
+    blocker = blocked_by(os.path.dirname(path) or ".")
+    if blocker:
+        return f"--out {path}: {blocker} is a file, not a folder"
+    return None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate a PNG grid with DDIM + classifier-free guidance.")
+    p = argparse.ArgumentParser(description="Generate an image grid with DDIM + classifier-free guidance.")
     p.error = lambda message: sys.exit(f"error: {message}")  # usage errors too: one line, exit status 1
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the "
                    "state's model, else toy/model)")
@@ -110,7 +144,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale s (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
+    p.add_argument("--out", default="samples.png", help="image file of the grid: .png, .jpg, .jpeg, .webp, .bmp, "
+                   ".tif or .tiff (default samples.png); a missing folder is created")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (without it, one is "
+                   "refused before any work)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the state's LoRA (default 1; 0: the base "
                    "model with the learned tokens)")
@@ -125,6 +162,9 @@ def main(argv=None):
                             "--device cuda: this machine has no CUDA device")):
         if wrong:
             p.error(message)
+    wrong = check_out(args.out, args.overwrite)  # before the model loads: a grid that cannot be saved costs nothing
+    if wrong:
+        p.error(wrong)
 
     import cp
     import cp_state
@@ -151,7 +191,11 @@ def main(argv=None):
         print(f"warning: {message}; the tokenizer reads it as plain text", file=sys.stderr)
     images = sample(model, [args.prompt] * args.n, args.negative_prompt, args.steps, args.guidance, args.seed,
                     progress=True)
-    to_grid(images).save(args.out)
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        to_grid(images).save(args.out)
+    except OSError as e:
+        sys.exit(f"error: cannot write {args.out}: {e}")
     print(f"wrote {args.out} ({args.n} images, {args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})")
 
 

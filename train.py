@@ -8,8 +8,8 @@
 
 Each run adds one concept to the state directory (default runs/default), appends every step's losses to its
 log.jsonl and draws every learned concept into its grids/ folder. Bad input ends with a one-line error and exit
-status 1; the state is then left as it was. One run at a time writes a state: a second run on a state in use stops
-at once, naming the process that holds it.
+status 1; the state is then left as it was (a new one leaves no folder). One run at a time writes a state: a second
+run on a state in use stops at once, naming the process that holds it.
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import save_file
 
 import cp
@@ -154,8 +154,10 @@ def parse_args(argv):
                    "asymmetric concepts)")
     p.add_argument("--sample-every", type=int, default=0, metavar="N", help="draw the new concept every N training "
                    "steps into grids/ (default 0: never)")
-    p.add_argument("--export", metavar="DIR", help="write the LoRA (diffusers; kohya with the tokens bundled; VeRA: "
-                   "PEFT's folder layout) and the token embeddings")
+    p.add_argument("--export", metavar="DIR", help="write into DIR (created if missing) the LoRA (diffusers; kohya; "
+                   "kohya with the tokens bundled, for A1111; VeRA: PEFT's folder layout) and the token embeddings")
+    p.add_argument("--overwrite", action="store_true", help="let --export replace files in DIR (without it, an "
+                   "export that would replace a file is refused before any work)")
     p.add_argument("--no-preview", action="store_true", help="skip the grid of every learned concept after training")
     add_hparam_flags(p, None if isinstance(presets, cp.CPError) else presets)
     return p.parse_args(argv)
@@ -187,11 +189,18 @@ def describe_settings(hp, source, given):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def concept_name(folder, name=None):
+    """A concept's name, checked: `name` when given (an empty one is refused, not replaced), else the folder's."""
+    given = name is not None
+    name = name if given else os.path.basename(os.path.normpath(folder))
+    cp.check_name(name, given)
+    return name
+
+
 def read_concept(folder, resolution, name=None):
     """(images [N, 3, R, R] in [−1, 1], name, captions) of a concept folder: its name is the folder's unless given;
     skipped files are noted on stderr."""
-    given, name = name, name or os.path.basename(os.path.normpath(folder))
-    cp.check_name(name, given=bool(given))
+    name = concept_name(folder, name)
     images, notes = load_images(folder, resolution)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -240,7 +249,8 @@ def load_captions(folder, token):
 
 
 def load_images(folder, resolution):
-    """Images of a concept folder as a tensor [N, 3, R, R] in [−1, 1]: any mode → RGB, resize + center crop.
+    """Images of a concept folder as a tensor [N, 3, R, R] in [−1, 1]: upright, any mode → RGB, resize + center crop
+    (`to_square_rgb`).
 
     Files without an image extension are skipped (and named in the returned notes); an image that cannot be
     decoded is an error naming it.
@@ -261,11 +271,35 @@ def load_images(folder, resolution):
     return x, [f"skipped non-image file {s}" for s in skipped]
 
 
-def to_square_rgb(im, size):
-    if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels become white
+# Modes wider than 8 bits: the top of the range that maps to 255. The I;16 modes by their type's range (65535 =
+# 257 · 255). Mode I is a 32-bit container (Pillow's mode for 16-bit PNGs in some versions and for 32-bit TIFFs) and
+# F holds floats with no fixed range (float TIFFs are [0, 1] by convention): values within 0..65535 (I) or [0, 1]
+# (F) are read by that range, so a dark image stays dark; other values by the image's own [min, max], so that no
+# range this cannot know saturates to all white or all black.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb(im):
+    """An 8-bit RGB image of any mode PIL opens, each read by its range (WIDE_MODES); transparent pixels white."""
+    if im.mode == "LAB":  # Pillow's convert would reinterpret the L, a, b bytes as R, G, B
+        raise ValueError("CIELab images are not read; save it as RGB")
+    if im.mode in WIDE_MODES:
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        lo, hi = 0.0, WIDE_MODES[im.mode]
+        if a.min() < lo or a.max() > hi:
+            lo, hi = a.min(), max(a.max(), a.min() + 1e-12)
+        im = Image.fromarray(np.round((a - lo) / (hi - lo) * 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "P", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    im = im.convert("RGB")
+    return im.convert("RGB")
+
+
+def to_square_rgb(im, size):
+    """An opened image as the uint8 array [size, size, 3] it trains on: turned upright as its EXIF orientation says
+    (a phone's portrait photo is often stored landscape), 8-bit RGB (`to_rgb`), the short side resized to `size`,
+    center-cropped."""
+    im = to_rgb(ImageOps.exif_transpose(im))
     scale = size / min(im.size)
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
     im = im.resize((w, h), Image.BICUBIC)
@@ -273,34 +307,71 @@ def to_square_rgb(im, size):
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
+# file name: (format, tokens bundled). A1111 reads bundled tokens; diffusers' load_lora_weights refuses a file that
+# holds them and ComfyUI does not read them: both take the plain kohya file and the token files.
+LORA_FILES = {"pytorch_lora_weights.safetensors": ("diffusers", False), "lora_kohya.safetensors": ("kohya", False),
+              "lora_kohya_with_tokens.safetensors": ("kohya", True)}
 
 
-def export(model, state, folder):
-    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA; the kohya file with
-    the tokens bundled), VeRA as PEFT's adapter_model.safetensors + adapter_config.json, and the tokens."""
+def export_files(hp, names):
+    """The files `export` writes for a state of these hparams that holds concepts `names`."""
+    adapter = [] if not hp.uses("lora") else [lora.VERA_WEIGHTS, lora.VERA_CONFIG] if hp.adapter == "vera" else \
+        list(LORA_FILES)
+    return adapter + [name + ".safetensors" for name in names]
+
+
+def check_export(folder, files, overwrite=False):
+    """An export folder that cannot be one, or files in it an export would replace (unless `overwrite`), refused
+    before any work."""
+    import sample
+    blocker = sample.blocked_by(folder)
+    if blocker:
+        raise cp.CPError(f"--export {folder}: {blocker} is a file, not a folder")
+    replaced = [f for f in files if os.path.lexists(os.path.join(folder, f))]
+    if replaced and not overwrite:
+        raise cp.CPError(f"--export {folder} already holds {', '.join(replaced)}; give --overwrite to replace "
+                         f"{'them' if len(replaced) > 1 else 'it'}")
+
+
+def export(model, state, folder, overwrite=False):
+    """LoRA in diffusers and kohya formats (C-LoRA's per-task adapters as one rank-stacked LoRA; the kohya file twice,
+    with and without the tokens bundled), VeRA as PEFT's adapter_model.safetensors + adapter_config.json, and the
+    tokens. Files already in `folder` are replaced only if `overwrite`."""
     hp = state.hparams
     rows = {c["name"]: state.tokens[c["token"]] for c in state.concepts}
-    taken = {*LORA_FILES.values(), lora.VERA_WEIGHTS}
+    taken = {*LORA_FILES, lora.VERA_WEIGHTS}
     for name in rows:  # a state saved before names were checked may hold any name
         if not cp.NAME.fullmatch(name) or name + ".safetensors" in taken:
             raise cp.CPError(f"concept name {name!r} cannot name a file in {folder}; nothing was exported")
-    os.makedirs(folder, exist_ok=True)
+    files = export_files(hp, rows)
+    check_export(folder, files, overwrite)
     weights = state.lora if state.lora else lora.stack(state.pool) if hp.method == "clora" and state.pool else None
-    written = []
-    if weights and hp.adapter == "vera":
-        lora.write_vera(weights, folder, state.projection)
-        written += [lora.VERA_WEIGHTS, lora.VERA_CONFIG]
-    elif weights:
-        ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
-        alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
-        for fmt, name in LORA_FILES.items():
-            lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt, rows if fmt == "kohya" else None)
-            written.append(name)
-    for c in state.concepts:  # one file per token, the layout diffusers' load_textual_inversion reads
-        save_file({c["token"]: rows[c["name"]].contiguous()}, os.path.join(folder, c["name"] + ".safetensors"))
-        written.append(c["name"] + ".safetensors")
-    return written
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if weights and hp.adapter == "vera":
+            lora.write_vera(weights, folder, state.projection)
+        elif weights:
+            ranks = {p: A.shape[0] for p, (A, _) in weights.items()}
+            alphas = {p: hp.alpha * ranks[p] / hp.rank for p in weights}  # keeps the scale α/r of every adapter
+            for name, (fmt, bundled) in LORA_FILES.items():
+                lora.write_lora_file(weights, alphas, os.path.join(folder, name), fmt, rows if bundled else None)
+        for c in state.concepts:  # one file per token, the layout diffusers' load_textual_inversion reads
+            save_file({c["token"]: rows[c["name"]].contiguous()}, os.path.join(folder, c["name"] + ".safetensors"))
+    except OSError as e:
+        raise cp.CPError(f"cannot write the export to {folder}: {e}") from None
+    return files
+
+
+def usage_note(files):
+    """One line: which program loads which exported file."""
+    tokens = "each <name>.safetensors with load_textual_inversion"
+    if lora.VERA_WEIGHTS in files:
+        return f"load: PeftModel.from_pretrained(unet, DIR) (PEFT's VeRA) and {tokens}"
+    if "lora_kohya.safetensors" not in files:
+        return f"load: {tokens} (diffusers), or in a UI's embeddings folder"
+    return ("load: diffusers: pytorch_lora_weights.safetensors or lora_kohya.safetensors with load_lora_weights, "
+            f"{tokens}; ComfyUI: lora_kohya.safetensors, the <name>.safetensors in its embeddings folder; A1111: "
+            "lora_kohya_with_tokens.safetensors alone (tokens bundled; diffusers refuses it)")
 
 
 def precision(args, device):
@@ -335,16 +406,33 @@ def execute(args):
         raise cp.CPError(f"concept folder {args.concept} does not exist")
     presets = load_presets()
     if args.concept:
-        name = args.name or os.path.basename(os.path.normpath(args.concept))
-        cp.check_name(name, given=bool(args.name))
+        name = concept_name(args.concept, args.name)
         load_captions(args.concept, f"<{name}>")  # a caption without {token} is refused now, not after loading
     run = cp.Run(precision=precision(args, device), grad_accum=args.grad_accum, flip=args.flip,
-                      gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
-                      progress=Progress)
+                 gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every, progress=Progress)
     cp.check_run(run, resolve_hparams(args, None, presets))  # every flag checked before any work
+    if args.export:
+        check_export(args.export, [])  # a file in the way is refused before anything is read or written
+    created = cp_state.first_missing(args.state) if args.concept else None
     lock = cp_state.lock_state(args.state) if args.concept else None  # held while this run lasts
-    state = cp_state.load_state(args.state) if cp_state.read_manifest(args.state) else None
+    try:
+        learn_and_export(args, presets, run, device)
+    except BaseException:
+        if lock:  # a run that saved nothing leaves no folder it created
+            cp_state.unlock_unsaved(args.state, lock, created)
+        raise
+
+
+def learn_and_export(args, presets, run, device):
+    """The work of `execute` once every flag is checked: --concept learned into the locked --state and saved, then
+    --export."""
+    # an export alone needs a state (load_state's error), not an empty one
+    state = cp_state.load_state(args.state) if not args.concept or cp_state.read_manifest(args.state) else None
     hparams = resolve_hparams(args, state, presets)
+    if args.export:  # the files the export will write, checked before the model loads
+        names = [c["name"] for c in state.concepts] if state else []
+        new = [concept_name(args.concept, args.name)] if args.concept else []
+        check_export(args.export, export_files(hparams, names + new), args.overwrite)
     model_path = args.model or (state.model["path"] if state else os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "toy", "model"))
     model = unet.load_model(model_path, device)
@@ -378,14 +466,14 @@ def execute(args):
         except OSError as e:
             print(f"warning: the step log or the grid was not written: {e}", file=sys.stderr)
     if args.export:
-        written = export(model, state, args.export)
-        print(f"exported to {args.export}: {', '.join(written)}")
+        written = export(model, state, args.export, args.overwrite)
+        print(f"exported to {args.export}: {', '.join(written)}\n{usage_note(written)}")
 
 
 def previewer(model, state, args):
     """preview(step): the new concept during training, one row from the grids' noise, in grids/."""
     import sample
-    name = args.name or os.path.basename(os.path.normpath(args.concept))
+    name = concept_name(args.concept, args.name)
     prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
 
     def preview(step):

@@ -185,3 +185,31 @@ def test_progress_prints_plain_lines_off_a_terminal():
             assert "\r" not in text
             assert [line.split()[2] for line in text.splitlines()] == [f"{s}/600" for s in range(5, 600, 60)] + \
                 ["600/600"]
+
+
+def test_a_first_run_that_fails_leaves_no_folder_it_created(tiny_model_dir, tmp_path, monkeypatch):
+    """A new --state, and the folders above it that the run made, are gone when the run ends before its first save:
+    a bad --model, a concept folder without images, a save that fails (it leaves an empty pool/). A folder that was
+    there before stays."""
+    concept, empty = write_concept(str(tmp_path / "alpha"), 0, n=2), tmp_path / "empty"
+    empty.mkdir()
+    new = str(tmp_path / "runs" / "deeper" / "state")
+
+    def fails(argv, fragment):
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, *FAST])
+        assert str(e.value.code).startswith("error: ") and fragment in str(e.value.code), e.value.code
+
+    fails(["--concept", concept, "--state", new, "--model", str(empty)], "not a diffusers model folder")
+    fails(["--concept", str(empty), "--state", new, "--model", tiny_model_dir], "has no images")
+    assert sorted(os.listdir(tmp_path)) == ["alpha", "empty"]
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cp_state, "_write_file", full_disk)
+    fails(["--concept", concept, "--state", new, "--model", tiny_model_dir, "--method", "seq"], "No space left")
+    assert sorted(os.listdir(tmp_path)) == ["alpha", "empty"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    fails(["--concept", str(empty), "--state", str(kept), "--model", tiny_model_dir], "has no images")
+    assert os.path.isdir(kept)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -54,3 +55,35 @@ def test_cli_writes_png(tiny_model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "sample.py", "--model", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "not a diffusers model folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_out_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """--out: a folder, no or an unknown extension, an existing file (without --overwrite), a file where its folder
+    would go: one line `error: `, before any model is loaded, and nothing written."""
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(unet, "load_model", no_model)
+    (tmp_path / "old.png").write_bytes(b"an older grid")
+    (tmp_path / "file").write_text("not a folder")
+    cases = [(tmp_path, "is a folder; give an image file name (.png, .jpg, .jpeg, .webp"),
+             (tmp_path / "grid", "no extension; use one of .png, .jpg"),
+             (tmp_path / "grid.gif", "unknown extension .gif"),
+             (tmp_path / "old.png", "exists; give --overwrite to replace it"),
+             (tmp_path / "file" / "grid.png", f"{tmp_path / 'file'} is a file, not a folder")]
+    for out, fragment in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--prompt", "a red star", "--out", str(out)])
+        assert e.value.code.startswith("error: --out ") and fragment in e.value.code, e.value.code
+    assert sorted(os.listdir(tmp_path)) == ["file", "old.png"] and (tmp_path / "old.png").read_bytes() == b"an older grid"
+
+
+def test_out_makes_its_folder_and_replaces_only_with_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "grid.JPG"
+    argv = ["--model", tiny_model_dir, "--prompt", "a red star", "-n", "1", "--steps", "2", "--out", str(out)]
+    sample.main(argv)
+    assert Image.open(out).format == "JPEG" and Image.open(out).size == (16, 16)
+    with pytest.raises(SystemExit, match="exists; give --overwrite"):
+        sample.main(argv)
+    out.write_bytes(b"")
+    sample.main([*argv, "--overwrite"])
+    assert Image.open(out).format == "JPEG"

@@ -73,13 +73,17 @@ def test_second_concept_sample_and_export(learned, tmp_path):
     assert "learned <beta>" in r.stdout and "2 concepts" in r.stdout
     exported = sorted(os.listdir(tmp_path / "export"))
     assert exported == ["alpha.safetensors", "beta.safetensors", "lora_kohya.safetensors",
-                        "pytorch_lora_weights.safetensors"]
+                        "lora_kohya_with_tokens.safetensors", "pytorch_lora_weights.safetensors"]
+    assert f"exported to {tmp_path / 'export'}: " in r.stdout and "A1111: lora_kohya_with_tokens" in r.stdout
     beta = load_file(str(tmp_path / "export" / "beta.safetensors"))
     assert list(beta) == ["<beta>"]
-    kohya = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))  # the tokens bundled, as A1111 reads them
-    assert sorted(k for k in kohya if not k.startswith("lora_unet_")) == \
+    bundled = load_file(str(tmp_path / "export" / "lora_kohya_with_tokens.safetensors"))  # as A1111 reads them
+    assert sorted(k for k in bundled if not k.startswith("lora_unet_")) == \
         ["bundle_emb.alpha.string_to_param.*", "bundle_emb.beta.string_to_param.*"]
-    assert torch.equal(kohya["bundle_emb.beta.string_to_param.*"], beta["<beta>"][None])
+    assert torch.equal(bundled["bundle_emb.beta.string_to_param.*"], beta["<beta>"][None])
+    plain = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))
+    assert sorted(plain) == sorted(k for k in bundled if k.startswith("lora_unet_"))
+    assert all(torch.equal(plain[k], bundled[k]) for k in plain)
     out = tmp_path / "both.png"
     run("sample.py", "--state", state, "--prompt", "a photo of a <alpha> and a <beta>", "-n", "2", "--steps", "3",
         "--out", str(out))
@@ -148,29 +152,40 @@ def test_non_image_files_are_skipped_with_a_note(learned, tmp_path):
 
 
 def test_export_loads_in_diffusers(learned, tmp_path):
-    """The exported LoRA and token embedding, loaded by diffusers' own loaders, reproduce our conditioned UNet."""
+    """The exported LoRA (diffusers' file, and the kohya file without tokens) and token embedding, loaded by diffusers'
+    own loaders, reproduce our conditioned UNet; the kohya file with the tokens bundled (A1111's) diffusers refuses,
+    and the usage note sends diffusers to the other files."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     import cp_state
     import lora
     export = tmp_path / "export"
-    run("train.py", "--state", learned["state"], "--export", str(export))
+    r = run("train.py", "--state", learned["state"], "--export", str(export))
+    note = r.stdout.strip().splitlines()[-1]
+    assert note.startswith("load: diffusers: pytorch_lora_weights.safetensors or lora_kohya.safetensors") and \
+        "lora_kohya_with_tokens.safetensors alone (tokens bundled; diffusers refuses it)" in note
     ours, _ = cp_state.load_with_state(learned["state"])
     pipe = StableDiffusionPipeline.from_pretrained(learned["model"], local_files_only=True, safety_checker=None)
     pipe.load_textual_inversion(str(export / "alpha.safetensors"))
-    pipe.load_lora_weights(str(export / "pytorch_lora_weights.safetensors"))
     prompt = "a photo of a <alpha>"
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     with torch.no_grad():
         context = pipe.text_encoder(ids)[0]
         assert torch.allclose(context, ours.encode_text([prompt]), atol=1e-5)
-        theirs = pipe.unet(x, t, context).sample
         mine = ours.unet(x, t, ours.encode_text([prompt]))
         lora.set_enabled(ours.unet, "current", False)
         base = ours.unet(x, t, ours.encode_text([prompt]))
-    assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item()  # the LoRA mattered
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(export / name))
+        with torch.no_grad():
+            theirs = pipe.unet(x, t, context).sample
+        assert (theirs - mine).abs().max().item() < 1e-4 < (base - mine).abs().max().item(), name  # the LoRA mattered
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):  # its bundle_emb.* keys
+        pipe.load_lora_weights(str(export / "lora_kohya_with_tokens.safetensors"))
 
 
 def test_grids_log_and_previews(learned, tmp_path):
@@ -217,7 +232,8 @@ def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
     write_concept(str(odd), 5)
     for extra, fragment in ((["--concept", learned["second"], "--name", "../../x"], "'../../x'"),
                             (["--concept", learned["second"], "--name", "a/b"], "'a/b'"),
-                            (["--concept", str(odd)], "give --name")):
+                            (["--concept", str(odd)], "give --name"),
+                            (["--concept", learned["second"], "--name", ""], "'': use")):  # not the folder's name
         r = run("train.py", "--state", state, *FAST, *extra, check=False)
         assert_one_line_error(r, "concept name", fragment)
         assert "] train " not in r.stderr
@@ -252,3 +268,36 @@ def test_sample_warns_of_a_token_the_state_has_not_learned(learned, tmp_path):
     r = run("sample.py", "--state", learned["state"], "--prompt", "a photo of a <alpha>", "-n", "1", "--steps", "2",
             "--strict", "--out", str(out))
     assert "warning" not in r.stderr and out.exists()
+
+
+def test_export_refuses_a_file_in_the_way_and_files_it_would_replace(learned, tmp_path):
+    """--export DIR: a file where DIR would go is refused, and so are files in DIR the export would write, unless
+    --overwrite; other files in DIR are left alone. With --concept, all of it before the model loads."""
+    state, export = learned["state"], tmp_path / "export"
+    before = digest(state)
+    (tmp_path / "file").write_text("not a folder")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub"):
+        r = run("train.py", "--state", state, "--export", str(target), check=False)
+        assert_one_line_error(r, f"{tmp_path / 'file'} is a file, not a folder")
+    export.mkdir()
+    (export / "notes.txt").write_text("mine")
+    run("train.py", "--state", state, "--export", str(export))
+    written = {n: (export / n).read_bytes() for n in os.listdir(export)}
+    (export / "alpha.safetensors").write_bytes(b"an older export")
+    r = run("train.py", "--state", state, "--export", str(export), check=False)
+    assert_one_line_error(r, "already holds pytorch_lora_weights.safetensors, lora_kohya.safetensors, "
+                          "lora_kohya_with_tokens.safetensors, alpha.safetensors; give --overwrite to replace them")
+    assert (export / "alpha.safetensors").read_bytes() == b"an older export"
+    r = run("train.py", "--state", state, "--concept", learned["second"], *FAST, "--export", str(export), check=False)
+    assert_one_line_error(r, "already holds", "give --overwrite")
+    assert "settings (" not in r.stdout  # refused before the model loaded
+    run("train.py", "--state", state, "--export", str(export), "--overwrite")
+    assert {n: (export / n).read_bytes() for n in os.listdir(export)} == written
+    assert (export / "notes.txt").read_text() == "mine" and digest(state) == before
+    assert sorted(os.listdir(tmp_path)) == ["export", "file"]
+
+
+def test_export_without_a_state_is_an_error_and_creates_nothing(learned, tmp_path):
+    r = run("train.py", "--state", str(tmp_path / "typo"), "--export", str(tmp_path / "out"), check=False)
+    assert_one_line_error(r, f"{tmp_path / 'typo'} holds no state")
+    assert os.listdir(tmp_path) == []
