@@ -1,22 +1,28 @@
 """The state of continual personalization on disk: a folder that one process writes at a time.
 
-    manifest.json                 the commit point: model identity, method and hparams, concepts, history, file names
+    manifest.json                 the commit point: format, model identity, method and hparams, concepts, history,
+                                  file names and each file's SHA-256
     tokens_NNN_<id>.safetensors   the learned token rows
     ewc_NNN_<id>.safetensors      the Fisher F* and the anchor φ* of EWC
     lora_NNN_<id>.safetensors     the carried adapter (diffusers/PEFT keys; VeRA: with its shared projection)
     pool/task_NNN_<id>.safetensors  the adapter after each task (DSC's teachers, C-LoRA's sum)
     .lock, log.jsonl, grids/      the writer's lock; beside the state, not part of it: step losses, pictures
 
-A save writes every file under names new to the attempt, then replaces the manifest, which names them: an
-interrupted save leaves the previous state whole. A save refuses a folder whose manifest changed since the state was
-loaded (compare-and-swap). A load reads and checks every file the manifest names; a missing, damaged or mis-shaped
-file is a one-line CPError naming it. The method itself (cp.State, what a task changes) lives in cp.py.
+A save writes every file under names new to the attempt, then replaces the manifest, which names them and records
+the SHA-256 of the bytes written: an interrupted save leaves the previous state whole. A save refuses a folder whose
+manifest changed since the state was loaded (compare-and-swap). A load checks the manifest's format and every field
+(type, range, what the fields say of each other), then reads every file it names, each a plain file inside the
+folder whose SHA-256 must match: a missing, damaged or mis-shaped file, or a damaged manifest, is a one-line CPError
+naming it, and nothing on disk changes. A cp-state/1 manifest (no sums) still loads, unverified, with a note. The
+method itself (cp.State, what a task changes) lives in cp.py.
 """
 import copy
+import hashlib
 import json
 import os
 import re
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, fields
 
 try:
     import fcntl
@@ -38,6 +44,18 @@ LOG, GRIDS = "log.jsonl", "grids"  # beside the state, not part of it: every sav
 # without a manifest (its lock, the log and pictures, leftovers of a first save that was killed)
 STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp)?|"
                         r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
+# cp-state/2 is cp-state/1 plus "sums" (each file's SHA-256), which /2 requires: a /2 manifest that lost its sums is
+# damaged, not old, where an optional field could be dropped unnoticed. /1 states, written before the sums, still load
+# (unverified); a save writes /2.
+FORMAT, FORMATS = "cp-state/2", ("cp-state/2", "cp-state/1")
+NULL, NUMBER = type(None), (int, float)
+# every field of a manifest: a type or a tuple of types (compared exactly: an int is never a bool), {key: field}
+# (exactly these keys), [field] (a list of them). What the fields say of each other: _check_manifest.
+FIELDS = {"format": str, "model": {"path": str, "fingerprint": str}, "method": str, "hparams": dict,
+          "concepts": [{"name": str, "token": str, "prompt": str, "class_word": (str, NULL), "task": int}],
+          "history": [dict], "files": {"tokens": str, "ewc": str, "lora": (str, NULL), "pool": [str]}, "sums": dict}
+HPARAMS = {**{f.name: {int: int, float: NUMBER, str: str}[f.type] for f in fields(cp.Hparams)},
+           "dc_temp": (str, *NUMBER)}  # older states hold τ as a number
 
 
 def lock_state(folder):
@@ -117,6 +135,8 @@ def read_manifest(folder):
     """The manifest of a state folder; None for a folder that does not exist or holds only what a state writes."""
     path = os.path.join(folder, MANIFEST)
     try:
+        if os.path.lexists(path) and not _inside(folder, MANIFEST):
+            raise cp.CPError(f"{path} is damaged: it is a link, not a file of the state folder")
         with open(path, "rb") as f:
             text = f.read()
     except FileNotFoundError:
@@ -129,12 +149,95 @@ def read_manifest(folder):
         raise cp.CPError(f"cannot read {path}: {e.strerror}") from None
     try:
         m = json.loads(text)
-        named = _named(m["files"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError) as e:
         raise cp.CPError(f"{path} is damaged: not a state manifest ({type(e).__name__}: {e})") from None
-    if not all(isinstance(n, str) and re.fullmatch(r"(pool/)?[\w.-]+", n) and ".." not in n for n in named):
-        raise cp.CPError(f"{path} is damaged: it names a file outside the state folder")
+    if type(m) is dict and m.get("format") not in FORMATS:  # before its fields: another format has other fields
+        raise cp.CPError(f"{path} has state format {m.get('format')!r}, which this version of cp does not read "
+                         f"(it reads {' and '.join(FORMATS)})")
+    try:
+        _check_manifest(m)
+    except ValueError as e:
+        raise cp.CPError(f"{path} is damaged: {e}") from None
     return m
+
+
+def _check_manifest(m):
+    """Every field of a manifest by type (FIELDS, HPARAMS), then by range and against each other; ValueError names
+    the first that is wrong."""
+    _fit(m, {k: v for k, v in FIELDS.items() if k != "sums" or m.get("format") == FORMAT}, "")
+    _keys(m["hparams"], HPARAMS, "hparams", required=m["format"] == FORMAT)  # /1 lacks the hparams added since
+    for k, v in m["hparams"].items():
+        _fit(v, HPARAMS[k], f"hparams.{k}")
+    hp = cp.Hparams(**m["hparams"])
+    try:
+        cp.check_hparams(hp)
+    except cp.CPError as e:
+        raise ValueError(f"hparams: {e}") from None
+    concepts, files, n = m["concepts"], m["files"], len(m["concepts"])
+    roles = [("files.tokens", files["tokens"], f"tokens_{n:03d}"), ("files.ewc", files["ewc"], f"ewc_{n:03d}")]
+    roles += [("files.lora", files["lora"], f"lora_{n:03d}")] if files["lora"] is not None else []
+    roles += [(f"files.pool[{i}]", name, f"pool/task_{i:03d}") for i, name in enumerate(files["pool"])]
+    for where, name, stem in roles:  # the names a save gives (older saves: no attempt id), so never a path out
+        if not re.fullmatch(re.escape(stem) + r"(_[0-9a-f]+)?\.safetensors", name):
+            raise ValueError(f"{where} must be {stem}_<id>.safetensors, got {name!r}")
+    sums, bad = m.get("sums", {}), next((i for i, c in enumerate(concepts) if c["task"] != i), None)
+    for wrong, message in (
+            (m["method"] != hp.method, f"method {m['method']!r} is not hparams.method {hp.method!r}"),
+            (bad is not None, f"concepts[{bad}].task must be {bad}, the concept's place"),
+            (len({c["name"] for c in concepts}) < n or len({c["token"] for c in concepts}) < n,
+             "two concepts share a name or a token"),
+            (len(m["history"]) != n, f"history must hold one entry per concept ({n}), got {len(m['history'])}"),
+            (len(files["pool"]) != (n if hp.uses("lora") else 0) or
+             (files["lora"] is not None) != (hp.uses("lora") and not hp.uses("clora") and n > 0),
+             f"files do not fit {n} concepts of method {hp.method}"),
+            ("sums" in m and sorted(sums) != sorted(_named(files)), "sums must hold the SHA-256 of each file of files, and no other"),
+            (not all(type(v) is str and re.fullmatch("[0-9a-f]{64}", v) for v in sums.values()),
+             "sums must be SHA-256 digests (64 hex digits)")):
+        if wrong:
+            raise ValueError(message)
+
+
+def _fit(value, field, where):
+    """ValueError naming `where` unless `value` fits `field` (FIELDS' notation)."""
+    if isinstance(field, dict):
+        _keys(value, field, where)
+        for k, v in value.items():
+            _fit(v, field[k], f"{where}.{k}" if where else k)
+    elif isinstance(field, list):
+        _fit(value, list, where)
+        for i, v in enumerate(value):
+            _fit(v, field[0], f"{where}[{i}]")
+    else:
+        kinds = field if isinstance(field, tuple) else (field,)
+        if type(value) not in kinds:
+            words = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+                     NULL: "null"}
+            need = " or ".join(words[k] for k in kinds if not (k is int and float in kinds))  # NUMBER: "a number"
+            raise ValueError(f"{where or 'the manifest'} must be {need}, got "
+                             f"{'null' if value is None else type(value).__name__}")
+
+
+def _keys(value, names, where, required=True):
+    """`value` is an object whose keys are `names` (some may be missing where not `required`)."""
+    _fit(value, dict, where)
+    missing, unknown = sorted(set(names) - set(value)) if required else [], sorted(set(value) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{where or 'the manifest'} " + (f"lacks {missing[0]!r}" if missing else
+                                                        f"has an unknown key {unknown[0]!r}"))
+
+
+def _inside(folder, name):
+    """`name` is a file or folder of the state folder itself: no link on the way (a link could lead out of it)."""
+    path = os.path.join(folder, *name.split("/"))
+    return os.path.realpath(path) == os.path.join(os.path.realpath(folder), *name.split("/"))
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _lora_files(files):
@@ -171,13 +274,12 @@ def save_state(state, folder):
                       "nothing was saved")
     attempt, n, hp = os.urandom(4).hex(), len(state.concepts), state.hparams
     kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
+    sums = {name: old["sums"][name] for name in kept} if old and "sums" in old else {}
     files = {"tokens": f"tokens_{n:03d}_{attempt}.safetensors", "ewc": f"ewc_{n:03d}_{attempt}.safetensors",
              "lora": f"lora_{n:03d}_{attempt}.safetensors" if state.lora else None,
              "pool": kept + [f"pool/task_{i:03d}_{attempt}.safetensors" for i in range(len(kept), len(state.pool))]}
     tensors = {"tokens": state.tokens, "ewc": {**{"fisher." + k: v for k, v in state.fisher.items()},
                                                **{"anchor." + k: v for k, v in state.anchor.items()}}}
-    manifest = json.dumps(dict(format="cp-state/1", model=state.model, method=hp.method, hparams=asdict(hp),
-                               concepts=state.concepts, history=state.history, files=files), indent=1)
     write_lora = lambda w, projection=None: lambda p: (
         lora.write_vera(w, p, projection) if hp.adapter == "vera" else
         lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers"))
@@ -186,14 +288,21 @@ def save_state(state, folder):
     # VeRA: the carried file holds the shared projection, the pool files leave it out
     writes += [(files["lora"], write_lora(state.lora, state.projection))] if state.lora else []
     writes += [(name, write_lora(w)) for name, w in zip(files["pool"][len(kept):], state.pool[len(kept):])]
-    writes += [(f"{MANIFEST}.{attempt}.tmp", lambda p: _write_text(p, manifest))]
     written = []
     try:
         os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
+        for name in set(kept) - set(sums):  # a pool entry of a state saved without sums is hashed once, here
+            sums[name] = _sha256(os.path.join(folder, name))
         for name, write in writes:
             written.append(os.path.join(folder, name))  # before writing: a half-written file is removed too
             _write_file(written[-1], write)
-        os.replace(os.path.join(folder, writes[-1][0]), os.path.join(folder, MANIFEST))
+            sums[name] = _sha256(written[-1])  # read back after the fsync: the bytes as written
+        manifest = json.dumps(dict(format=FORMAT, model=state.model, method=hp.method, hparams=asdict(hp),
+                                   concepts=state.concepts, history=state.history, files=files,
+                                   sums={name: sums[name] for name in _named(files)}), indent=1)
+        written.append(os.path.join(folder, f"{MANIFEST}.{attempt}.tmp"))
+        _write_file(written[-1], lambda p: _write_text(p, manifest))
+        os.replace(written[-1], os.path.join(folder, MANIFEST))
     except BaseException as e:
         for path in written:
             if os.path.exists(path):
@@ -208,39 +317,49 @@ def save_state(state, folder):
 
 
 def load_state(folder):
-    """The state a folder's manifest names. Every file is read and checked against the manifest: a missing, damaged
-    or mis-shaped file is a cp.CPError that names it. Needs no lock: a save committed while reading means reading again.
+    """The state a folder's manifest names. Every file is read and checked against the manifest (its SHA-256, its
+    tensors): a missing, damaged or mis-shaped file is a cp.CPError that names it; a cp-state/1 state, which records
+    no sums, loads unverified with a note on stderr. Needs no lock: a save committed while reading means reading again.
     """
     while True:
         m = read_manifest(folder)
         if m is None:
             raise cp.CPError(f"{folder} holds no state (no {MANIFEST})")
         try:
-            return _read_state(folder, m)
+            state = _read_state(folder, m)
         except cp.CPError:
             if read_manifest(folder) == m:
                 raise
+            continue
+        if "sums" not in m:
+            print(f"note: state {folder} has no checksums (written by an older version): its files are not "
+                  "verified; the next save adds them", file=sys.stderr)
+        return state
 
 
 def _read_state(folder, m):
-    path = os.path.join(folder, MANIFEST)
-    try:
-        hp = cp.Hparams(**m["hparams"])
-        cp.check_hparams(hp)
-        concepts, files = m["concepts"], m["files"]
-        state = cp.State(model=m["model"], hparams=hp, concepts=concepts, history=m["history"],
-                      base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
-        tokens = {c["token"] for c in concepts}
-    except (cp.CPError, KeyError, TypeError) as e:
-        raise cp.CPError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+    """The state of a checked manifest (read_manifest); its files are checked as they are read."""
+    hp, concepts, files, sums = cp.Hparams(**m["hparams"]), m["concepts"], m["files"], m.get("sums")
+    state = cp.State(model=m["model"], hparams=hp, concepts=concepts, history=m["history"],
+                     base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
+    tokens = {c["token"] for c in concepts}
 
     def read(name, reader):
+        """reader(path) of a plain file inside the folder whose bytes have the manifest's SHA-256 (none in /1)."""
+        path = os.path.join(folder, name)
         try:
-            return reader(os.path.join(folder, name))
+            if not os.path.lexists(path):
+                raise FileNotFoundError
+            if not _inside(folder, name) or not os.path.isfile(path):
+                raise _damaged(folder, name, "is a link or a folder, not a file of the state folder")
+            if sums is not None and _sha256(path) != sums[name]:
+                raise cp.CPError(f"state file {path} is damaged: its bytes do not have the SHA-256 that {MANIFEST} "
+                                 "records")
+            return reader(path)
         except FileNotFoundError:
-            raise cp.CPError(f"state file {os.path.join(folder, name)} is missing") from None
+            raise cp.CPError(f"state file {path} is missing") from None
         except (SafetensorError, OSError, ValueError, KeyError) as e:
-            raise cp.CPError(f"state file {os.path.join(folder, name)} is damaged: {e}") from None
+            raise cp.CPError(f"state file {path} is damaged: {e}") from None
 
     state.tokens = read(files["tokens"], load_file)
     if set(state.tokens) != tokens or any(v.dim() != 1 for v in state.tokens.values()):
@@ -248,10 +367,8 @@ def _read_state(folder, m):
     ewc = read(files["ewc"], load_file)
     state.fisher = {k[7:]: v for k, v in ewc.items() if k.startswith("fisher.")}
     state.anchor = {k[7:]: v for k, v in ewc.items() if k.startswith("anchor.")}
-    if len(files["pool"]) != (len(concepts) if hp.uses("lora") else 0) or \
-            bool(files["lora"]) != (hp.uses("lora") and not hp.uses("clora") and len(concepts) > 0):
-        raise cp.CPError(f"{path} is damaged: its files do not fit {len(concepts)} concepts of method {hp.method}")
-    read_adapter = lambda p: lora.read_vera(p)[:2] if hp.adapter == "vera" else (_pairs(lora.read_lora_file(p)), None)
+    read_adapter = lambda p: lora.read_vera(p)[:2] if hp.adapter == "vera" else \
+        (_pairs(lora.read_lora_file(p), hp.alpha), None)
     adapters = [read(name, read_adapter) for name in _lora_files(files)]
     state.lora, state.projection = adapters[0] if files["lora"] else (None, None)
     state.pool = [w for w, _ in (adapters[1:] if files["lora"] else adapters)]
@@ -262,7 +379,11 @@ def _damaged(folder, name, what):
     return cp.CPError(f"state file {os.path.join(folder, name)} is damaged: it {what}")
 
 
-def _pairs(mods):
+def _pairs(mods, alpha):
+    """{module: (A, B)} of a LoRA file written with the manifest's alpha (another alpha would scale every update)."""
+    if any(a != alpha for _, _, a in mods.values()):
+        raise ValueError(f"it holds LoRA alpha {sorted({a for _, _, a in mods.values()})}; the manifest's "
+                         f"hparams.alpha is {alpha}")
     return {p: (A, B) for p, (A, B, _) in mods.items()}
 
 

@@ -1,9 +1,12 @@
 """The state directory under faults: two writers, a killed save, damaged files, failed writes, foreign files, bad
 flags. Each case ends in a one-line error (or in success) and loses nothing that was saved."""
+import copy
 import dataclasses
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,12 +174,15 @@ def remove(folder, m):
 
 
 def reshape(folder, m):
-    """One LoRA A with an extra input column: a valid file, and the right rank, but not for this model."""
+    """One LoRA A with an extra input column: a valid file with its sum, and the right rank, but not for this model."""
     path = os.path.join(folder, m["files"]["lora"])
     w = {p: (A, B) for p, (A, B, _) in lora.read_lora_file(path).items()}
     p = sorted(w)[0]
     w[p] = (torch.cat([w[p][0], w[p][0][:, :1]], 1), w[p][1])
     lora.write_lora_file(w, {k: m["hparams"]["alpha"] for k in w}, path)
+    m["sums"][m["files"]["lora"]] = cp_state._sha256(path)
+    with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
+        json.dump(m, f)
     return m["files"]["lora"]
 
 
@@ -225,6 +231,241 @@ def test_a_state_with_the_old_fingerprint_loads_with_its_model(saved, tmp_path):
     cp_state.check_model(state, model)
     cp_state.save_state(state, folder)
     assert manifest(folder)["model"]["fingerprint"] == model.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing is silently misread: every file's SHA-256, the format, every manifest field
+
+
+def write_manifest(folder, m):
+    with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
+        json.dump(m, f, indent=1)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def flip(path, part):
+    """Flip one bit in the middle of a safetensors file's JSON header or of its tensor data."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        header = 8 + int.from_bytes(data[:8], "little")
+        at = 8 + (header - 8) // 2 if part == "header" else header + (len(data) - header) // 2
+        data[at] ^= 0x10
+        f.seek(0)
+        f.write(data)
+
+
+def older(folder):
+    """Make a state what an older version wrote: format cp-state/1, no sums."""
+    m = manifest(folder)
+    m["format"] = "cp-state/1"
+    del m["sums"]
+    write_manifest(folder, m)
+
+
+def test_every_file_has_its_sha256_in_the_manifest(saved, tiny_model_dir, tmp_path, monkeypatch):
+    """Written with each file; a kept pool entry keeps its sum (it is not hashed anew: carried from the old
+    manifest); a new file gets its own."""
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    assert m["format"] == "cp-state/2" and list(m["sums"]) == cp_state._named(m["files"])
+    assert all(m["sums"][n] == sha256(os.path.join(state, n)) for n in m["sums"])
+    newer, hashed, sha = continue_state(state, tiny_model_dir, saved["beta"]), [], cp_state._sha256
+    monkeypatch.setattr(cp_state, "_sha256", lambda path: hashed.append(os.path.relpath(path, state)) or sha(path))
+    cp_state.save_state(newer, state)
+    new = manifest(state)
+    assert new["files"]["pool"][0] == m["files"]["pool"][0] and new["sums"][m["files"]["pool"][0]] == \
+        m["sums"][m["files"]["pool"][0]]
+    assert sorted(hashed) == sorted(set(cp_state._named(new["files"])) - {m["files"]["pool"][0]})
+    assert all(new["sums"][n] == sha256(os.path.join(state, n)) for n in cp_state._named(new["files"]))
+
+
+@pytest.mark.parametrize("role, part", [("tokens", "data"), ("ewc", "data"), ("lora", "data"), ("pool", "data"),
+                                        ("pool", "header")])
+def test_a_flipped_byte_is_refused_naming_the_file(saved, tmp_path, role, part):
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    name = m["files"]["pool"][0] if role == "pool" else m["files"][role]
+    flip(os.path.join(state, name), part)
+    before = digest(state)
+    with pytest.raises(cp.CPError) as e:
+        cp_state.load_state(state)
+    assert str(e.value) == f"state file {os.path.join(state, name)} is damaged: its bytes do not have the SHA-256 " \
+                           "that manifest.json records"
+    message = exit_message(sample.main, ["--state", state, "--prompt", "a photo", "--out", str(tmp_path / "o.png")])
+    assert name in message and "is damaged" in message and "SHA-256" in message
+    assert digest(state) == before and not (tmp_path / "o.png").exists()
+    if part == "data":  # unverified, the same flip is read as if nothing happened: the sums are what catch it
+        older(state)
+        cp_state.load_state(state)
+
+
+def test_an_older_state_loads_with_a_note_and_gains_sums_at_its_next_save(saved, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    state = copy_state(saved, tmp_path)
+    reference = cp_state.load_state(state)
+    older(state)
+    capsys.readouterr()
+    loaded = cp_state.load_state(state)
+    note = capsys.readouterr().err
+    assert note == f"note: state {state} has no checksums (written by an older version): its files are not " \
+                   "verified; the next save adds them\n"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.tokens.values(), reference.tokens.values()))
+    cp_state.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
+    m = manifest(state)
+    assert m["format"] == "cp-state/2" and m["sums"][m["files"]["pool"][0]] == sha256(
+        os.path.join(state, m["files"]["pool"][0]))  # the kept pool entry, hashed at this save
+    capsys.readouterr()
+    cp_state.load_state(state)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("found", [999, "cp-state/3", "nonsense", None, "missing"])
+def test_a_manifest_of_an_unknown_format_is_refused(saved, tmp_path, found):
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    if found == "missing":
+        del m["format"]
+    else:
+        m["format"] = found
+    write_manifest(state, m)
+    before = digest(state)
+    shown = None if found == "missing" else found
+    line = f"{os.path.join(state, 'manifest.json')} has state format {shown!r}, which this version of cp does " \
+           "not read (it reads cp-state/2 and cp-state/1)"
+    with pytest.raises(cp.CPError) as e:
+        cp_state.load_state(state)
+    assert str(e.value) == line
+    assert exit_message(train.main, ["--concept", saved["beta"], "--state", state, *FAST_FLAGS]) == f"error: {line}"
+    assert digest(state) == before
+
+
+def set_field(path, value):
+    """change(m): the manifest with the field at `path` ("a.b.0.c", or a tuple of keys) set to `value` (DELETE:
+    removed)."""
+    def change(m):
+        keys = path if isinstance(path, tuple) else path.split(".")
+        *parents, last = [int(k) if k.isdigit() else k for k in keys]
+        for k in parents:
+            m = m[k]
+        if value is DELETE:
+            del m[last]
+        else:
+            m[last] = value
+    return change
+
+
+DELETE = object()
+FIELD_CASES = [  # (field, value, the message after "manifest.json is damaged: ")
+    ("history", 7, "history must be a list, got int"),
+    ("history", [7], "history[0] must be an object, got int"),
+    ("history", [], "history must hold one entry per concept (1), got 0"),
+    ("concepts", {}, "concepts must be a list, got dict"),
+    ("concepts.0.name", 3, "concepts[0].name must be a string, got int"),
+    ("concepts.0.token", None, "concepts[0].token must be a string, got null"),
+    ("concepts.0.prompt", ["a photo"], "concepts[0].prompt must be a string, got list"),
+    ("concepts.0.class_word", 1.5, "concepts[0].class_word must be a string or null, got float"),
+    ("concepts.0.task", "0", "concepts[0].task must be an integer, got str"),
+    ("concepts.0.task", False, "concepts[0].task must be an integer, got bool"),
+    ("concepts.0.task", 5, "concepts[0].task must be 0, the concept's place"),
+    ("concepts.0.extra", 1, "concepts[0] has an unknown key 'extra'"),
+    ("concepts.0.prompt", DELETE, "concepts[0] lacks 'prompt'"),
+    ("model", "toy/model", "model must be an object, got str"),
+    ("model.fingerprint", DELETE, "model lacks 'fingerprint'"),
+    ("model.path", 0, "model.path must be a string, got int"),
+    ("method", None, "method must be a string, got null"),
+    ("method", "seq", "method 'seq' is not hparams.method 'ewc-dc'"),
+    ("files", [], "files must be an object, got list"),
+    ("files.pool", "pool", "files.pool must be a list, got str"),
+    ("files.lora", 1, "files.lora must be a string or null, got int"),
+    ("files.tokens", "../x", "files.tokens must be tokens_001_<id>.safetensors, got '../x'"),
+    ("files.ewc", "/etc/passwd", "files.ewc must be ewc_001_<id>.safetensors, got '/etc/passwd'"),
+    ("files.pool.0", "pool/../../x.safetensors", "files.pool[0] must be pool/task_000_<id>.safetensors, got "
+                                                 "'pool/../../x.safetensors'"),
+    ("files.lora", None, "files do not fit 1 concepts of method ewc-dc"),
+    ("hparams", [], "hparams must be an object, got list"),
+    ("hparams.lr", "fast", "hparams.lr must be a number, got str"),
+    ("hparams.rank", 8.0, "hparams.rank must be an integer, got float"),
+    ("hparams.dc_temp", None, "hparams.dc_temp must be a string or a number, got null"),
+    ("hparams.lr", -1, "hparams: --lr -1: must be a finite number > 0"),
+    ("hparams.targets", "qkv", "hparams: --targets 'qkv': must be"),
+    ("hparams.ewc_lamda", 1.0, "hparams has an unknown key 'ewc_lamda'"),
+    ("hparams.seed", DELETE, "hparams lacks 'seed'"),
+    ("extra", {}, "the manifest has an unknown key 'extra'"),
+    ("sums", DELETE, "the manifest lacks 'sums'"),
+    ("sums", "0" * 64, "sums must be an object, got str"),
+    (("sums", "pool/x.safetensors"), "0" * 64, "sums must hold the SHA-256 of each file of files, and no other"),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", FIELD_CASES, ids=[f"{'.'.join(c[0]) if isinstance(c[0], tuple) else c[0]}={c[1]!r}"[:40] for c in FIELD_CASES])
+def test_every_manifest_field_is_checked(saved, tmp_path, field, value, expected):
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    set_field(field, value)(m)
+    write_manifest(state, m)
+    before = digest(state)
+    with pytest.raises(cp.CPError) as e:
+        cp_state.load_state(state)
+    assert str(e.value).startswith(f"{os.path.join(state, 'manifest.json')} is damaged: {expected}"), str(e.value)
+    assert "\n" not in str(e.value) and digest(state) == before
+
+
+def test_a_manifest_field_from_the_command_line(saved, tmp_path):
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    m["history"] = 7
+    write_manifest(state, m)
+    r = subprocess.run([sys.executable, "sample.py", "--state", state, "--prompt", "a photo"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "manifest.json is damaged: history must be a list, got int")
+
+
+def test_values_the_files_contradict_are_refused(saved, tmp_path):
+    """Fields of the right type that the files say otherwise of: an alpha that would rescale every update, a sum
+    that is not a SHA-256, a manifest the files do not fit."""
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    for field, value, expected in [
+            ("hparams.alpha", 4.0, f"state file {os.path.join(state, m['files']['lora'])} is damaged: it holds LoRA "
+                                   "alpha [8.0]; the manifest's hparams.alpha is 4.0"),
+            (("sums", m["files"]["tokens"]), "abc", "manifest.json is damaged: sums must be SHA-256 digests"),
+            (("sums", m["files"]["tokens"]), "0" * 64, "is damaged: its bytes do not have the SHA-256"),
+            ("hparams.rank", 4, "the model needs")]:
+        changed = copy.deepcopy(m)
+        set_field(field, value)(changed)
+        write_manifest(state, changed)
+        with pytest.raises(cp.CPError, match=re.escape(expected)):
+            cp_state.load_with_state(state)
+    write_manifest(state, m)
+    cp_state.load_with_state(state)
+
+
+@pytest.mark.parametrize("what", ["file link", "pool link", "folder", "manifest link"])
+def test_a_link_or_a_folder_in_place_of_a_file_is_refused(saved, tmp_path, what):
+    """Even a link to a copy of the very same bytes: what the state holds is its own files."""
+    state = copy_state(saved, tmp_path)
+    m = manifest(state)
+    outside = tmp_path / "outside"
+    shutil.copytree(state, outside)
+    name = {"file link": m["files"]["lora"], "pool link": m["files"]["pool"][0], "folder": m["files"]["tokens"],
+            "manifest link": cp_state.MANIFEST}[what]
+    path = os.path.join(state, name)
+    if what == "pool link":
+        shutil.rmtree(os.path.join(state, "pool"))
+        os.symlink(outside / "pool", os.path.join(state, "pool"))
+    elif what == "folder":
+        os.remove(path)
+        os.mkdir(path)
+    else:
+        os.remove(path)
+        os.symlink(outside / name, path)
+    with pytest.raises(cp.CPError) as e:
+        cp_state.load_state(state)
+    assert path in str(e.value) and "is damaged" in str(e.value) and "link" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
