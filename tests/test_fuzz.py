@@ -365,7 +365,7 @@ def test_fuzz_through_the_command_lines(original, tmp_path):
     folder, out = str(tmp_path / "state"), tmp_path / "out"
     write_tree(str(tmp_path / "outside"), original["files"])
     out.mkdir()
-    o, m = original, original["manifest"]
+    o = original
     cases = [
         (lambda: flip_data(random.Random(0), folder, o), ["sample.py", "--prompt", PROMPT, "--out", str(out / "s.png")],
          "SHA-256"),
