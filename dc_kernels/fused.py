@@ -222,7 +222,7 @@ def _backward(ctx, g_loss, g_e):
 _dc_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
+def call_op(pred, noise, target, temp, teacher, reduction, index):
     """`dc_kernels.fused_dc_loss`: the op, its arguments already checked by dc_score."""
     column, target = (target, None) if isinstance(target, int) else (-1, target)
     return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")
