@@ -80,7 +80,7 @@ def lock_state(folder):
         holder = f.read().strip()
         f.close()
         raise cp.CPError(f"state {folder} is in use by {f'process {holder}' if holder else 'another process'} "
-                      "(one run at a time writes a state)") from None
+                         "(one run at a time writes a state)") from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
