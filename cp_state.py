@@ -143,7 +143,7 @@ def read_manifest(folder):
         foreign = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if not STATE_NAME.fullmatch(n)]
         if foreign:
             raise cp.CPError(f"{folder} holds no {MANIFEST} and is not empty ({foreign[0]}, ...): it is not a state; "
-                          "give a new or empty folder") from None
+                             "give a new or empty folder") from None
         return None
     except OSError as e:
         raise cp.CPError(f"cannot read {path}: {e.strerror}") from None
@@ -190,7 +190,8 @@ def _check_manifest(m):
             (len(files["pool"]) != (n if hp.uses("lora") else 0) or
              (files["lora"] is not None) != (hp.uses("lora") and not hp.uses("clora") and n > 0),
              f"files do not fit {n} concepts of method {hp.method}"),
-            ("sums" in m and sorted(sums) != sorted(_named(files)), "sums must hold the SHA-256 of each file of files, and no other"),
+            ("sums" in m and sorted(sums) != sorted(_named(files)),
+             "sums must hold the SHA-256 of each file of files, and no other"),
             (not all(type(v) is str and re.fullmatch("[0-9a-f]{64}", v) for v in sums.values()),
              "sums must be SHA-256 digests (64 hex digits)")):
         if wrong:
@@ -271,7 +272,7 @@ def save_state(state, folder):
     old = read_manifest(folder)
     if old != state.base:
         raise cp.CPError(f"the state in {folder} changed since this run loaded it (another run saved to it); "
-                      "nothing was saved")
+                         "nothing was saved")
     attempt, n, hp = os.urandom(4).hex(), len(state.concepts), state.hparams
     kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
     sums = {name: old["sums"][name] for name in kept} if old and "sums" in old else {}

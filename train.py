@@ -266,7 +266,8 @@ def load_images(folder, resolution):
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise cp.CPError(f"cannot read image {path}: {e}") from None
     if not images:
-        raise cp.CPError(f"concept folder {folder} has no images" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+        raise cp.CPError(f"concept folder {folder} has no images"
+                         + (f" (skipped {', '.join(skipped)})" if skipped else ""))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, [f"skipped non-image file {s}" for s in skipped]
 

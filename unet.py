@@ -722,8 +722,8 @@ def trainable_row(model, token_id):
 def old_fingerprint(unet, text_encoder):
     """The hash older states record (16 hex digits, not `fingerprint`'s 32): the UNet config and four weight tensors.
 
-    Kept only so that `cp_state.check_model` can compare such a state with its own model. It hashes the float32 weights
-    as loaded, so `load_model` computes it before casting the networks to the dtype asked for."""
+    Kept only so that `cp_state.check_model` can compare such a state with its own model. It hashes the float32
+    weights as loaded, so `load_model` computes it before casting the networks to the dtype asked for."""
     h = hashlib.sha256(json.dumps(unet.config, sort_keys=True).encode())
     for t in (unet.conv_in.weight, unet.conv_out.weight, unet.time_embedding.linear_1.weight,
               text_encoder.get_input_embeddings().weight):
@@ -789,8 +789,8 @@ def _write_cache(file, entry):
 def fingerprint(unet, vae, text_encoder, stamp):
     """The base model's identity: 32 hex digits hashing the UNet config and every UNet, VAE and text-encoder weight.
 
-    A state records it and `cp_state.check_model` refuses a model whose fingerprint differs. Hashing every weight of SD v1
-    (~1 B parameters) takes seconds, so the weights' digest is cached in `cache_dir()`, one file per model path,
+    A state records it and `cp_state.check_model` refuses a model whose fingerprint differs. Hashing every weight of
+    SD v1 (~1 B parameters) takes seconds, so the weights' digest is cached in `cache_dir()`, one file per model path,
     valid for its `stamp` (`stamp_files`); with a cache that cannot be read or written, the digest is computed."""
     cache = os.path.join(cache_dir(), f"fingerprint-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}.json")
     weights = _cached_digest(cache, stamp)

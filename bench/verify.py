@@ -30,7 +30,8 @@ def fake_state(unet_config, dim, n=10):
     hp = cp.Hparams(method="ewc")
     with torch.device("meta"):  # only the Linear layers' shapes are needed
         modules = lora.target_modules(unet.UNet(unet_config), hp.targets)
-    adapter = lambda: {p: (torch.randn(hp.rank, m.in_features), torch.randn(m.out_features, hp.rank)) for p, m in modules}
+    adapter = lambda: {p: (torch.randn(hp.rank, m.in_features), torch.randn(m.out_features, hp.rank))
+                       for p, m in modules}
     concepts = [{"name": f"c{i}", "token": f"<c{i}>", "prompt": f"a photo of a <c{i}>", "class_word": None, "task": i}
                 for i in range(n)]
     pool = [adapter() for _ in range(n)]

@@ -74,7 +74,8 @@ def test_out_is_checked_before_the_model_loads(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             sample.main(["--prompt", "a red star", "--out", str(out)])
         assert e.value.code.startswith("error: --out ") and fragment in e.value.code, e.value.code
-    assert sorted(os.listdir(tmp_path)) == ["file", "old.png"] and (tmp_path / "old.png").read_bytes() == b"an older grid"
+    assert sorted(os.listdir(tmp_path)) == ["file", "old.png"]
+    assert (tmp_path / "old.png").read_bytes() == b"an older grid"
 
 
 def test_out_makes_its_folder_and_replaces_only_with_overwrite(tiny_model_dir, tmp_path, capsys):

@@ -401,7 +401,10 @@ FIELD_CASES = [  # (field, value, the message after "manifest.json is damaged: "
 ]
 
 
-@pytest.mark.parametrize("field, value, expected", FIELD_CASES, ids=[f"{'.'.join(c[0]) if isinstance(c[0], tuple) else c[0]}={c[1]!r}"[:40] for c in FIELD_CASES])
+FIELD_IDS = [f"{'.'.join(c[0]) if isinstance(c[0], tuple) else c[0]}={c[1]!r}"[:40] for c in FIELD_CASES]
+
+
+@pytest.mark.parametrize("field, value, expected", FIELD_CASES, ids=FIELD_IDS)
 def test_every_manifest_field_is_checked(saved, tmp_path, field, value, expected):
     state = copy_state(saved, tmp_path)
     m = manifest(state)
