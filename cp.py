@@ -6,14 +6,19 @@ of a LoRA, d and b of a VeRA adapter), t ~ U{0..T−1} and ε ~ N(0, I) (Jha et 
 in one page"), each term is one function:
 
     L_denoise = E ‖ε − ε_φ(x_t, t, c_n)‖²  (mean over dims)                                           denoise_loss
-    L_DC      = E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over S ∋ c_n, c₀                 dc_loss
+    L_DC      = τ E[−log p_φ(c_n | x)],  p_φ(c_i | x) = softmax_i(−e_i / τ) over S ∋ c_n, c₀               dc_loss
                 (the posterior and cross-entropy: dc_score.py; τ: calibrate_temp)
     EWC       = (λ/2) Σ F*(φ − φ*)²                                                                    ewc_penalty
                 F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1, F* ← γ F* + F̂            fisher_diagonal
                 (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`, the DC-informed Fisher)           fisher_estimate
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²                                        clora_penalty
-    DSC       = w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
-                (first task: T2 = the base model on c₀, or no T2 terms)                                 dsc_loss
+    DSC       = w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
+                (first task: no T2 terms, or T2 = the base model on c₀)                                 dsc_loss
+
+Every DC cross-entropy is multiplied by τ, which puts it in the units of the errors: as τ → 0, τ·(−log p_y) tends to
+the margin e_y − min_k e_k, and its gradient is (p − q)·∂e, bounded whatever τ. w_h and δ are then ratios to
+L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push with a
+force of w_h/τ, and τ differs by a factor of 100 between tasks).
 
 Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
 denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
@@ -35,7 +40,9 @@ import unet
 
 METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 FISHER_NORMS = ("task", "total")
-DSC_FIRST = ("base", "none")
+DSC_FIRST = ("none", "base")
+DSC_TARGETS = ("paper", "column")
+ERRORS = "mean"  # every DC call site, the calibration of τ included, scores mean-over-dims errors: one unit for all
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype (None: no autocast)
 
@@ -68,18 +75,21 @@ class Hparams:
     fisher_norm: str = knob("total", "total: F* rescaled to mean 1 after each update, so λ weighs the same on every "
                             "task; task: only each F̂ (F* grows towards 1/(1−γ))")
     fisher_samples: int = knob(16, "per-image gradients averaged into F̂")
-    dc_weight: float = knob(0.0, "δ: weight of L_DC in ewc-dc's training loss (0: the DC scores only build the "
-                            "Fisher, as in the paper)")
-    dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (calibrated "
-                        "per task: cp.calibrate_temp)")
+    dc_weight: float = knob(0.0, "δ: weight of L_DC (in error units: τ·CE) in ewc-dc's training loss (0: the DC "
+                            "scores only build the Fisher, as in the paper)")
+    dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (per task, the "
+                        "median gap between the errors of c_n and c₀: cp.calibrate_temp)")
     dc_k: int = knob(5, "k: most prompts in the DC subset S")
     dc_batch: int = knob(2, "images of each batch that δ·L_DC scores under all of S (its cost grows with k)")
     clora_lambda: float = knob(3.0, "λ_c: weight of C-LoRA's self-regularization")
     dsc_steps: int = knob(100, "consolidation steps after training (dsc*)")
-    dsc_w_h: float = knob(0.003, "w_h: weight of DSC's DC-score distillation")
+    dsc_w_h: float = knob(0.3, "w_h: weight of DSC's DC-score distillation τ·H (error units: a ratio to L_denoise)")
     dsc_w_n: float = knob(1.0, "w_n: weight of DSC's noise-prediction distillation")
-    dsc_first: str = knob("base", "T2 on the first task, which has no earlier concept: base (the base model on c₀) "
-                          "or none (no T2 terms)")
+    dsc_first: str = knob("none", "T2 on the first task, which has no earlier concept: none (no T2 terms) or base "
+                          "(the base model on c₀, which pulls the adapter towards zero)")
+    dsc_targets: str = knob("paper", "DSC's DC targets: paper (each teacher's posterior over all of S) or column (T1 "
+                            "teaches c_n against c₀, T2 teaches c_j against c₀: no teacher judges a concept it "
+                            "does not know)")
     seed: int = knob(0, "seed of task n is seed * 1000 + n (batches, noise, the DC subset)")
 
     def uses(self, part):
@@ -144,7 +154,7 @@ def check_hparams(hp):
             raise bad(name, "a finite number > 0")
     if hp.dc_temp != "auto" and not (fixed_temp(hp) or 0) > 0:
         raise bad("dc_temp", "auto or a finite number > 0")
-    for name, choices in (("fisher_norm", FISHER_NORMS), ("dsc_first", DSC_FIRST)):
+    for name, choices in (("fisher_norm", FISHER_NORMS), ("dsc_first", DSC_FIRST), ("dsc_targets", DSC_TARGETS)):
         if getattr(hp, name) not in choices:
             raise bad(name, " or ".join(choices))
     for name in ("ewc_lambda", "dc_weight", "clora_lambda", "dsc_w_h", "dsc_w_n"):
@@ -264,9 +274,17 @@ class Batches:
         return (self.mean[idx] + self.std[idx] * eps) * self.scale
 
 
-def draw_noise(model, x0, gen):
-    t = torch.randint(0, len(model.alphas_cumprod), (x0.shape[0],), generator=gen).to(model.device)
-    return t, torch.randn(x0.shape, generator=gen).to(x0)
+def draw_noise(model, x0, gen, t=None):
+    """(t, ε) for the images x0: t ~ U{0..T−1} unless given, ε ~ N(0, I)."""
+    if t is None:
+        t = torch.randint(0, len(model.alphas_cumprod), (x0.shape[0],), generator=gen)
+    return t.to(model.device), torch.randn(x0.shape, generator=gen).to(x0)
+
+
+def stratified_timesteps(n, T, gen):
+    """n timesteps, one from each of n equal strata of [0, T), in random order: n samples cover the schedule evenly,
+    not by chance (the DC Fisher's split-half agreement rises with it: bench/RESULTS.md, "Diagnostics")."""
+    return ((torch.randperm(n, generator=gen) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
 
 
 def denoise_loss(model, x0, prompts, gen):
@@ -286,36 +304,37 @@ def dc_subset(state, target, c0, hp, rng):
     return [target, c0] + rng.sample(earlier, min(len(earlier), max(hp.dc_k - 2, 0)))
 
 
-def subset_predictions(model, x0, prompts, gen):
+def subset_predictions(model, x0, prompts, gen, t=None):
     """(noise predictions [B, K, ...], ε [B, ...]): all K prompts of S (target first) in one UNet batch, one (t, ε)
-    per image shared by the K prompts (a paired comparison)."""
-    t, eps = draw_noise(model, x0, gen)
+    per image shared by the K prompts (a paired comparison); t drawn unless given."""
+    t, eps = draw_noise(model, x0, gen, t)
     return dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod), eps
 
 
 def subset_errors(model, x0, prompts, gen):
     """e[B, K] of `subset_predictions`."""
-    return dc_score.dc_errors(*subset_predictions(model, x0, prompts, gen), "mean")
+    return dc_score.dc_errors(*subset_predictions(model, x0, prompts, gen), ERRORS)
 
 
-def dc_loss(model, x0, prompts, tau, gen):
-    """L_DC = mean over images of −log p_φ(c_n | x) at temperature τ, over S = prompts (c_n first)."""
-    return dc_score.dc_cross_entropy(*subset_predictions(model, x0, prompts, gen), 0, tau)[0].mean()
+def dc_loss(model, x0, prompts, tau, gen, t=None):
+    """L_DC = τ · mean over images of −log p_φ(c_n | x) at temperature τ, over S = prompts (c_n first)."""
+    return tau * dc_score.dc_cross_entropy(*subset_predictions(model, x0, prompts, gen, t), 0, tau, ERRORS)[0].mean()
 
 
 def calibrate_temp(model, state, task, n=16):
-    """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the spread (std) of the
-    errors among the prompts of a DC subset S. The logits −e/τ then spread by about one nat across S, and τ scales
-    with the errors themselves, so it means the same on every base model and latent size. A random stream of its own:
-    calibrating changes no other draw of the task."""
+    """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the gap |e(c_n) − e(c₀)|
+    between the errors of the two prompts every task has. Always these two, whatever S holds: a subset with more
+    prompts (later tasks) would otherwise bring larger gaps and another τ. The logits −e/τ of c_n and c₀ then differ
+    by about one nat, and τ scales with the errors, so it means the same on every base model and latent size. A random
+    stream of its own: calibrating changes no other draw of the task."""
     gen = torch.Generator().manual_seed(task.gen.initial_seed() + 7919)
-    prompts = dc_subset(state, task.target, task.c0, state.hparams, random.Random(gen.initial_seed()))
     with torch.no_grad():
-        spread = subset_errors(model, task.batches(n, gen), prompts, gen).float().std(1).median().item()
-    if not spread > 0:
-        raise CPError(f"cannot calibrate --dc-temp: the prompts {prompts} give the same errors on the images; "
-                      "give --dc-temp a number")
-    return spread
+        e = subset_errors(model, task.batches(n, gen), [task.target, task.c0], gen).float()
+    gap = (e[:, 0] - e[:, 1]).abs().median().item()
+    if not gap > 0:
+        raise CPError(f"cannot calibrate --dc-temp: {task.target!r} and {task.c0!r} give the same errors on the "
+                      "images; give --dc-temp a number")
+    return gap
 
 
 def denoise_and_dc_loss(model, x0, prompts, hp, gen, tau, captions=None):
@@ -331,9 +350,9 @@ def denoise_and_dc_loss(model, x0, prompts, hp, gen, tau, captions=None):
                         torch.zeros(B - n_dc, dtype=torch.long)])
     pred = dc_score.noise_predictions(model.unet, x0, model.encode_text(prompts + (captions or [])), t, eps,
                                       model.alphas_cumprod, rows=(image, prompt))
-    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[first:], "mean")[:, 0]
-    ce, e_dc = dc_score.dc_cross_entropy(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, tau)
-    return {"denoise": (e if captions else torch.cat([e_dc[:, 0], e])).mean(), "dc": hp.dc_weight * ce.mean()}
+    e = dc_score.dc_errors(pred[n_dc * K:, None], eps[first:], ERRORS)[:, 0]
+    ce, e_dc = dc_score.dc_cross_entropy(pred[:n_dc * K].view(n_dc, K, *x0.shape[1:]), eps[:n_dc], 0, tau, ERRORS)
+    return {"denoise": (e if captions else torch.cat([e_dc[:, 0], e])).mean(), "dc": hp.dc_weight * tau * ce.mean()}
 
 
 def ewc_penalty(unet, name, fisher, anchor, lam):
@@ -377,7 +396,7 @@ def teacher_outputs(model, name, x0, context, t, eps):
     """Noise predictions [B, K, ...] and errors [B, K] of the model with only adapter `name` (None: base) on."""
     enable_only(model.unet, name)
     with torch.no_grad():
-        e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, "mean",
+        e, pred = dc_score.denoising_errors(model.unet, x0, context, t, eps, model.alphas_cumprod, ERRORS,
                                             return_pred=True)
     return e, pred
 
@@ -385,22 +404,28 @@ def teacher_outputs(model, name, x0, context, t, eps):
 def dsc_loss(model, x0, prompts, j, teacher2, hp, gen, tau, use_t2=True):
     """L_DSC at temperature τ over S = prompts = [c_n, c₀, (c_j)], the student the adapter "current":
 
-        w_h [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
+        w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
 
     T1 the adapter "teacher1"; T2 the adapter `teacher2` (None: the base model), which teaches column j;
-    use_t2=False drops T2's two terms. All four terms share one (t, ε) per image."""
+    use_t2=False drops T2's two terms. All four terms share one (t, ε) per image. `--dsc-targets paper`: each H over
+    all of S; `column`: T1's over the columns [c_n, c₀], T2's over [c_j, c₀] (nothing to teach when c_j is c₀)."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
     e_t1, pred_t1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
     e_t2, pred_t2 = teacher_outputs(model, teacher2, x0, context, t, eps) if use_t2 else (None, None)
     enable_only(model.unet, "current")
     pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
-    h = dc_score.soft_cross_entropy(pred, eps, dc_score.posterior(e_t1, tau), tau)[0].mean()  # H(p_T1, p_S)
-    n = (pred[:, 0] - pred_t1[:, 0]).square().mean()                                           # ‖ε_T1(c_n) − ε_S(c_n)‖²
+
+    def h(e_teacher, k):  # τ H(p_T, p_S), the teacher T teaching column k
+        cols = slice(None) if hp.dsc_targets == "paper" else [k, 1] if k != 1 else [1]
+        q = dc_score.posterior(e_teacher[:, cols], tau)
+        return tau * dc_score.soft_cross_entropy(pred[:, cols], eps, q, tau, ERRORS)[0].mean()
+
+    h_term, n_term = h(e_t1, 0), (pred[:, 0] - pred_t1[:, 0]).square().mean()  # τ H(p_T1, p_S), ‖ε_T1 − ε_S‖² on c_n
     if use_t2:
-        h = h + dc_score.soft_cross_entropy(pred, eps, dc_score.posterior(e_t2, tau), tau)[0].mean()  # H(p_T2, p_S)
-        n = n + (pred[:, j] - pred_t2[:, j]).square().mean()                                   # ‖ε_T2(c_j) − ε_S(c_j)‖²
-    return {"dsc_h": hp.dsc_w_h * h, "dsc_n": hp.dsc_w_n * n}
+        h_term = h_term + h(e_t2, j)                                              # τ H(p_T2, p_S)
+        n_term = n_term + (pred[:, j] - pred_t2[:, j]).square().mean()            # ‖ε_T2 − ε_S‖² on c_j
+    return {"dsc_h": hp.dsc_w_h * h_term, "dsc_n": hp.dsc_w_n * n_term}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -561,8 +586,8 @@ def train_task(model, state, task):
 
 def consolidate(model, state, task):
     """DSC: distil into the adapter T1 (the adapter as trained on this task), on c_n, and T2 (the pool's adapter
-    after a random earlier concept c_j), on c_j. The first task has no earlier concept: T2 is then the base model on
-    c₀ (`--dsc-first base`), or there is no T2 term (`none`)."""
+    after a random earlier concept c_j), on c_j. The first task has no earlier concept: no T2 term (`--dsc-first
+    none`), or T2 the base model on c₀ (`base`, which pulls the one adapter that must carry c_n towards zero)."""
     hp = state.hparams
     use_t2, tau = bool(state.pool) or hp.dsc_first == "base", task_temp(model, state, task)
     install_adapter(model.unet, "teacher1", snapshot(model.unet, task.adapter), hp)
@@ -590,14 +615,15 @@ def consolidate(model, state, task):
 
 
 def fisher_estimate(model, state, task, n):
-    """F̂ of the task's adapter over n single images: of L_DC = −log p_φ(c_n | x) over S = {c_n, c₀, earlier
+    """F̂ of the task's adapter over n single images: of L_DC = −τ log p_φ(c_n | x) over S = {c_n, c₀, earlier
     concepts} for the DC-informed methods (the Fisher then weighs the parameters that tell c_n apart from what the
-    model knew), of L_denoise for `ewc`."""
+    model knew), at stratified timesteps; of L_denoise for `ewc`."""
     hp = state.hparams
     if hp.uses("dc_fisher"):
         tau = task_temp(model, state, task)
+        ts = iter(stratified_timesteps(n, len(model.alphas_cumprod), task.gen)[:, None])
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
-                                      tau, task.gen)
+                                      tau, task.gen, next(ts))
     else:
         sample_loss = lambda: denoise_loss(model, task.batches(1), [task.target], task.gen)
     return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)

@@ -13,8 +13,9 @@ the SHA-256 of the bytes written: an interrupted save leaves the previous state 
 manifest changed since the state was loaded (compare-and-swap). A load checks the manifest's format and every field
 (type, range, what the fields say of each other), then reads every file it names, each a plain file inside the
 folder whose SHA-256 must match: a missing, damaged or mis-shaped file, or a damaged manifest, is a one-line CPError
-naming it, and nothing on disk changes. A cp-state/1 manifest (no sums) still loads, unverified, with a note. The
-method itself (cp.State, what a task changes) lives in cp.py.
+naming it, and nothing on disk changes. A cp-state/1 manifest (no sums) still loads, unverified, with a note. A
+state older than cp-state/3 weighed its DC terms in nats: it samples as before, and continues with any method that
+has none (check_units). The method itself (cp.State, what a task changes) lives in cp.py.
 """
 import copy
 import hashlib
@@ -46,8 +47,9 @@ STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp
                         r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
 # cp-state/2 is cp-state/1 plus "sums" (each file's SHA-256), which /2 requires: a /2 manifest that lost its sums is
 # damaged, not old, where an optional field could be dropped unnoticed. /1 states, written before the sums, still load
-# (unverified); a save writes /2.
-FORMAT, FORMATS = "cp-state/2", ("cp-state/2", "cp-state/1")
+# (unverified). cp-state/3: the DC terms in error units (w_h and δ weigh τ·H and τ·L_DC) and hparams.dsc_targets.
+# A save writes /3.
+FORMAT, FORMATS = "cp-state/3", ("cp-state/3", "cp-state/2", "cp-state/1")
 NULL, NUMBER = type(None), (int, float)
 # every field of a manifest: a type or a tuple of types (compared exactly: an int is never a bool), {key: field}
 # (exactly these keys), [field] (a list of them). What the fields say of each other: _check_manifest.
@@ -153,7 +155,7 @@ def read_manifest(folder):
         raise cp.CPError(f"{path} is damaged: not a state manifest ({type(e).__name__}: {e})") from None
     if type(m) is dict and m.get("format") not in FORMATS:  # before its fields: another format has other fields
         raise cp.CPError(f"{path} has state format {m.get('format')!r}, which this version of cp does not read "
-                         f"(it reads {' and '.join(FORMATS)})")
+                         f"(it reads {', '.join(FORMATS)})")
     try:
         _check_manifest(m)
     except ValueError as e:
@@ -164,7 +166,7 @@ def read_manifest(folder):
 def _check_manifest(m):
     """Every field of a manifest by type (FIELDS, HPARAMS), then by range and against each other; ValueError names
     the first that is wrong."""
-    _fit(m, {k: v for k, v in FIELDS.items() if k != "sums" or m.get("format") == FORMAT}, "")
+    _fit(m, {k: v for k, v in FIELDS.items() if k != "sums" or m.get("format") != "cp-state/1"}, "")
     _keys(m["hparams"], HPARAMS, "hparams", required=m["format"] == FORMAT)  # /1 lacks the hparams added since
     for k, v in m["hparams"].items():
         _fit(v, HPARAMS[k], f"hparams.{k}")
@@ -386,6 +388,17 @@ def _pairs(mods, alpha):
         raise ValueError(f"it holds LoRA alpha {sorted({a for _, _, a in mods.values()})}; the manifest's "
                          f"hparams.alpha is {alpha}")
     return {p: (A, B) for p, (A, B, _) in mods.items()}
+
+
+def check_units(state):
+    """A state saved before cp-state/3 weighed its DC terms in nats (w_h and δ were not multiplied by τ): training it
+    further with DSC or δ·L_DC would give its w_h or δ another meaning, so it is refused; sampling it, or continuing
+    it with a method without them, is not."""
+    hp, old = state.hparams, state.base and state.base["format"] != FORMAT
+    if old and (hp.uses("dsc") or hp.uses("dc_loss")):
+        raise cp.CPError(f"this state ({state.base['format']}) weighed DSC's and δ·L_DC's DC terms in nats; they are "
+                         f"now in error units (τ·H), so its --dsc-w-h / --dc-weight would mean something else: start "
+                         "a new state, or check out a commit of cp before the change to continue this one")
 
 
 def check_model(state, model):

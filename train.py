@@ -100,7 +100,7 @@ def add_hparam_flags(parser, presets=None, skip=()):
     presets', else cp.Hparams' default, which is what a plain run uses; the help names the presets that change it."""
     defaults = cp.Hparams()
     choices = {"method": cp.METHODS, "targets": list(lora.TARGETS), "adapter": lora.ADAPTERS,
-               "fisher_norm": cp.FISHER_NORMS, "dsc_first": cp.DSC_FIRST}
+               "fisher_norm": cp.FISHER_NORMS, "dsc_first": cp.DSC_FIRST, "dsc_targets": cp.DSC_TARGETS}
     for f in fields(cp.Hparams):
         if f.name in skip:
             continue
@@ -448,6 +448,7 @@ def learn_and_export(args, presets, run, device):
         source = f"new state: model preset {kind}, method preset {hparams.method} of presets.json"
     state.hparams = hparams
     if args.concept:
+        cp_state.check_units(state)
         print(describe_settings(hparams, source, given), flush=True)
     cp.apply_state(model, state)
 

@@ -127,6 +127,11 @@ def growth(state, folder):
 # concepts and judges
 
 
+def in_order(folders, order):
+    """The concepts in the order they are learned: as given, or reversed (`--order reverse`)."""
+    return folders[::-1] if order == "reverse" else folders
+
+
 def toy_concepts(args, tmp):
     """Training folders (examples/concepts/<name>, else the same images rendered into tmp) and fresh renders."""
     from toy import world
@@ -143,6 +148,7 @@ def toy_concepts(args, tmp):
         if not all(os.path.isdir(f) for f in folders):
             world.write_examples(os.path.join(tmp, "concepts"))
             folders = [f if os.path.isdir(f) else os.path.join(tmp, "concepts", os.path.basename(f)) for f in folders]
+    folders = in_order(folders, args.order)
     names = [os.path.basename(os.path.normpath(f)) for f in folders]
     real = []
     for name in names:  # a seed stream that write_examples (seeds [0, i]) never uses: held out by construction
@@ -155,7 +161,7 @@ def toy_concepts(args, tmp):
 def photo_concepts(args, tmp, resolution):
     """Folders of photos; with --holdout K the last K files of each are kept out of training for evaluation."""
     folders, names, real = [], [], []
-    for folder in args.concepts.split(",")[:args.tasks]:
+    for folder in in_order(args.concepts.split(",")[:args.tasks], args.order):
         name = os.path.basename(os.path.normpath(folder))
         if not os.path.isdir(folder):
             sys.exit(f"error: concept folder {folder} does not exist")
@@ -325,6 +331,14 @@ def summarize(runs):
     return out
 
 
+def paired_to_seq(runs):
+    """{method: (mean, std) over seeds of A − A_seq}, each seed against `seq`'s run of the same seed (and, a report
+    being one order of the concepts, the same order): the seeds' shared draws cancel out."""
+    seq = {r["seed"]: r["A"] for r in runs.get("seq", [])}
+    diffs = {m: [r["A"] - seq[r["seed"]] for r in rs if r["seed"] in seq] for m, rs in runs.items() if m != "seq"}
+    return {m: (float(np.mean(d)), float(np.std(d))) for m, d in diffs.items() if d}
+
+
 def fmt(pair, digits=3):
     mean, std = pair
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -337,10 +351,12 @@ def table(head, rows):
 def markdown(report):
     s, N = report["summary"], len(report["concepts"])
     clip = "clip_i" in next(iter(s.values()))
-    quality = table(["method", "A ↑", "P ↑", "F ↓", "DC acc ↑", "feat sim ↑", "KID ↓"] +
+    paired = paired_to_seq(report["runs"])
+    quality = table(["method", "A ↑", "A − seq (paired) ↑", "P ↑", "F ↓", "DC acc ↑", "feat sim ↑", "KID ↓"] +
                     (["CLIP-I ↑", "CLIP-T ↑"] if clip else []),
-                    [[f"`{k}`", fmt(x["A"]), fmt(x["P"]), fmt(x["F"]), fmt(x["dc_acc"]), fmt(x["feat_sim"]),
-                      fmt(x["kid"], 4)] + ([fmt(x["clip_i"]), fmt(x["clip_t"])] if clip else []) for k, x in s.items()])
+                    [[f"`{k}`", fmt(x["A"]), fmt(paired[k]) if k in paired else "—", fmt(x["P"]), fmt(x["F"]),
+                      fmt(x["dc_acc"]), fmt(x["feat_sim"]), fmt(x["kid"], 4)]
+                     + ([fmt(x["clip_i"]), fmt(x["clip_t"])] if clip else []) for k, x in s.items()])
     cost = table(["method", "pool", "stored params (task 1 → N)", "state KB (task 1 → N)", "train s/task",
                   "eval s/task"],
                  [[f"`{k}`", str(x["pool"]), "{:,} → {:,}".format(*x["stored_params_first_last"]),
@@ -354,7 +370,8 @@ def markdown(report):
     return "\n".join([
         f"Command: `{report['command']}`  ", f"Date: {report['date']}; machine: {report['machine']}  ",
         f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {report['seeds']}; judge: {report['judge']} "
-        f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds.", "", *quality, "",
+        f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds; A − seq: each seed's A "
+        "minus `seq`'s A at the same seed.", "", *quality, "",
         "What the state stores, and time:", "", *cost, "",
         "LoRA norm ‖ΔW‖ after each task (mean over seeds):", "", *norms, "",
         "acc_i(m) of each concept after the last task / right after it was learned (mean over seeds):", "", *accs,
@@ -446,6 +463,8 @@ def parse_args(argv):
     p.add_argument("--holdout", type=int, default=0, help="with --clip: last K photos of each folder kept out of "
                    "training and used as the real images (0: the training photos are the real images)")
     p.add_argument("--tasks", type=int, help=f"number of concepts (default {FULL['tasks']})")
+    p.add_argument("--order", choices=["forward", "reverse"], default="forward", help="learn the --tasks concepts "
+                   "in their order, or in reverse")
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--seeds", type=int, help=f"number of seeds (default {FULL['seeds']})")
     p.add_argument("--n-samples", type=int, help=f"images generated per concept and task (default {FULL['n_samples']})")

@@ -1,11 +1,13 @@
 """Tune every method the same way, on the tuning concepts only (bench/RESULTS.md, "Protocol").
 
-A cell is one run of bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks) at one setting, for one
-or more seeds. Four stages, each started as soon as what it needs is finished:
+A cell is one setting run by bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks) in both ORDERS
+(the concepts as listed and reversed), for one or more seeds; its score is the mean over its runs. Four stages, each
+started as soon as what it needs is finished:
 
  1. coarse: every method with a knob gets the same budget, the COARSE settings of GRID[method] (steps of 1, 3, 10:
-    at most half a decade apart; the DSC combinations' grid follows `dsc`'s, combo_grid), seed 0. `seq` and `ti`
-    have no knob: one cell, three seeds.
+    at most half a decade apart; the DSC combinations' grid follows `dsc`'s, combo_grid), seed 0. A best cell at an
+    edge of the grid extends it: one more setting past that edge, the edge's step repeated (`extended`), until the
+    best lies inside. `seq` and `ti` have no knob: one cell, three seeds.
  2. confirm: each method's TOP coarse cells (by A, then the lower F) again with seeds 1 and 2; the method's choice is
     the one with the higher mean A over the three seeds. No choice rests on a single seed.
  3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
@@ -20,7 +22,7 @@ Every cell runs BASE (the grid's values of the design choices) under what it var
     python bench/tune.py --report          # only rewrite the table (and presets.json once everything is finished)
     python bench/tune.py --adapter vera --methods seq,ewc,ewc-dc --out bench/tuning-vera --presets none
 
-Writes <out>/<method>/<setting>/results.json per cell (bench/continual.py's output), <out>/README.md (every cell,
+Writes <out>/<method>/<setting>/<order>/results.json per cell (bench/continual.py's output), <out>/README.md (every cell,
 mean ± std over its seeds, the choices) and, once every stage is finished, the "methods", "default_method" (the
 highest mean A over three seeds) and "source" of presets.json, which `train.py --method X` then runs.
 """
@@ -42,9 +44,10 @@ import cp  # noqa: E402
 import train  # noqa: E402
 from continual import PALETTE  # noqa: E402
 
-COARSE, TOP, SEEDS = 8, 2, 3
+COARSE, TOP, SEEDS, EXTEND = 8, 2, 3, 3  # EXTEND: most settings added past a grid's edges
+ORDERS = ("forward", "reverse")
 LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ on a Fisher of mean 1 (cp.fisher_diagonal)
-W_H = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)  # w_h under the calibrated τ (logits spread ~1 nat)
+W_H = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # w_h of τ·H: a ratio to L_denoise (cp.py's docstring)
 GRID = {
     "seq": [{}],
     "ti": [{}],
@@ -63,12 +66,13 @@ def combo_grid(w_best):
     i = max(W_H.index(w_best), 1)
     return [{"ewc_lambda": v, "dsc_w_h": w} for v in COMBO_LAMBDAS for w in (W_H[i - 1], W_H[i])]
 # the grid's values of the open design choices, and dsc_steps (100 beat 25 in the earlier grid)
-BASE = {"fisher_norm": "total", "dc_temp": "auto", "dsc_first": "base", "dsc_steps": 100}
+BASE = {"fisher_norm": "total", "dc_temp": "auto", "dsc_first": "none", "dsc_targets": "paper", "dsc_steps": 100}
 # design choice: (its other value, the methods it is compared on, the methods whose preset it sets)
 CHOICES = {
     "fisher_norm": ("task", ("ewc", "ewc-dc"), ("ewc", "ewc-dc", "dsc-ewc", "dsc-ewc-dc")),
     "dc_temp": (0.01, ("ewc-dc", "dsc"), ("ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")),
-    "dsc_first": ("none", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
+    "dsc_first": ("base", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
+    "dsc_targets": ("column", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
 }
 
 
@@ -84,15 +88,33 @@ def cell_dir(root, method, setting):
     return os.path.join(root, method, cell_name(setting))
 
 
-def finished(out, method, seeds=1):
-    """The cell's runs of seeds 0 .. seeds−1 (bench/continual.py writes each run as it finishes), or None while any
-    of them is missing."""
+def order_runs(out, method, seeds=1):
+    """One order's runs of seeds 0 .. seeds−1 (bench/continual.py writes each run as it finishes in out), or None
+    while any of them is missing."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         runs = [r for r in json.load(f)["runs"].get(method, []) if r["seed"] < seeds]
     return sorted(runs, key=lambda r: r["seed"]) if len(runs) == seeds else None
+
+
+def finished(out, method, seeds=1):
+    """The cell's runs in every order (ORDERS) of seeds 0 .. seeds−1, or None while any of them is missing."""
+    runs = [order_runs(os.path.join(out, order), method, seeds) for order in ORDERS]
+    return None if None in runs else [r for rs in runs for r in rs]
+
+
+def extended(grid, top):
+    """The grid with one more setting past each numeric knob whose grid edge `top` (its best cell) lies at: the edge's
+    step repeated, the other knobs as in `top`."""
+    more = []
+    for k, v in top.items():
+        values = sorted({s[k] for s in grid if isinstance(s.get(k), float)})
+        if len(values) > 1 and v in (values[0], values[-1]):
+            new = values[0] ** 2 / values[1] if v == values[0] else values[-1] ** 2 / values[-2]
+            more.append({**top, k: float(f"{new:.3g}")})
+    return grid + [s for s in more if s not in grid]
 
 
 def score(runs):
@@ -145,11 +167,16 @@ def plan(root, methods):
     cells, chosen = [], {}
 
     def tune(m, grid):  # stages 1 and 2 of one method
-        first = SEEDS if len(grid) == 1 else 1
-        cells.extend((m, s, first) for s in grid)
-        coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
-        if not all(r for _, r in coarse):
-            return
+        first, size = SEEDS if len(grid) == 1 else 1, len(grid) + EXTEND
+        while True:
+            cells.extend((m, s, first) for s in grid if (m, s, first) not in cells)
+            coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
+            if not all(r for _, r in coarse):
+                return
+            wider = extended(grid, best(coarse)[0][0])
+            if len(wider) == len(grid) or len(wider) > size:
+                break
+            grid = wider
         top = [s for s, _ in best(coarse)[:TOP]]
         cells.extend((m, s, SEEDS) for s in top if first < SEEDS)
         confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
@@ -183,19 +210,20 @@ def plan(root, methods):
     return cells, chosen, decided
 
 
-def run_cell(method, setting, seeds, args):
-    """One cell: bench/continual.py in its own process, one thread; more seeds resume the cell's earlier ones."""
-    out = cell_dir(args.out, method, setting)
+def run_cell(method, setting, seeds, order, args):
+    """One order of a cell: bench/continual.py in its own process, one thread; more seeds resume the earlier ones."""
+    out = os.path.join(cell_dir(args.out, method, setting), order)
     os.makedirs(out, exist_ok=True)
     # run from the repository root with relative paths, so the cell's records read the same on every machine
-    cmd = [sys.executable, os.path.join("bench", "continual.py"), "--split", "tuning", "--seeds", str(seeds),
+    cmd = [sys.executable, os.path.join("bench", "continual.py"), "--split", "tuning", "--order", order,
+           "--seeds", str(seeds),
            "--methods", method, "--out", os.path.relpath(out, ROOT), "--model", os.path.relpath(args.model, ROOT),
            "--adapter", args.adapter, "--no-presets", "--quiet", "--resume", *flags({**BASE, **setting})]
     with open(os.path.join(out, "log.txt"), "a") as log:
         done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
-        raise RuntimeError(f"{method} {cell_name(setting)} failed (exit {done.returncode}); see {out}/log.txt")
+        raise RuntimeError(f"{method} {cell_name(setting)} {order} failed (exit {done.returncode}); see {out}/log.txt")
 
 
 def presets_of(root, methods, chosen, decided):
@@ -215,7 +243,7 @@ def presets_of(root, methods, chosen, decided):
 def report(root, methods):
     """The table of every cell planned so far, and the decisions."""
     cells, chosen, decided = plan(root, methods)
-    rows = ["| method | setting | seeds | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | minutes | |",
+    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | minutes | |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing, seen, points = 0, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
@@ -229,7 +257,8 @@ def report(root, methods):
                 continue
         A, F, P, std, minutes = score(runs)
         mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
-        rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs)} | {A:.3f} ± {std:.3f} | {P:.3f} | {F:.3f} | "
+        rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs) // len(ORDERS)} × {len(ORDERS)} | {A:.3f} ± {std:.3f} | "
+                    f"{P:.3f} | {F:.3f} | "
                     f"{kept(runs):.2f} | {minutes:.0f} | {mark} |")
         points.setdefault(m, []).append((P, kept(runs)))
     lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
@@ -277,24 +306,25 @@ def main(argv=None):
     started, running = time.time(), {}
     with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
         while not args.report:
-            cells = plan(args.out, methods)[0]
-            todo = [c for c in cells if not finished(cell_dir(args.out, c[0], c[1]), c[0], c[2])
-                    and (c[0], cell_name(c[1])) not in running]
-            for m, setting, seeds in todo[:max(0, args.jobs - len(running))]:
-                running[(m, cell_name(setting))] = pool.submit(run_cell, m, setting, seeds, args)
-                print(f"started {m} {cell_name(setting)} ({seeds} seeds)", flush=True)
+            todo = [(m, s, seeds, order) for m, s, seeds in plan(args.out, methods)[0] for order in ORDERS
+                    if not order_runs(os.path.join(cell_dir(args.out, m, s), order), m, seeds)
+                    and (m, cell_name(s), order) not in running]
+            for m, setting, seeds, order in todo[:max(0, args.jobs - len(running))]:
+                running[(m, cell_name(setting), order)] = pool.submit(run_cell, m, setting, seeds, order, args)
+                print(f"started {m} {cell_name(setting)} {order} ({seeds} seeds)", flush=True)
             if not running:
                 break
             done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
             for key in [k for k, f in running.items() if f in done]:
                 running.pop(key).result()
-                print(f"finished {key[0]} {key[1]} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
+                print(f"finished {' '.join(key)} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
     table, chosen, decided, missing, lines = report(args.out, methods)
     command = shlex.join(["python", "bench/tune.py"] + [a for a in argv if a != "--report"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(f"# Tuning on the tuning concepts ({args.adapter})\n\n`{command}` (bench/RESULTS.md, \"Protocol\"): "
-                f"{COARSE} settings per method at seed 0, the best {TOP} again at seeds 1 and 2, chosen by mean A; "
+                f"{COARSE} settings per method at seed 0 (a best setting at an edge of the grid extends it), the best "
+                f"{TOP} again at seeds 1 and 2, every run in both orders of the tuning concepts, chosen by mean A; "
                 f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
                 f"says otherwise. kept: the share of the earlier concepts' accuracy right after learning that is "
                 f"still there after the last task; [tradeoff.png](tradeoff.png) plots it against P for every cell."

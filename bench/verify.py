@@ -1,5 +1,5 @@
 """What checking a state's SHA-256 sums adds to a load: `cp_state.load_state` of a state of ten concepts (ewc: token
-rows, Fisher and anchor, the carried LoRA, ten pool entries; kv+ff, rank 8), verified (cp-state/2) and unverified
+rows, Fisher and anchor, the carried LoRA, ten pool entries; kv+ff, rank 8), verified (cp-state/3) and unverified
 (the same files under a cp-state/1 manifest, which records no sums), on the toy model and at SD v1.5's size. The
 tensors are random, of the shapes such a state holds; the files are read from the page cache, as on a second load.
 

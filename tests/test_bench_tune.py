@@ -41,28 +41,31 @@ def test_the_combinations_start_from_dscs_best_coarse_cell_with_the_choices_deci
     combo = lambda: [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
     assert combo() == []
     for w in tune.W_H:
-        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.5 if w == 0.01 else 0.1])
-    for w in (0.003, 0.01):
-        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.003 else 0.5] * 3)
-    assert tune.plan(root, ["dsc"])[1] == {"dsc": {"dsc_w_h": 0.003}}
+        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.3 else 0.5 if w == 1.0 else 0.1])
+    for w in (0.3, 1.0):
+        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.3 else 0.5] * 3)
+    assert tune.plan(root, ["dsc"])[1] == {"dsc": {"dsc_w_h": 0.3}}
     assert combo() == []  # dsc's design choices are not decided yet
-    fake_cell(root, "dsc", {"dsc_w_h": 0.003, "dc_temp": 0.01}, [0.1] * 3)
-    fake_cell(root, "dsc", {"dsc_w_h": 0.003, "dsc_first": "none"}, [0.95] * 3)
-    assert tune.plan(root, ["dsc", "dsc-ewc"])[2] == {"dc_temp": "auto", "dsc_first": "none"}
-    assert combo() == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "none"}, 1)
-                       for v in tune.COMBO_LAMBDAS for w in (0.001, 0.003)]
+    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dc_temp": 0.01}, [0.1] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dsc_first": "base"}, [0.95] * 3)
+    assert combo() == []  # dsc_targets is not decided yet
+    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dsc_targets": "column"}, [0.5] * 3)
+    assert tune.plan(root, ["dsc", "dsc-ewc"])[2] == {"dc_temp": "auto", "dsc_first": "base", "dsc_targets": "paper"}
+    assert combo() == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "base"}, 1)
+                       for v in tune.COMBO_LAMBDAS for w in (0.1, 0.3)]
     with pytest.raises(SystemExit, match="add dsc"):
         tune.main(["--out", root, "--report", "--methods", "dsc-ewc"])
 
 
-def fake_cell(root, method, setting, accs):
-    """A finished cell whose seed s has A = accs[s] (F = 1 − A, P = 0.5)."""
-    out = tune.cell_dir(root, method, setting)
-    os.makedirs(out, exist_ok=True)
-    runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}], "acc": [[0.5, a], [None, 0.5]]}
-            for s, a in enumerate(accs)]
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"runs": {method: runs}, "seeds": len(accs)}, f)
+def fake_cell(root, method, setting, accs, orders=tune.ORDERS):
+    """A finished cell whose seed s has A = accs[s] (F = 1 − A, P = 0.5) in each of `orders`."""
+    for order in orders:
+        out = os.path.join(tune.cell_dir(root, method, setting), order)
+        os.makedirs(out, exist_ok=True)
+        runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}], "acc": [[0.5, a], [None, 0.5]]}
+                for s, a in enumerate(accs)]
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"runs": {method: runs}, "seeds": len(accs)}, f)
 
 
 @pytest.fixture
@@ -70,8 +73,9 @@ def small_grid(monkeypatch):
     monkeypatch.setattr(tune, "GRID", {"seq": [{}], "ewc": [{"ewc_lambda": v} for v in (1.0, 2.0, 3.0)],
                                        "dsc": [{"dsc_w_h": v} for v in (0.1, 0.2)]})
     monkeypatch.setattr(tune, "CHOICES", {"fisher_norm": ("task", ("ewc",), ("ewc",)),
-                                          "dsc_first": ("none", ("dsc",), ("dsc",))})
+                                          "dsc_first": ("base", ("dsc",), ("dsc",))})
     monkeypatch.setattr(tune, "TOP", 2)
+    monkeypatch.setattr(tune, "EXTEND", 0)
 
 
 def test_stages_follow_each_other_and_no_choice_rests_on_one_seed(tmp_path, small_grid):
@@ -109,10 +113,10 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
     tune.main(args)
     assert open(presets).read() == before  # dsc_first not decided yet
     assert "1 cells not finished yet" in open(os.path.join(root, "README.md")).read()
-    fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "none"}, [0.2, 0.2, 0.2])
+    fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "base"}, [0.2, 0.2, 0.2])
     tune.main(args)
     written = train.load_presets(presets)
-    assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_steps": 100}}
+    assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "none", "dsc_steps": 100}}
     assert written["default_method"] == "dsc" and written["models"] == json.load(open(train.PRESETS_FILE))["models"]
     assert "dsc 0.467" in written["source"] and "seq 0.300" in written["source"]
 
@@ -120,7 +124,7 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
 def test_flags_round_trip_through_the_benchmark_parser():
     setting = {**tune.BASE, "dsc_steps": 25, "ewc_lambda": 0.1, "dc_temp": 0.01}
     args = continual.parse_args(tune.flags(setting))
-    assert (args.dsc_steps, args.ewc_lambda, args.fisher_norm, args.dsc_first) == (25, 0.1, "total", "base")
+    assert (args.dsc_steps, args.ewc_lambda, args.fisher_norm, args.dsc_first) == (25, 0.1, "total", "none")
     assert cp.fixed_temp(cp.Hparams(dc_temp=args.dc_temp)) == 0.01
     assert cp.fixed_temp(cp.Hparams(dc_temp=continual.parse_args(tune.flags(tune.BASE)).dc_temp)) is None
 
@@ -131,5 +135,25 @@ def test_share_kept_of_earlier_concepts_by_hand_and_the_tradeoff_picture(tmp_pat
     assert tune.kept([{"acc": acc}, {"acc": [[0.0, 0.0], [None, 1.0]]}]) == pytest.approx(((0.5 / 1.4) + 0) / 2)
     fake_cell(str(tmp_path), "seq", {}, [0.3, 0.3, 0.3])
     table = tune.report(str(tmp_path), ["seq"])[0]
-    assert "| `seq` | defaults | 3 | 0.300 ± 0.000 | 0.500 | 0.700 | 0.60 |" in table
+    assert "| `seq` | defaults | 3 × 2 | 0.300 ± 0.000 | 0.500 | 0.700 | 0.60 |" in table
     assert (tmp_path / "tradeoff.png").exists()
+
+
+def test_a_best_cell_at_an_edge_of_the_grid_extends_it_and_both_orders_count(tmp_path, small_grid, monkeypatch):
+    root = str(tmp_path)
+    monkeypatch.setattr(tune, "EXTEND", 2)
+    for v, a in ((1.0, 0.2), (2.0, 0.4), (3.0, 0.5)):
+        fake_cell(root, "ewc", {"ewc_lambda": v}, [a])
+    assert tune.plan(root, ["ewc"])[0][-1] == ("ewc", {"ewc_lambda": 4.5}, 1)  # past 3, the step 3/2 repeated
+    fake_cell(root, "ewc", {"ewc_lambda": 4.5}, [0.6], orders=tune.ORDERS[:1])
+    assert tune.finished(tune.cell_dir(root, "ewc", {"ewc_lambda": 4.5}), "ewc") is None  # one order missing
+    fake_cell(root, "ewc", {"ewc_lambda": 4.5}, [0.6])
+    assert tune.plan(root, ["ewc"])[0][-1] == ("ewc", {"ewc_lambda": 6.75}, 1)
+    fake_cell(root, "ewc", {"ewc_lambda": 6.75}, [0.7])
+    cells = tune.plan(root, ["ewc"])[0]  # EXTEND reached: the two best go on to their confirmation
+    assert ("ewc", {"ewc_lambda": 10.1}, 1) not in cells and cells[-2:] == [("ewc", {"ewc_lambda": 6.75}, 3),
+                                                                            ("ewc", {"ewc_lambda": 4.5}, 3)]
+    fake_cell(root, "ewc", {"ewc_lambda": 2.0}, [0.4], orders=tune.ORDERS[:1])
+    fake_cell(root, "ewc", {"ewc_lambda": 2.0}, [0.8], orders=tune.ORDERS[1:])  # the other order's run counts too
+    assert tune.score(tune.finished(tune.cell_dir(root, "ewc", {"ewc_lambda": 2.0}), "ewc"))[0] == pytest.approx(0.6)
+    assert tune.extended([{"w": 0.1}, {"w": 0.3}], {"w": 0.1}) == [{"w": 0.1}, {"w": 0.3}, {"w": 0.0333}]

@@ -132,7 +132,7 @@ def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
 
 def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_model_dir, concepts):
     """`ewc-dc`'s F̂, against a hand computation that scores each prompt with its own UNet call: the mean over single
-    images of (∇_φ −log p_φ(c_n | x))² over S, rescaled to mean 1."""
+    images of (∇_φ −τ log p_φ(c_n | x))² over S at stratified timesteps, rescaled to mean 1."""
     model = unet.load_model(tiny_model_dir)
     hp = cp.Hparams(method="ewc-dc", fisher_samples=3, dc_k=3, dc_temp=0.05)
     cp.install_adapter(model.unet, "current", None, hp)
@@ -146,14 +146,16 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
 
     t_ = alpha_task(model, images, state, 5)  # the same draws, consumed in the same order
     squares = [torch.zeros_like(p) for p in params]
-    for _ in range(3):
+    ts = cp.stratified_timesteps(3, len(model.alphas_cumprod), t_.gen)
+    assert sorted(ts * 3 // len(model.alphas_cumprod)) == [0, 1, 2]  # one timestep from each third of the schedule
+    for i in range(3):
         x0 = t_.batches(1)
         prompts = cp.dc_subset(state, t_.target, t_.c0, hp, t_.rng)
         assert prompts[:2] == ["a photo of a red star", "a photo"] and len(prompts) == 3
-        t, eps = cp.draw_noise(model, x0, t_.gen)
+        t, eps = cp.draw_noise(model, x0, t_.gen, ts[i:i + 1])
         x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
         e = torch.stack([((model.unet(x_t, t, model.encode_text([p])) - eps) ** 2).mean() for p in prompts])
-        ce = -torch.log_softmax(-e / hp.dc_temp, 0)[0]
+        ce = -hp.dc_temp * torch.log_softmax(-e / hp.dc_temp, 0)[0]
         for s, g in zip(squares, torch.autograd.grad(ce, params)):
             s += g ** 2
     mean = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
@@ -178,7 +180,7 @@ def test_denoise_and_dc_losses_match_a_full_batch_of_errors(tiny_model_dir, dc_b
     assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
     if dc_batch:
         ce = -torch.log_softmax(-e[:dc_batch] / 0.05, -1)[:, 0].mean()
-        assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
+        assert terms["dc"].item() == pytest.approx(0.5 * 0.05 * ce.item(), rel=1e-4)  # δ τ L_DC
 
 
 def test_dc_weight_without_dc_batch_is_refused():
@@ -239,7 +241,7 @@ def test_dsc_loss_by_hand_with_three_different_adapters(tiny_model_dir):
     h = sum(-(torch.softmax(-out[n][1] / hp.dc_temp, -1) * log_s).sum(-1) for n in ("teacher1", "teacher2"))
     n_term = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean() + \
         (out["current"][0][:, 2] - out["teacher2"][0][:, 2]).square().mean()
-    assert got["dsc_h"].item() == pytest.approx(0.7 * h.mean().item(), rel=1e-4)
+    assert got["dsc_h"].item() == pytest.approx(0.7 * 0.05 * h.mean().item(), rel=1e-4)  # w_h τ H
     assert got["dsc_n"].item() == pytest.approx(1.3 * n_term.item(), rel=1e-4)
 
 
@@ -501,9 +503,9 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
     h = lambda n: -(torch.softmax(-out[n][1] / 0.05, -1) * torch.log_softmax(-out["current"][1] / 0.05, -1)).sum(-1)
     n1 = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean()
     n2 = (out["current"][0][:, 1] - out[None][0][:, 1]).square().mean()
-    assert alone["dsc_h"].item() == pytest.approx(0.7 * h("teacher1").mean().item(), rel=1e-4)
+    assert alone["dsc_h"].item() == pytest.approx(0.7 * 0.05 * h("teacher1").mean().item(), rel=1e-4)
     assert alone["dsc_n"].item() == pytest.approx(1.3 * n1.item(), rel=1e-4)
-    assert both["dsc_h"].item() == pytest.approx(0.7 * (h("teacher1") + h(None)).mean().item(), rel=1e-4)
+    assert both["dsc_h"].item() == pytest.approx(0.7 * 0.05 * (h("teacher1") + h(None)).mean().item(), rel=1e-4)
     assert both["dsc_n"].item() == pytest.approx(1.3 * (n1 + n2).item(), rel=1e-4)
 
     used = []
@@ -519,8 +521,8 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
 
 @pytest.mark.parametrize("which", ["tiny", "toy"])
 def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_dir, concepts, which):
-    """`--dc-temp auto` on two models and two latent sizes each: on fresh draws, the median spread of the logits
-    −e/τ across the subset's prompts is about 1 (the target), where a fixed τ gives spreads that differ by model."""
+    """`--dc-temp auto` on two models and two latent sizes each: on fresh draws, the median gap between the logits
+    −e/τ of c_n and c₀ is about 1 (the target), where a fixed τ gives gaps that differ by model."""
     path = tiny_model_dir if which == "tiny" else os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy",
                                                                "model")
     model = unet.load_model(path)
@@ -534,12 +536,11 @@ def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_d
         tau = cp.calibrate_temp(model, state, alpha_task(model, images, state))
         task = alpha_task(model, images, state, seed=1)
         with torch.no_grad():
-            e = torch.cat([cp.subset_errors(model, task.batches(16), cp.dc_subset(state, task.target, task.c0, hp,
-                                                                                  task.rng), task.gen)
+            e = torch.cat([cp.subset_errors(model, task.batches(16), [task.target, task.c0], task.gen)
                            for _ in range(2)])
-        spread = (e / tau).std(1).median().item()
-        assert 0.6 < spread < 1.6, (which, size, tau, spread)
-        spreads.append(e.std(1).median().item())
+        gap = (e[:, 0] - e[:, 1]).abs()
+        assert 0.5 < (gap / tau).median().item() < 2, (which, size, tau, gap)
+        spreads.append(gap.median().item())
     assert tau > 0 and spreads[0] != spreads[1]
 
 

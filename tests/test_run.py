@@ -165,7 +165,7 @@ def test_captions_drive_l_denoise_and_the_target_l_dc(tiny_model_dir, method, dc
     assert abs(captioned - target) > 1e-4 * target  # the check above tells the captions from the target
     if dc_weight:
         ce = -torch.log_softmax(-e[:2, :3] / 0.05, -1)[:, 0].mean()
-        assert terms["dc"].item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
+        assert terms["dc"].item() == pytest.approx(0.5 * 0.05 * ce.item(), rel=1e-4)  # δ τ L_DC
     else:
         assert "dc" not in terms
 

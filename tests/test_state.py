@@ -271,7 +271,7 @@ def test_every_file_has_its_sha256_in_the_manifest(saved, tiny_model_dir, tmp_pa
     manifest); a new file gets its own."""
     state = copy_state(saved, tmp_path)
     m = manifest(state)
-    assert m["format"] == "cp-state/2" and list(m["sums"]) == cp_state._named(m["files"])
+    assert m["format"] == "cp-state/3" and list(m["sums"]) == cp_state._named(m["files"])
     assert all(m["sums"][n] == sha256(os.path.join(state, n)) for n in m["sums"])
     newer, hashed, sha = continue_state(state, tiny_model_dir, saved["beta"]), [], cp_state._sha256
     monkeypatch.setattr(cp_state, "_sha256", lambda path: hashed.append(os.path.relpath(path, state)) or sha(path))
@@ -303,6 +303,26 @@ def test_a_flipped_byte_is_refused_naming_the_file(saved, tmp_path, role, part):
         cp_state.load_state(state)
 
 
+def test_a_state_from_before_the_error_units_samples_but_trains_no_dc_term_further(saved, tiny_model_dir, tmp_path):
+    """A cp-state/2 manifest (no hparams.dsc_targets) loads; continuing it with DSC or δ·L_DC, whose weights meant
+    something else then, is refused through train.py with one line; with `ewc-dc` (δ = 0) it continues."""
+    state, dsc = copy_state(saved, tmp_path), str(tmp_path / "dsc")
+    model, fresh_state = fresh(tiny_model_dir, "dsc")
+    cp_state.save_state(train.learn_folder(model, fresh_state, saved["gamma"]), dsc)
+    for folder in (state, dsc):
+        m = manifest(folder)
+        m["format"] = "cp-state/2"
+        del m["hparams"]["dsc_targets"]
+        write_manifest(folder, m)
+    assert cp_state.load_state(dsc).hparams.dsc_targets == "paper"
+    cp_state.load_with_state(dsc)  # it samples
+    for folder, flags in ((dsc, []), (state, ["--dc-weight", "0.1"])):
+        message = exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *FAST_FLAGS, *flags])
+        assert message.startswith("error: this state (cp-state/2) weighed DSC's and δ·L_DC's DC terms in nats")
+    train.main(["--concept", saved["beta"], "--state", state, *FAST_FLAGS])
+    assert manifest(state)["format"] == "cp-state/3"
+
+
 def test_an_older_state_loads_with_a_note_and_gains_sums_at_its_next_save(saved, tiny_model_dir, tmp_path,
                                                                           capsys):
     state = copy_state(saved, tmp_path)
@@ -316,14 +336,14 @@ def test_an_older_state_loads_with_a_note_and_gains_sums_at_its_next_save(saved,
     assert all(torch.equal(a, b) for a, b in zip(loaded.tokens.values(), reference.tokens.values()))
     cp_state.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
     m = manifest(state)
-    assert m["format"] == "cp-state/2" and m["sums"][m["files"]["pool"][0]] == sha256(
+    assert m["format"] == "cp-state/3" and m["sums"][m["files"]["pool"][0]] == sha256(
         os.path.join(state, m["files"]["pool"][0]))  # the kept pool entry, hashed at this save
     capsys.readouterr()
     cp_state.load_state(state)
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("found", [999, "cp-state/3", "nonsense", None, "missing"])
+@pytest.mark.parametrize("found", [999, "cp-state/4", "nonsense", None, "missing"])
 def test_a_manifest_of_an_unknown_format_is_refused(saved, tmp_path, found):
     state = copy_state(saved, tmp_path)
     m = manifest(state)
@@ -335,7 +355,7 @@ def test_a_manifest_of_an_unknown_format_is_refused(saved, tmp_path, found):
     before = digest(state)
     shown = None if found == "missing" else found
     line = f"{os.path.join(state, 'manifest.json')} has state format {shown!r}, which this version of cp does " \
-           "not read (it reads cp-state/2 and cp-state/1)"
+           "not read (it reads cp-state/3, cp-state/2, cp-state/1)"
     with pytest.raises(cp.CPError) as e:
         cp_state.load_state(state)
     assert str(e.value) == line
