@@ -91,6 +91,12 @@ def apf(acc):
     return float(A), float(P), float(F_)
 
 
+def a_after_each_task(acc):
+    """[A after task m for each m]: the mean of acc_i(m) over the concepts i <= m learned so far (the last is A)."""
+    acc = np.asarray(acc, dtype=np.float64)
+    return [float(acc[:m + 1, m].mean()) for m in range(len(acc))]
+
+
 def kid(x, y):
     """Unbiased MMD² between features x [m, d] and y [n, d], polynomial kernel (a·b/d + 1)³."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -328,6 +334,8 @@ def summarize(runs):
     out["stored_params_first_last"] = [first["stored_params"], last["stored_params"]]
     out["lora_norm_per_task"] = np.mean([[t["lora_norm"] for t in r["tasks"]] for r in runs], 0).tolist()
     out["acc_mean"] = nones(np.mean([np.array(r["acc"], dtype=float) for r in runs], 0))
+    out["A_per_task"] = [[float(np.mean(col)), float(np.std(col))] for col in zip(*(a_after_each_task(r["acc"])
+                                                                                     for r in runs))]
     return out
 
 
@@ -364,6 +372,8 @@ def markdown(report):
                    fmt(x["eval_s_per_task"], 1)] for k, x in s.items()])
     norms = table(["method"] + [f"task {m + 1}" for m in range(N)],
                   [[f"`{k}`"] + [f"{v:.3g}" for v in x["lora_norm_per_task"]] for k, x in s.items()])
+    a_m = table(["method"] + [f"after task {m + 1}" for m in range(N)],
+                [[f"`{k}`"] + [fmt(v, 2) for v in x["A_per_task"]] for k, x in s.items()])
     accs = table(["method"] + [f"{c} (final / learned)" for c in report["concepts"]],
                  [[f"`{k}`"] + [f"{x['acc_mean'][i][-1]:.2f} / {x['acc_mean'][i][i]:.2f}" for i in range(N)]
                   for k, x in s.items()])
@@ -372,7 +382,8 @@ def markdown(report):
         f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {report['seeds']}; judge: {report['judge']} "
         f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds; A − seq: each seed's A "
         "minus `seq`'s A at the same seed.", "", *quality, "",
-        "What the state stores, and time:", "", *cost, "",
+        "A after each task (the mean of acc_i(m) over the concepts learned so far), mean ± std over seeds:", "",
+        *a_m, "", "What the state stores, and time:", "", *cost, "",
         "LoRA norm ‖ΔW‖ after each task (mean over seeds):", "", *norms, "",
         "acc_i(m) of each concept after the last task / right after it was learned (mean over seeds):", "", *accs,
         "", "![samples](grid.png)", "", "![accuracy over tasks](plot.png)", ""])

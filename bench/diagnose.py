@@ -5,19 +5,24 @@ On adapters trained with `seq` on two tuning concepts in turn (the second is "th
  (a) where each Fisher of the task puts its mass: feed-forward vs cross-attention LoRA, A vs B, the share the top
      1 % of parameters hold (beside each group's share of the parameters);
  (b) how stable each estimate is: two 16-sample estimates (other draws) and a 256-sample one, Spearman rank
-     correlation and overlap of the top 1 %;
+     correlation and overlap of the top 1 %, and the seconds a 16-sample estimate takes; the DC Fisher as it is (t
+     stratified over the schedule) and as it was (t uniform at random);
  (c) the EWC strength over tasks: the mean of F* after each task with `--fisher-norm task` (each F̂ has mean 1:
      F* ← γ F* + F̂) and `total` (F* rescaled to mean 1);
  (d) the DC posterior p(c_n | x) over S = {c_n, c₀, c_earlier} on the task's own images, the earlier concept's and
      an unlearned concept's, at the calibrated τ and at fixed ones; the spread of the errors among the prompts on the
-     toy model and on a random-weight SD v1.5-size model (latents 4×64×64).
+     toy model and on a random-weight SD v1.5-size model (latents 4×64×64);
+ (e) τ per task as the runs of bench/continual.py recorded it (`--taus FOLDER,...`: each a benchmark or tuning
+     folder; the median over its DSC runs), so that calibrations can be compared across splits and versions.
 
-    python bench/diagnose.py              # ~15 min on one CPU thread; writes bench/diagnostics.json and .md
+    python bench/diagnose.py              # ~20 min on one CPU thread; writes bench/diagnostics.json and .md
 """
 import argparse
+import glob
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -83,22 +88,55 @@ def overlap(a, b, q=0.01):
     return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
 
 
+FISHERS = (("ewc", "denoising"), ("ewc-dc", "DC"), ("ewc-dc-uniform", "DC, uniform t (before)"))
+
+
+def uniform_timesteps(n, T, gen):
+    """The DC Fisher's timesteps as they were drawn before stratification (cp.stratified_timesteps)."""
+    return torch.randint(0, T, (n,), generator=gen)
+
+
 def fishers(model, state, after, names, seed):
-    """(a) and (b) for both Fishers of the task names[1]."""
+    """(a) and (b) for the Fishers of the task names[1]."""
     out, keys = {}, list(cp.flat(lora.get_adapter(model.unet, "current")))
     lora.set_trainable(model.unet, "current")  # a finished task leaves its adapter frozen
     concept = after.concepts[-1]
-    for method in ("ewc", "ewc-dc"):
+    for kind, _ in FISHERS:
+        method = kind.removesuffix("-uniform")
         st = cp.State(model=state.model, hparams=cp.Hparams(method=method, seed=seed), concepts=state.concepts)
-        est = {}
-        for label, draw_seed, n in (("16a", 100, 16), ("16b", 200, 16), ("256", 300, 256)):
-            task = task_for(model, st, concept, os.path.join(CONCEPTS, names[1]), draw_seed)
-            est[label] = [f.detach() for f in cp.fisher_estimate(model, st, task, n)]
+        est, seconds, stratified = {}, {}, cp.stratified_timesteps
+        cp.stratified_timesteps = uniform_timesteps if kind.endswith("uniform") else stratified
+        try:
+            for label, draw_seed, n in (("16a", 100, 16), ("16b", 200, 16), ("256", 300, 256)):
+                task = task_for(model, st, concept, os.path.join(CONCEPTS, names[1]), draw_seed)
+                cp.task_temp(model, st, task)  # τ first: its calibration is not the estimate's cost
+                started = time.time()
+                est[label] = [f.detach() for f in cp.fisher_estimate(model, st, task, n)]
+                seconds[label] = time.time() - started
+        finally:
+            cp.stratified_timesteps = stratified
         vec = {k: flat_values(v, keys)[0] for k, v in est.items()}
-        out[method] = {"mass": mass(est["256"], keys),
-                       "stability": {f"{a} vs {b}": {"spearman": spearman(vec[a], vec[b]), "top1%_overlap":
-                                                     overlap(vec[a], vec[b])}
-                                     for a, b in (("16a", "16b"), ("16a", "256"), ("16b", "256"))}}
+        out[kind] = {"mass": mass(est["256"], keys), "seconds_16": (seconds["16a"] + seconds["16b"]) / 2,
+                     "stability": {f"{a} vs {b}": {"spearman": spearman(vec[a], vec[b]), "top1%_overlap":
+                                                   overlap(vec[a], vec[b])}
+                                   for a, b in (("16a", "16b"), ("16a", "256"), ("16b", "256"))}}
+    return out
+
+
+def taus(folders):
+    """(e) {folder: [median τ of task 1, task 2, ...]} over the DSC runs of every results.json under each folder."""
+    out = {}
+    for folder in folders:
+        per_task = {}
+        for path in sorted(glob.glob(os.path.join(folder, "**", "results.json"), recursive=True)):
+            with open(path) as f:
+                runs = json.load(f)["runs"]
+            for method, rs in runs.items():
+                for r in rs if method.startswith("dsc") else []:
+                    for i, t in enumerate(r["tasks"]):
+                        if t.get("dc_temp"):
+                            per_task.setdefault(i, []).append(t["dc_temp"])
+        out[os.path.relpath(folder, ROOT)] = [statistics.median(per_task[i]) for i in sorted(per_task)]
     return out
 
 
@@ -122,7 +160,8 @@ def posteriors(model, state, after, names, n_draws=32):
 @torch.no_grad()
 def sd_sized(n_draws=6, side=64):
     """(d) on a random-weight SD v1.5-size UNet and text encoder (latents 4×side×side, N(0, 1)): the spread of the
-    errors among three prompts, the τ the calibration would choose, and how peaked τ = 0.01 is there."""
+    errors among three prompts, the τ the calibration would choose (the first prompt against "a photo"), and how
+    peaked τ = 0.01 is there."""
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     preset = unet.PRESETS["sd-v1"]
@@ -140,9 +179,9 @@ def sd_sized(n_draws=6, side=64):
     x_t = unet.add_noise(x0, eps, t, ac)
     e = torch.stack([((net(x_t, t, context[k:k + 1].expand(n_draws, -1, -1)) - eps) ** 2).mean((1, 2, 3))
                      for k in range(len(prompts))], 1)
-    tau = float(e.std(1).median())
+    tau = float((e[:, 0] - e[:, 1]).abs().median())  # as cp.calibrate_temp: c_n against c₀ ("a photo")
     return {"unet_params": sum(p.numel() for p in net.parameters()), "latent": [4, side, side], "draws": n_draws,
-            "error_mean": float(e.mean()), "error_spread_median": tau, "calibrated_tau": tau,
+            "error_mean": float(e.mean()), "error_spread_median": float(e.std(1).median()), "calibrated_tau": tau,
             "max_p@0.01": float(torch.softmax(-e / 0.01, 1).max(1).values.mean()),
             "max_p@calibrated": float(torch.softmax(-e / tau, 1).max(1).values.mean())}
 
@@ -159,18 +198,20 @@ def markdown(report):
              "| concepts (earlier → task), seed | Fisher | feed-forward | cross-attention | A | B | top 1 % |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
-        for method, label in (("ewc", "denoising"), ("ewc-dc", "DC")):
+        for method, label in FISHERS:
             m = r["fishers"][method]["mass"]
             cell = lambda g: f"{m[g][0]:.2f} ({m[g][1]:.2f})"
             lines.append(f"| {r['concepts'][0]} → {r['concepts'][1]}, {r['seed']} | {label} | {cell('ff')} | "
                          f"{cell('attn')} | {cell('A')} | {cell('B')} | {m['top1%']:.2f} |")
-    lines += ["", "(b) Stability: Spearman ρ / top-1 % overlap between estimates", "",
-              "| concepts, seed | Fisher | 16 vs 16 | 16 vs 256 | 16 vs 256 |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "(b) Stability: Spearman ρ / top-1 % overlap between estimates; seconds of a 16-sample estimate", "",
+              "| concepts, seed | Fisher | 16 vs 16 | 16 vs 256 | 16 vs 256 | seconds (16) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
-        for method, label in (("ewc", "denoising"), ("ewc-dc", "DC")):
-            s = r["fishers"][method]["stability"]
+        for method, label in FISHERS:
+            f = r["fishers"][method]
             lines.append(f"| {r['concepts'][1]}, {r['seed']} | {label} | " + " | ".join(
-                f"{v['spearman']:.2f} / {v['top1%_overlap']:.2f}" for v in s.values()) + " |")
+                f"{v['spearman']:.2f} / {v['top1%_overlap']:.2f}" for v in f["stability"].values())
+                + f" | {f['seconds_16']:.2f} |")
     c = report["strength"]
     lines += ["", f"(c) Mean of F* after tasks 1–{len(c['task'])} (γ = {c['gamma']}): `task` "
               + " → ".join(f"{v:.2f}" for v in c["task"]) + "; `total` 1 throughout.", "",
@@ -188,8 +229,12 @@ def markdown(report):
     lines += ["", f"Random-weight SD v1.5-size UNet ({s['unet_params'] / 1e6:.0f} M parameters, latents "
               f"{'×'.join(map(str, s['latent']))}, {s['draws']} draws, three prompts): "
               f"mean error {s['error_mean']:.3f}, "
-              f"median spread among prompts {s['error_spread_median']:.2e} (the calibrated τ); mean largest "
-              f"posterior at τ = 0.01: {s['max_p@0.01']:.2f}, at the calibrated τ: {s['max_p@calibrated']:.2f}."]
+              f"median spread among prompts {s['error_spread_median']:.2e}, calibrated τ {s['calibrated_tau']:.2e}; "
+              f"mean largest "
+              f"posterior at τ = 0.01: {s['max_p@0.01']:.2f}, at the calibrated τ: {s['max_p@calibrated']:.2f}.",
+              "", "(e) τ per task: the median over the DSC runs recorded in each folder", "",
+              "| folder | " + " | ".join(f"task {i + 1}" for i in range(5)) + " |", "|---" * 6 + "|"]
+    lines += [f"| {folder} | " + " | ".join(f"{v:.1e}" for v in t[:5]) + " |" for folder, t in report["taus"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +242,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "diagnostics"), help="writes OUT.json and OUT.md")
     ap.add_argument("--runs", type=int, default=len(RUNS), help="how many of the adapter runs (default all)")
+    ap.add_argument("--taus", default="bench/evaluation,bench/tuning-nats,bench/tuning", help="(e): benchmark or "
+                    "tuning folders whose recorded τ per task to compare")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
@@ -210,6 +257,7 @@ def main(argv=None):
         print(f"{names} seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
     report["strength"] = strength()
     report["sd_sized"] = sd_sized()
+    report["taus"] = taus([os.path.join(ROOT, f) for f in args.taus.split(",")])
     report["minutes"] = (time.time() - started) / 60
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)

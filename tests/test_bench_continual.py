@@ -32,6 +32,18 @@ def test_apf_by_hand():
     assert np.isnan(continual.apf([[0.7]])[2])
 
 
+def test_a_after_each_task_and_the_paired_difference_to_seq_by_hand():
+    nan = float("nan")
+    run = lambda seed, a, acc: {"seed": seed, "A": a, "acc": acc}
+    acc = [[0.5, 0.9, 0.3], [nan, 0.6, 0.4], [nan, nan, 1.0]]
+    assert continual.a_after_each_task(acc) == pytest.approx([0.5, (0.9 + 0.6) / 2, (0.3 + 0.4 + 1.0) / 3])
+    runs = {"seq": [run(0, 0.2, acc), run(1, 0.4, acc)], "dsc": [run(1, 0.7, acc), run(0, 0.3, acc)],
+            "ewc": [run(2, 0.9, acc)]}
+    paired = continual.paired_to_seq(runs)
+    assert paired["dsc"] == pytest.approx((0.2, 0.1))  # seed 0: 0.3 − 0.2, seed 1: 0.7 − 0.4 (by list place: ± 0.3)
+    assert "ewc" not in paired and "seq" not in paired  # no seq run of seed 2 to pair with
+
+
 def test_kid_by_hand_and_on_shifted_sets():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
