@@ -18,7 +18,7 @@ in one page"), each term is one function:
 Every DC cross-entropy is multiplied by τ, which puts it in the units of the errors: as τ → 0, τ·(−log p_y) tends to
 the margin e_y − min_k e_k, and its gradient is (p − q)·∂e, bounded whatever τ. w_h and δ are then ratios to
 L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push with a
-force of w_h/τ, and τ differs by a factor of 100 between tasks).
+force of w_h/τ, and τ differs by a factor of up to 60 between tasks).
 
 Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
 denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
@@ -74,7 +74,7 @@ class Hparams:
     ewc_gamma: float = knob(0.9, "γ: online-EWC decay of the accumulated Fisher")
     fisher_norm: str = knob("total", "total: F* rescaled to mean 1 after each update, so λ weighs the same on every "
                             "task; task: only each F̂ (F* grows towards 1/(1−γ))")
-    fisher_samples: int = knob(16, "per-image gradients averaged into F̂")
+    fisher_samples: int = knob(16, "per-image gradients averaged into F̂ (the DC Fisher takes twice as many)")
     dc_weight: float = knob(0.0, "δ: weight of L_DC (in error units: τ·CE) in ewc-dc's training loss (0: the DC "
                             "scores only build the Fisher, as in the paper)")
     dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (per task, the "
@@ -321,7 +321,7 @@ def dc_loss(model, x0, prompts, tau, gen, t=None):
     return tau * dc_score.dc_cross_entropy(*subset_predictions(model, x0, prompts, gen, t), 0, tau, ERRORS)[0].mean()
 
 
-def calibrate_temp(model, state, task, n=16):
+def calibrate_temp(model, task, n=16):
     """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the gap |e(c_n) − e(c₀)|
     between the errors of the two prompts every task has. Always these two, whatever S holds: a subset with more
     prompts (later tasks) would otherwise bring larger gaps and another τ. The logits −e/τ of c_n and c₀ then differ
@@ -544,7 +544,7 @@ def task_temp(model, state, task):
     before training when δ·L_DC trains, else after training, on the model that DSC's consolidation and the DC Fisher
     then score."""
     if task.tau is None:
-        task.tau = fixed_temp(state.hparams) or calibrate_temp(model, state, task)
+        task.tau = fixed_temp(state.hparams) or calibrate_temp(model, task)
     return task.tau
 
 
@@ -615,12 +615,13 @@ def consolidate(model, state, task):
 
 
 def fisher_estimate(model, state, task, n):
-    """F̂ of the task's adapter over n single images: of L_DC = −τ log p_φ(c_n | x) over S = {c_n, c₀, earlier
-    concepts} for the DC-informed methods (the Fisher then weighs the parameters that tell c_n apart from what the
-    model knew), at stratified timesteps; of L_denoise for `ewc`."""
+    """F̂ of the task's adapter: of L_denoise over n single images for `ewc`; for the DC-informed methods, of
+    L_DC = −τ log p_φ(c_n | x) over S = {c_n, c₀, earlier concepts} (the Fisher then weighs the parameters that tell
+    c_n apart from what the model knew) over 2n single images at stratified timesteps. Its gradients are the noisier:
+    so sampled, two estimates agree as well as two denoising ones of n do (bench/RESULTS.md, "Diagnostics")."""
     hp = state.hparams
     if hp.uses("dc_fisher"):
-        tau = task_temp(model, state, task)
+        tau, n = task_temp(model, state, task), 2 * n
         ts = iter(stratified_timesteps(n, len(model.alphas_cumprod), task.gen)[:, None])
         sample_loss = lambda: dc_loss(model, task.batches(1), dc_subset(state, task.target, task.c0, hp, task.rng),
                                       tau, task.gen, next(ts))

@@ -4,9 +4,9 @@ On adapters trained with `seq` on two tuning concepts in turn (the second is "th
 
  (a) where each Fisher of the task puts its mass: feed-forward vs cross-attention LoRA, A vs B, the share the top
      1 % of parameters hold (beside each group's share of the parameters);
- (b) how stable each estimate is: two 16-sample estimates (other draws) and a 256-sample one, Spearman rank
-     correlation and overlap of the top 1 %, and the seconds a 16-sample estimate takes; the DC Fisher as it is (t
-     stratified over the schedule) and as it was (t uniform at random);
+ (b) how stable each estimate is: two estimates at `--fisher-samples 16` (other draws) and one at 256, Spearman
+     rank correlation and overlap of the top 1 %, and the seconds an estimate at 16 takes; the DC Fisher as it is
+     (twice the samples, t stratified over the schedule) and as it was (the samples given, t uniform at random);
  (c) the EWC strength over tasks: the mean of F* after each task with `--fisher-norm task` (each F̂ has mean 1:
      F* ← γ F* + F̂) and `total` (F* rescaled to mean 1);
  (d) the DC posterior p(c_n | x) over S = {c_n, c₀, c_earlier} on the task's own images, the earlier concept's and
@@ -88,7 +88,7 @@ def overlap(a, b, q=0.01):
     return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
 
 
-FISHERS = (("ewc", "denoising"), ("ewc-dc", "DC"), ("ewc-dc-uniform", "DC, uniform t (before)"))
+FISHERS = (("ewc", "denoising"), ("ewc-dc", "DC: 2n, stratified t"), ("ewc-dc-uniform", "DC before: n, uniform t"))
 
 
 def uniform_timesteps(n, T, gen):
@@ -111,6 +111,7 @@ def fishers(model, state, after, names, seed):
                 task = task_for(model, st, concept, os.path.join(CONCEPTS, names[1]), draw_seed)
                 cp.task_temp(model, st, task)  # τ first: its calibration is not the estimate's cost
                 started = time.time()
+                n = n // 2 if kind.endswith("uniform") else n  # before: n samples, not 2n
                 est[label] = [f.detach() for f in cp.fisher_estimate(model, st, task, n)]
                 seconds[label] = time.time() - started
         finally:
@@ -146,7 +147,7 @@ def posteriors(model, state, after, names, n_draws=32):
     concept = after.concepts[-1]
     prompts = [concept["prompt"], cp.base_prompt(), state.concepts[0]["prompt"]]
     task = task_for(model, state, concept, os.path.join(CONCEPTS, names[1]), 7)
-    tau = cp.calibrate_temp(model, state, task)
+    tau = cp.calibrate_temp(model, task)
     out = {"calibrated_tau": tau, "prompts": prompts}
     for label, name in zip(("earlier", "own", "unlearned"), names):
         t = task_for(model, state, concept, os.path.join(CONCEPTS, name), 11)

@@ -243,8 +243,8 @@ def presets_of(root, methods, chosen, decided):
 def report(root, methods):
     """The table of every cell planned so far, and the decisions."""
     cells, chosen, decided = plan(root, methods)
-    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | minutes | |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | first ↑ | minutes | |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing, seen, points = 0, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
         seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))
@@ -258,8 +258,8 @@ def report(root, methods):
         A, F, P, std, minutes = score(runs)
         mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
         rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs) // len(ORDERS)} × {len(ORDERS)} | {A:.3f} ± {std:.3f} | "
-                    f"{P:.3f} | {F:.3f} | "
-                    f"{kept(runs):.2f} | {minutes:.0f} | {mark} |")
+                    f"{P:.3f} | {F:.3f} | {kept(runs):.2f} | "
+                    f"{statistics.fmean(r['acc'][0][0] for r in runs):.2f} | {minutes:.0f} | {mark} |")
         points.setdefault(m, []).append((P, kept(runs)))
     lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
              for k, v in decided.items()]
@@ -327,7 +327,8 @@ def main(argv=None):
                 f"{TOP} again at seeds 1 and 2, every run in both orders of the tuning concepts, chosen by mean A; "
                 f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
                 f"says otherwise. kept: the share of the earlier concepts' accuracy right after learning that is "
-                f"still there after the last task; [tradeoff.png](tradeoff.png) plots it against P for every cell."
+                f"still there after the last task; first: the first concept's accuracy right after task 1; "
+                f"[tradeoff.png](tradeoff.png) plots it against P for every cell."
                 f"\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
                 + "\n" + (f"\n{missing} cells not finished yet.\n" if missing else ""))
     print(table)

@@ -132,7 +132,8 @@ def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
 
 def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_model_dir, concepts):
     """`ewc-dc`'s F̂, against a hand computation that scores each prompt with its own UNet call: the mean over single
-    images of (∇_φ −τ log p_φ(c_n | x))² over S at stratified timesteps, rescaled to mean 1."""
+    images of (∇_φ −τ log p_φ(c_n | x))² over S, 2 × fisher_samples of them at stratified timesteps, rescaled to mean
+    1."""
     model = unet.load_model(tiny_model_dir)
     hp = cp.Hparams(method="ewc-dc", fisher_samples=3, dc_k=3, dc_temp=0.05)
     cp.install_adapter(model.unet, "current", None, hp)
@@ -146,9 +147,9 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
 
     t_ = alpha_task(model, images, state, 5)  # the same draws, consumed in the same order
     squares = [torch.zeros_like(p) for p in params]
-    ts = cp.stratified_timesteps(3, len(model.alphas_cumprod), t_.gen)
-    assert sorted(ts * 3 // len(model.alphas_cumprod)) == [0, 1, 2]  # one timestep from each third of the schedule
-    for i in range(3):
+    ts = cp.stratified_timesteps(6, len(model.alphas_cumprod), t_.gen)
+    assert sorted(ts * 6 // len(model.alphas_cumprod)) == list(range(6))  # one timestep from each sixth of the schedule
+    for i in range(6):
         x0 = t_.batches(1)
         prompts = cp.dc_subset(state, t_.target, t_.c0, hp, t_.rng)
         assert prompts[:2] == ["a photo of a red star", "a photo"] and len(prompts) == 3
@@ -533,7 +534,7 @@ def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_d
     spreads = []
     for size in (model.resolution, 2 * model.resolution):  # latents of two sizes
         images, _ = train.load_images(concepts[0], size)
-        tau = cp.calibrate_temp(model, state, alpha_task(model, images, state))
+        tau = cp.calibrate_temp(model, alpha_task(model, images, state))
         task = alpha_task(model, images, state, seed=1)
         with torch.no_grad():
             e = torch.cat([cp.subset_errors(model, task.batches(16), [task.target, task.c0], task.gen)

@@ -145,7 +145,7 @@ def test_tau_does_not_depend_on_how_many_prompts_s_holds(tiny_model_dir, concept
     taus = []
     for n in (0, 1, 4):
         state = cp.State(model={}, hparams=hp, concepts=[{"prompt": f"a photo of a blue thing {i}"} for i in range(n)])
-        taus.append(cp.calibrate_temp(model, state, alpha_task(model, images, state)))
+        taus.append(cp.calibrate_temp(model, alpha_task(model, images, state)))
     assert taus[0] > 0 and taus[0] == taus[1] == taus[2]
 
 
