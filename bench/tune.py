@@ -22,9 +22,10 @@ Every cell runs BASE (the grid's values of the design choices) under what it var
     python bench/tune.py --report          # only rewrite the table (and presets.json once everything is finished)
     python bench/tune.py --adapter vera --methods seq,ewc,ewc-dc --out bench/tuning-vera --presets none
 
-Writes <out>/<method>/<setting>/<order>/results.json per cell (bench/continual.py's output), <out>/README.md (every cell,
-mean ± std over its seeds, the choices) and, once every stage is finished, the "methods", "default_method" (the
-highest mean A over three seeds) and "source" of presets.json, which `train.py --method X` then runs.
+Writes <out>/<method>/<setting>/<order>/results.json per cell (bench/continual.py's output), <out>/README.md
+(every cell, mean ± std over its runs, the choices) and, once every stage is finished, the "methods",
+"default_method" (the highest mean A over three seeds) and "source" of presets.json, which `train.py --method X`
+then runs.
 """
 import argparse
 import json
@@ -257,9 +258,9 @@ def report(root, methods):
                 continue
         A, F, P, std, minutes = score(runs)
         mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
-        rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs) // len(ORDERS)} × {len(ORDERS)} | {A:.3f} ± {std:.3f} | "
-                    f"{P:.3f} | {F:.3f} | {kept(runs):.2f} | "
-                    f"{statistics.fmean(r['acc'][0][0] for r in runs):.2f} | {minutes:.0f} | {mark} |")
+        first = statistics.fmean(r["acc"][0][0] for r in runs)
+        rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs) // len(ORDERS)} × {len(ORDERS)} | {A:.3f} ± "
+                    f"{std:.3f} | {P:.3f} | {F:.3f} | {kept(runs):.2f} | {first:.2f} | {minutes:.0f} | {mark} |")
         points.setdefault(m, []).append((P, kept(runs)))
     lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
              for k, v in decided.items()]

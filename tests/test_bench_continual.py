@@ -44,6 +44,14 @@ def test_a_after_each_task_and_the_paired_difference_to_seq_by_hand():
     assert "ewc" not in paired and "seq" not in paired  # no seq run of seed 2 to pair with
 
 
+def test_order_reverse_learns_the_same_concepts_backwards(tmp_path):
+    """`--order reverse`: the first --tasks concepts of the split, the last of them learned first."""
+    for order, want in (("forward", continual.SPLITS["tuning"][:3]), ("reverse", continual.SPLITS["tuning"][2::-1])):
+        args = continual.parse_args(["--split", "tuning", "--tasks", "3", "--n-real", "1", "--order", order])
+        names, folders, real = continual.toy_concepts(args, str(tmp_path))
+        assert names == want and [os.path.basename(f) for f in folders] == want and len(real) == 3
+
+
 def test_kid_by_hand_and_on_shifted_sets():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
