@@ -24,8 +24,8 @@ Every cell runs BASE (the grid's values of the design choices) under what it var
 
 Writes <out>/<method>/<setting>/<order>/results.json per cell (bench/continual.py's output), <out>/README.md
 (every cell, mean ± std over its runs, the choices) and, once every stage is finished, the "methods",
-"default_method" (the highest mean A over three seeds) and "source" of presets.json, which `train.py --method X`
-then runs.
+"default_method" (the highest mean A over three seeds among --methods) and "source" of presets.json, which
+`train.py --method X` then runs; a method left out of --methods keeps its values there.
 """
 import argparse
 import json
@@ -273,9 +273,11 @@ def write_presets(path, root, methods, chosen, decided, command):
     values, default, final_a = presets_of(root, methods, chosen, decided)
     with open(path) as f:
         presets = json.load(f)
-    presets.update(default_method=default, methods=values,
+    untouched = [m for m in presets["methods"] if m not in values]  # methods not in --methods keep their earlier tuning
+    presets.update(default_method=default, methods={**presets["methods"], **values},
                    source=f"{command} (mean A over {SEEDS} seeds on the tuning concepts: "
-                          + ", ".join(f"{m} {a:.3f}" for m, a in final_a.items()) + ")")
+                          + ", ".join(f"{m} {a:.3f}" for m, a in final_a.items()) + ")"
+                          + (f"; {', '.join(untouched)}: not in --methods, as they were" if untouched else ""))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(presets, f, indent=1, ensure_ascii=False)
@@ -294,7 +296,7 @@ def main(argv=None):
     ap.add_argument("--adapter", choices=["lora", "vera"], default="lora", help="the adapter every cell trains")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tuning"))
     ap.add_argument("--presets", default=train.PRESETS_FILE, help="presets.json to write once every stage of every method "
-                    "is finished ('none': never)")
+                    "is finished ('none': never); methods not in --methods keep the values it holds")
     ap.add_argument("--report", action="store_true", help="run nothing: only write the table (and the presets)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)

@@ -115,10 +115,15 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
     assert "1 cells not finished yet" in open(os.path.join(root, "README.md")).read()
     fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "base"}, [0.2, 0.2, 0.2])
     tune.main(args)
-    written = train.load_presets(presets)
-    assert written["methods"] == {"seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "none", "dsc_steps": 100}}
-    assert written["default_method"] == "dsc" and written["models"] == json.load(open(train.PRESETS_FILE))["models"]
+    written, shipped = train.load_presets(presets), json.load(open(train.PRESETS_FILE))
+    others = {m: v for m, v in shipped["methods"].items() if m not in ("seq", "dsc")}  # not tuned here: left alone
+    assert others and written["methods"] == {**others, "seq": {}, "dsc": {"dsc_w_h": 0.2, "dsc_first": "none",
+                                                                           "dsc_steps": 100}}
+    assert written["default_method"] == "dsc" and written["models"] == shipped["models"]
     assert "dsc 0.467" in written["source"] and "seq 0.300" in written["source"]
+    assert ", ".join(others) + ": not in --methods, as they were" in written["source"]
+    tune.main(args)  # written again: the same file
+    assert train.load_presets(presets) == written
 
 
 def test_flags_round_trip_through_the_benchmark_parser():
