@@ -10,15 +10,17 @@ in one page"), each term is one function:
                 (the posterior and cross-entropy: dc_score.py; τ: calibrate_temp)
     EWC       = (λ/2) Σ F*(φ − φ*)²                                                                    ewc_penalty
                 F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1, F* ← γ F* + F̂            fisher_diagonal
-                (L = L_denoise for `ewc`; L = L_DC for `ewc-dc`, the DC-informed Fisher)           fisher_estimate
+                (L = L_denoise for `ewc`, n images; L = L_DC for `ewc-dc`, 2n at stratified t)     fisher_estimate
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²                                        clora_penalty
     DSC       = w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
-                (first task: no T2 terms, or T2 = the base model on c₀)                                 dsc_loss
+                (first task: no earlier concept, nothing to consolidate; or T2 = the base model on c₀)  dsc_loss
+                (`--dsc-targets column`: T1's H over {c_n, c₀}, T2's over {c_j, c₀})
+    e_i       = mean over dims ‖ε − ε_φ(x_t, t, c_i)‖², one (t, ε) per image shared by the prompts of S
 
 Every DC cross-entropy is multiplied by τ, which puts it in the units of the errors: as τ → 0, τ·(−log p_y) tends to
-the margin e_y − min_k e_k, and its gradient is (p − q)·∂e, bounded whatever τ. w_h and δ are then ratios to
-L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push with a
-force of w_h/τ, and τ differs by a factor of up to 60 between tasks).
+the margin e_y − min_k e_k, and its gradient is (q − p)·∂e (q the target), bounded whatever τ. w_h and δ are then
+ratios to L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push
+with a force of w_h/τ, and τ differs by a factor of up to 60 between tasks).
 
 Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
 denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
@@ -42,7 +44,7 @@ METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc"
 FISHER_NORMS = ("task", "total")
 DSC_FIRST = ("none", "base")
 DSC_TARGETS = ("paper", "column")
-ERRORS = "mean"  # every DC call site, the calibration of τ included, scores mean-over-dims errors: one unit for all
+ERRORS = "mean"  # every error e_i is a mean over dims, like L_denoise (whose rows some DC batches share): one unit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype (None: no autocast)
 
@@ -85,11 +87,12 @@ class Hparams:
     dsc_steps: int = knob(100, "consolidation steps after training (dsc*)")
     dsc_w_h: float = knob(0.3, "w_h: weight of DSC's DC-score distillation τ·H (error units: a ratio to L_denoise)")
     dsc_w_n: float = knob(1.0, "w_n: weight of DSC's noise-prediction distillation")
-    dsc_first: str = knob("none", "T2 on the first task, which has no earlier concept: none (no T2 terms) or base "
-                          "(the base model on c₀, which pulls the adapter towards zero)")
+    dsc_first: str = knob("none", "the first task, which has no earlier concept: none (no consolidation: T1 alone "
+                          "has nothing to teach its copy) or base (T2 the base model on c₀, which pulls the adapter "
+                          "towards zero)")
     dsc_targets: str = knob("paper", "DSC's DC targets: paper (each teacher's posterior over all of S) or column (T1 "
                             "teaches c_n against c₀, T2 teaches c_j against c₀: no teacher judges a concept it "
-                            "does not know)")
+                            "does not know; with base on the first task, T2 then teaches by its noise term alone)")
     seed: int = knob(0, "seed of task n is seed * 1000 + n (batches, noise, the DC subset)")
 
     def uses(self, part):
@@ -401,30 +404,28 @@ def teacher_outputs(model, name, x0, context, t, eps):
     return e, pred
 
 
-def dsc_loss(model, x0, prompts, j, teacher2, hp, gen, tau, use_t2=True):
+def dsc_loss(model, x0, prompts, j, teacher2, hp, gen, tau):
     """L_DSC at temperature τ over S = prompts = [c_n, c₀, (c_j)], the student the adapter "current":
 
         w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
 
-    T1 the adapter "teacher1"; T2 the adapter `teacher2` (None: the base model), which teaches column j;
-    use_t2=False drops T2's two terms. All four terms share one (t, ε) per image. `--dsc-targets paper`: each H over
+    T1 the adapter "teacher1"; T2 the adapter `teacher2` (None: the base model), which teaches column j. All four
+    terms share one (t, ε) per image. `--dsc-targets paper`: each H over
     all of S; `column`: T1's over the columns [c_n, c₀], T2's over [c_j, c₀] (nothing to teach when c_j is c₀)."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
     e_t1, pred_t1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
-    e_t2, pred_t2 = teacher_outputs(model, teacher2, x0, context, t, eps) if use_t2 else (None, None)
+    e_t2, pred_t2 = teacher_outputs(model, teacher2, x0, context, t, eps)
     enable_only(model.unet, "current")
     pred = dc_score.noise_predictions(model.unet, x0, context, t, eps, model.alphas_cumprod)
 
-    def h(e_teacher, k):  # τ H(p_T, p_S), the teacher T teaching column k
+    def teacher_ce(e_teacher, k):  # τ H(p_T, p_S), the teacher T teaching column k
         cols = slice(None) if hp.dsc_targets == "paper" else [k, 1] if k != 1 else [1]
         q = dc_score.posterior(e_teacher[:, cols], tau)
         return tau * dc_score.soft_cross_entropy(pred[:, cols], eps, q, tau, ERRORS)[0].mean()
 
-    h_term, n_term = h(e_t1, 0), (pred[:, 0] - pred_t1[:, 0]).square().mean()  # τ H(p_T1, p_S), ‖ε_T1 − ε_S‖² on c_n
-    if use_t2:
-        h_term = h_term + h(e_t2, j)                                              # τ H(p_T2, p_S)
-        n_term = n_term + (pred[:, j] - pred_t2[:, j]).square().mean()            # ‖ε_T2 − ε_S‖² on c_j
+    h_term = teacher_ce(e_t1, 0) + teacher_ce(e_t2, j)
+    n_term = (pred[:, 0] - pred_t1[:, 0]).square().mean() + (pred[:, j] - pred_t2[:, j]).square().mean()
     return {"dsc_h": hp.dsc_w_h * h_term, "dsc_n": hp.dsc_w_n * n_term}
 
 
@@ -527,7 +528,7 @@ def _learn_concept(model, state, images, name, class_word, captions, run):
     metrics["train"], row = train_task(model, state, task)
     if hp.uses("dc_fisher") or hp.uses("dsc"):
         metrics["dc_temp"] = task_temp(model, state, task)
-    if hp.uses("dsc"):
+    if hp.uses("dsc") and (state.pool or hp.dsc_first == "base"):  # else the student would be T1, taught by T1
         metrics["consolidate"] = consolidate(model, state, task)
     final = {p: (A.cpu(), B.cpu()) for p, (A, B) in snapshot(model.unet, adapter).items()} if adapter else {}
     fisher, anchor = state.fisher, state.anchor
@@ -586,10 +587,12 @@ def train_task(model, state, task):
 
 def consolidate(model, state, task):
     """DSC: distil into the adapter T1 (the adapter as trained on this task), on c_n, and T2 (the pool's adapter
-    after a random earlier concept c_j), on c_j. The first task has no earlier concept: no T2 term (`--dsc-first
-    none`), or T2 the base model on c₀ (`base`, which pulls the one adapter that must carry c_n towards zero)."""
+    after a random earlier concept c_j), on c_j. The first task has no earlier concept: under `--dsc-first none` it
+    is not consolidated (distilling T1 alone into a copy of T1 teaches nothing, and Adam would only amplify the
+    rounding of a zero gradient); under `base` T2 is the base model on c₀, which pulls the one adapter that must
+    carry c_n towards zero."""
     hp = state.hparams
-    use_t2, tau = bool(state.pool) or hp.dsc_first == "base", task_temp(model, state, task)
+    tau = task_temp(model, state, task)
     install_adapter(model.unet, "teacher1", snapshot(model.unet, task.adapter), hp)
     teacher2 = "teacher2" if state.pool else None
     if teacher2:
@@ -601,7 +604,7 @@ def consolidate(model, state, task):
         if j is not None:
             lora.set_adapter(model.unet, teacher2, state.pool[j])
         prompts = [task.target, task.c0] + ([state.concepts[j]["prompt"]] if j is not None else [])
-        terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen, tau, use_t2)
+        terms = dsc_loss(model, task.batches(), prompts, len(prompts) - 1, teacher2, hp, task.gen, tau)
         if hp.uses("ewc"):
             terms["ewc"] = ewc_penalty(model.unet, task.adapter, *task.ewc, hp.ewc_lambda)
         return terms

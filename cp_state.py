@@ -58,6 +58,8 @@ FIELDS = {"format": str, "model": {"path": str, "fingerprint": str}, "method": s
           "history": [dict], "files": {"tokens": str, "ewc": str, "lora": (str, NULL), "pool": [str]}, "sums": dict}
 HPARAMS = {**{f.name: {int: int, float: NUMBER, str: str}[f.type] for f in fields(cp.Hparams)},
            "dc_temp": (str, *NUMBER)}  # older states hold τ as a number
+# the hparams a manifest of each format must hold: /1 lacks those added since, /2 only those added by /3
+REQUIRED = {"cp-state/1": set(), "cp-state/2": set(HPARAMS) - {"dsc_targets"}, "cp-state/3": set(HPARAMS)}
 
 
 def lock_state(folder):
@@ -167,7 +169,7 @@ def _check_manifest(m):
     """Every field of a manifest by type (FIELDS, HPARAMS), then by range and against each other; ValueError names
     the first that is wrong."""
     _fit(m, {k: v for k, v in FIELDS.items() if k != "sums" or m.get("format") != "cp-state/1"}, "")
-    _keys(m["hparams"], HPARAMS, "hparams", required=m["format"] == FORMAT)  # /1 lacks the hparams added since
+    _keys(m["hparams"], HPARAMS, "hparams", REQUIRED[m["format"]])
     for k, v in m["hparams"].items():
         _fit(v, HPARAMS[k], f"hparams.{k}")
     hp = cp.Hparams(**m["hparams"])
@@ -220,10 +222,11 @@ def _fit(value, field, where):
                              f"{'null' if value is None else type(value).__name__}")
 
 
-def _keys(value, names, where, required=True):
-    """`value` is an object whose keys are `names` (some may be missing where not `required`)."""
+def _keys(value, names, where, required=None):
+    """`value` is an object whose keys are among `names` and include `required` (None: all of `names`)."""
     _fit(value, dict, where)
-    missing, unknown = sorted(set(names) - set(value)) if required else [], sorted(set(value) - set(names))
+    missing = sorted(set(names if required is None else required) - set(value))
+    unknown = sorted(set(value) - set(names))
     if missing or unknown:
         raise ValueError(f"{where or 'the manifest'} " + (f"lacks {missing[0]!r}" if missing else
                                                         f"has an unknown key {unknown[0]!r}"))

@@ -189,6 +189,8 @@ def step_train(ctx, method=None, concept=CONCEPTS[0]):
     if method:
         shutil.rmtree(state_dir, ignore_errors=True)
         argv += ["--method", method]
+        # a first task consolidates only with the base model as T2: timed so, it runs the passes of a later task's
+        argv += ["--dsc-first", "base"] if cp.Hparams(method=method).uses("dsc") else []
     phases = []  # (optimize's arguments, seconds) of each phase: "train", then "consolidate" for dsc*
     timed(cp, "optimize", phases)
     start = time.perf_counter()
@@ -220,7 +222,7 @@ def step_methods(ctx):
     for i, (method, run) in enumerate([("seq", cp.Run(precision=plain))] + runs):  # the first warms up, unrecorded
         lora.remove(model.unet)
         state = cp.new_state(model, cp.Hparams(method=method, steps=2 if i == 0 else steps, dsc_steps=dsc_steps,
-                                               fisher_samples=fisher))
+                                               fisher_samples=fisher, dsc_first="base"))  # consolidated, as step_train
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

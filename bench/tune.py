@@ -295,8 +295,8 @@ def main(argv=None):
     ap.add_argument("--model", default=os.path.join(ROOT, "toy", "model"))
     ap.add_argument("--adapter", choices=["lora", "vera"], default="lora", help="the adapter every cell trains")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tuning"))
-    ap.add_argument("--presets", default=train.PRESETS_FILE, help="presets.json to write once every stage of every method "
-                    "is finished ('none': never); methods not in --methods keep the values it holds")
+    ap.add_argument("--presets", default=train.PRESETS_FILE, help="presets.json to write once every stage of every "
+                    "method is finished ('none': never); methods not in --methods keep the values it holds")
     ap.add_argument("--report", action="store_true", help="run nothing: only write the table (and the presets)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)

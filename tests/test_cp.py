@@ -253,12 +253,12 @@ def test_dsc_teacher2_is_the_pool_entry_of_the_earlier_concept_it_distils(tiny_m
     seen = []
     real = cp.dsc_loss
 
-    def recording(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2):
+    def recording(model, x0, prompts, j_index, teacher2, hp, gen, tau):
         weights = cp.snapshot(model.unet, teacher2) if teacher2 else None
         seen.append((list(prompts), j_index, teacher2, weights))
-        return real(model, x0, prompts, j_index, teacher2, hp, gen, tau, use_t2)
+        return real(model, x0, prompts, j_index, teacher2, hp, gen, tau)
     monkeypatch.setattr(cp, "dsc_loss", recording)
-    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4)
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, dsc_first="base")
     for i, folder in enumerate(folders):
         before, seen[:] = state, []
         state = train.learn_folder(model, state, folder)
@@ -449,7 +449,7 @@ def test_ewc_penalty_uses_the_states_fisher_anchor_and_lambda_when_training_and_
         calls[:] = []
         before = state
         state = train.learn_folder(model, state, folder)
-        assert len(calls) == 4  # 2 training steps + 2 consolidation steps
+        assert len(calls) == (2 if i == 0 else 4)  # 2 training steps + 2 consolidation steps (none on task 1)
         for name, fisher, anchor, lam in calls:
             assert name == "current" and lam == 0.37
             assert fisher.keys() == before.fisher.keys() and anchor.keys() == before.anchor.keys()
@@ -471,7 +471,7 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
                      [p.requires_grad for p in lora.lora_parameters(model.unet, ["teacher1"])]))
         return real(model, *args)
     monkeypatch.setattr(cp, "dsc_loss", recording)
-    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05)
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05, dsc_first="base")  # task 1 consolidated
     train.learn_folder(model, state, concepts[0])
     flat = [(cp.flat(t), cp.flat(s), grads) for t, s, grads in seen]
     trained = flat[0][1]  # the student starts from T1
@@ -483,8 +483,8 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
 
 
 def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch):
-    """`--dsc-first none`: the first task distils T1 alone; `base`: T2 is the base model on c₀; later tasks always
-    have a T2 from the pool."""
+    """`--dsc-first none`: the first task is not consolidated (T1 alone has nothing to teach its copy), its adapter
+    stays as trained; `base`: T2 is the base model on c₀; later tasks always have a T2 from the pool."""
     model = unet.load_model(tiny_model_dir)
     hp = cp.Hparams(method="dsc", dsc_w_h=0.7, dsc_w_n=1.3)
     for i, name in enumerate(("current", "teacher1")):
@@ -492,7 +492,6 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
         randomize(model.unet, name, 20 + i)
     x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo"]
     both = cp.dsc_loss(model, x0, prompts, 1, None, hp, torch.Generator().manual_seed(0), 0.05)
-    alone = cp.dsc_loss(model, x0, prompts, 1, None, hp, torch.Generator().manual_seed(0), 0.05, use_t2=False)
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
     x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
     with torch.no_grad():
@@ -504,20 +503,27 @@ def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch)
     h = lambda n: -(torch.softmax(-out[n][1] / 0.05, -1) * torch.log_softmax(-out["current"][1] / 0.05, -1)).sum(-1)
     n1 = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean()
     n2 = (out["current"][0][:, 1] - out[None][0][:, 1]).square().mean()
-    assert alone["dsc_h"].item() == pytest.approx(0.7 * 0.05 * h("teacher1").mean().item(), rel=1e-4)
-    assert alone["dsc_n"].item() == pytest.approx(1.3 * n1.item(), rel=1e-4)
     assert both["dsc_h"].item() == pytest.approx(0.7 * 0.05 * (h("teacher1") + h(None)).mean().item(), rel=1e-4)
     assert both["dsc_n"].item() == pytest.approx(1.3 * (n1 + n2).item(), rel=1e-4)
 
-    used = []
-    real = cp.dsc_loss
-    monkeypatch.setattr(cp, "dsc_loss", lambda *a: used.append(a[-1]) or real(*a))
-    for first, expect in (("none", [False, True]), ("base", [True, True])):
+    teachers, trained = [], []
+    real_loss, real_train = cp.dsc_loss, cp.train_task
+    monkeypatch.setattr(cp, "dsc_loss", lambda *a: teachers.append(a[4]) or real_loss(*a))
+
+    def train_task(model, *a):  # the adapter as training leaves it
+        out = real_train(model, *a)
+        trained.append(cp.flat(cp.snapshot(model.unet, "current")))
+        return out
+    monkeypatch.setattr(cp, "train_task", train_task)
+    for first, expect in (("none", [[], ["teacher2"]]), ("base", [[None], ["teacher2"]])):
         model, state = fresh(tiny_model_dir, "dsc", dsc_first=first)
         for folder in concepts:
-            used[:] = []
+            teachers[:] = []
             state = train.learn_folder(model, state, folder)
-            assert set(used) == {expect[len(state.concepts) - 1]}
+            assert set(teachers) == set(expect[len(state.concepts) - 1])
+            assert len(teachers) in (0, state.hparams.dsc_steps)
+        kept = cp.flat(state.pool[0])  # under none, task 1 leaves its adapter as training left it
+        assert all(torch.equal(kept[k], trained[-2][k]) for k in kept) == (first == "none")
 
 
 @pytest.mark.parametrize("which", ["tiny", "toy"])

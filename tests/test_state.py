@@ -304,8 +304,9 @@ def test_a_flipped_byte_is_refused_naming_the_file(saved, tmp_path, role, part):
 
 
 def test_a_state_from_before_the_error_units_samples_but_trains_no_dc_term_further(saved, tiny_model_dir, tmp_path):
-    """A cp-state/2 manifest (no hparams.dsc_targets) loads; continuing it with DSC or δ·L_DC, whose weights meant
-    something else then, is refused through train.py with one line; with `ewc-dc` (δ = 0) it continues."""
+    """A cp-state/2 manifest (no hparams.dsc_targets; without another hparam it is damaged) loads; continuing it
+    with DSC or δ·L_DC, whose weights meant something else then, is refused through train.py with one line; with
+    `ewc-dc` (δ = 0) it continues."""
     state, dsc = copy_state(saved, tmp_path), str(tmp_path / "dsc")
     model, fresh_state = fresh(tiny_model_dir, "dsc")
     cp_state.save_state(train.learn_folder(model, fresh_state, saved["gamma"]), dsc)
@@ -315,6 +316,12 @@ def test_a_state_from_before_the_error_units_samples_but_trains_no_dc_term_furth
         del m["hparams"]["dsc_targets"]
         write_manifest(folder, m)
     assert cp_state.load_state(dsc).hparams.dsc_targets == "paper"
+    damaged = copy.deepcopy(m)  # a /2 manifest lacks dsc_targets only: without another hparam it is damaged
+    del damaged["hparams"]["dsc_first"]
+    write_manifest(dsc, damaged)
+    with pytest.raises(cp.CPError, match="is damaged: hparams lacks 'dsc_first'"):
+        cp_state.load_state(dsc)
+    write_manifest(dsc, m)
     cp_state.load_with_state(dsc)  # it samples
     for folder, flags in ((dsc, []), (state, ["--dc-weight", "0.1"])):
         message = exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *FAST_FLAGS, *flags])
