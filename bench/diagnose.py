@@ -125,7 +125,8 @@ def fishers(model, state, after, names, seed):
 
 
 def taus(folders):
-    """(e) {folder: [median τ of task 1, task 2, ...]} over the DSC runs of every results.json under each folder."""
+    """(e) {folder: [median τ of task 1, task 2, ...]} over the DSC runs of every results.json under each folder (task i:
+    the i-th concept learned, so a folder of both orders pools two concepts at each place)."""
     out = {}
     for folder in folders:
         per_task = {}
@@ -233,7 +234,8 @@ def markdown(report):
               f"median spread among prompts {s['error_spread_median']:.2e}, calibrated τ {s['calibrated_tau']:.2e}; "
               f"mean largest "
               f"posterior at τ = 0.01: {s['max_p@0.01']:.2f}, at the calibrated τ: {s['max_p@calibrated']:.2f}.",
-              "", "(e) τ per task: the median over the DSC runs recorded in each folder", "",
+              "", "(e) τ per task (its place in the sequence, whichever the order): the median over the DSC "
+              "runs recorded in each folder", "",
               "| folder | " + " | ".join(f"task {i + 1}" for i in range(5)) + " |", "|---" * 6 + "|"]
     lines += [f"| {folder} | " + " | ".join(f"{v:.1e}" for v in t[:5]) + " |" for folder, t in report["taus"].items()]
     return "\n".join(lines) + "\n"
