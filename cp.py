@@ -255,7 +255,8 @@ class Batches:
     """Random batches of current-task latents, sampled from the VAE posterior each time (held in memory only).
 
     `flip`: a generator of its own (the task's draws stay as they are) that picks, for each drawn image, the encoding
-    of its mirror image with probability 1/2. `drawn` holds the images of the last batch (for their captions)."""
+    of its mirror image with probability 1/2. A call given a generator `gen` draws everything, flips included, from
+    it. `drawn` holds the images of the last batch drawn from the task's stream (for their captions)."""
 
     def __init__(self, model, images, batch_size, gen, flip=None):
         with torch.no_grad():
@@ -273,7 +274,7 @@ class Batches:
             self.drawn = idx
         eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean)
         if self.flip is not None:
-            idx = idx + self.n * (torch.rand(len(idx), generator=self.flip) < 0.5)
+            idx = idx + self.n * (torch.rand(len(idx), generator=self.flip if gen is self.gen else gen) < 0.5)
         return (self.mean[idx] + self.std[idx] * eps) * self.scale
 
 

@@ -131,6 +131,9 @@ def test_flip_mirrors_about_half_the_draws_on_a_generator_of_its_own():
             mirrored += torch.equal(b[i], images[j].flip(-1))
     assert 16 <= mirrored <= 48  # of 64 draws
     assert torch.equal(plain_gen.get_state(), flip_gen.get_state())  # the task's stream is untouched
+    flips = flipped.flip.get_state()
+    flipped(8, torch.Generator().manual_seed(7))  # a draw of its own (τ's calibration): flips from its generator too
+    assert torch.equal(flipped.flip.get_state(), flips) and torch.equal(plain_gen.get_state(), flip_gen.get_state())
 
 
 def test_captions_beside_images(tmp_path):
