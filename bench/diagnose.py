@@ -88,7 +88,8 @@ def overlap(a, b, q=0.01):
     return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
 
 
-FISHERS = (("ewc", "denoising"), ("ewc-dc", "DC: 2n, stratified t"), ("ewc-dc-uniform", "DC before: n, uniform t"))
+FISHERS = (("ewc", "denoising"), ("ewc-dc", "DC: 2n, stratified t"),
+           ("ewc-dc-uniform", "DC before: n, uniform t (τ as now)"))
 
 
 def uniform_timesteps(n, T, gen):
@@ -109,7 +110,8 @@ def fishers(model, state, after, names, seed):
         try:
             for label, draw_seed, n in (("16a", 100, 16), ("16b", 200, 16), ("256", 300, 256)):
                 task = task_for(model, st, concept, os.path.join(CONCEPTS, names[1]), draw_seed)
-                cp.task_temp(model, st, task)  # τ first: its calibration is not the estimate's cost
+                if st.hparams.uses("dc_fisher"):
+                    cp.task_temp(model, st, task)  # τ first: its calibration is not the estimate's cost
                 started = time.time()
                 n = n // 2 if kind.endswith("uniform") else n  # before: n samples, not 2n
                 est[label] = [f.detach() for f in cp.fisher_estimate(model, st, task, n)]
