@@ -411,8 +411,8 @@ def dsc_loss(model, x0, prompts, j, teacher2, hp, gen, tau):
         w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
 
     T1 the adapter "teacher1"; T2 the adapter `teacher2` (None: the base model), which teaches column j. All four
-    terms share one (t, ε) per image. `--dsc-targets paper`: each H over
-    all of S; `column`: T1's over the columns [c_n, c₀], T2's over [c_j, c₀] (nothing to teach when c_j is c₀)."""
+    terms share one (t, ε) per image. `--dsc-targets paper`: each H over all of S; `column`: T1's over the columns
+    [c_n, c₀], T2's over [c_j, c₀] (nothing to teach when c_j is c₀)."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
     e_t1, pred_t1 = teacher_outputs(model, "teacher1", x0, context, t, eps)
