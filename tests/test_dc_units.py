@@ -11,7 +11,7 @@ import cp
 import dc_score
 import train
 import unet
-from test_cp import alpha_task, concepts, fresh, randomize  # noqa: F401 (concepts is a fixture)
+from test_cp import concepts, fresh, randomize  # noqa: F401 (concepts is a fixture)
 
 PROMPTS = ["a photo of a red star", "a photo", "a blue star"]
 
