@@ -636,12 +636,18 @@ def fisher_estimate(model, state, task, n):
 
 def update_fisher(model, state, task, final):
     """Online EWC at the end of a task: F* ← γ F* + F̂ and φ* ← φ (`final`, the adapter as the task leaves it).
-    `--fisher-norm total` rescales F* to mean 1 after the update, so that λ weighs the same on every task (with
-    `task` the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ))."""
+    With `--fisher-norm task` the mean of F* grows 1, 1 + γ, 1 + γ + γ², ... towards 1/(1−γ); `total` stores that
+    same F* rescaled to mean 1, so that λ weighs the same on every task and task m's F̂ still decays by γ per task.
+    Its stored F* is first scaled back to the mean it had (1 + γ + ... + γ^(n−2) after n − 1 tasks): adding a
+    mean-1 F̂ to the rescaled one would weigh the past by γ/(1 + γ + ...) instead of γ."""
     hp = state.hparams
     anchor = flat(final)
     f_hat = fisher_estimate(model, state, task, hp.fisher_samples)
-    fisher = {k: hp.ewc_gamma * state.fisher.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
+    past = state.fisher
+    if hp.fisher_norm == "total" and past:
+        grown = sum(hp.ewc_gamma ** i for i in range(len(state.concepts)))
+        past = {k: v * grown for k, v in zip(past, mean_one(list(past.values())))}
+    fisher = {k: hp.ewc_gamma * past.get(k, 0) + f.cpu() for k, f in zip(anchor, f_hat)}
     if hp.fisher_norm == "total":
         fisher = dict(zip(fisher, mean_one(list(fisher.values()))))
     return fisher, anchor

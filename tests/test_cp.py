@@ -433,6 +433,31 @@ def test_fisher_norm(tiny_model_dir, concepts):
         torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
 
 
+def test_fisher_norm_total_keeps_the_decay_over_many_tasks(monkeypatch):
+    """Four updates with given F̂ (each of mean 1): `total` is `task`'s F* rescaled to mean 1 after every one of
+    them, so task m's F̂ weighs γ^(n−m) against the newest under both norms (rescaling the sum of the rescaled F*
+    and a new F̂ would weigh the past by γ/(1 + γ + ...) from the third task on)."""
+    gamma, gen = 0.9, torch.Generator().manual_seed(0)
+    final = {"layer": (torch.zeros(2, 3), torch.zeros(4, 2))}
+    f_hats = [cp.mean_one([torch.rand(2, 3, generator=gen), torch.rand(4, 2, generator=gen)]) for _ in range(4)]
+    mean = lambda f: (sum(v.sum() for v in f.values()) / sum(v.numel() for v in f.values())).item()
+    fishers = {}
+    for norm in ("task", "total"):
+        state = cp.State(model={}, hparams=cp.Hparams(method="ewc", ewc_gamma=gamma, fisher_norm=norm))
+        for f_hat in f_hats:
+            monkeypatch.setattr(cp, "fisher_estimate", lambda *a, f_hat=f_hat: f_hat)
+            state.fisher, _ = cp.update_fisher(None, state, None, final)
+            state.concepts = state.concepts + [{}]
+            fishers.setdefault(norm, []).append(state.fisher)
+    by_hand = {k: sum(gamma ** (3 - m) * f[i] for m, f in enumerate(f_hats)) for i, k in enumerate(cp.flat(final))}
+    for k in by_hand:
+        torch.testing.assert_close(fishers["task"][-1][k], by_hand[k])
+    for task, total in zip(fishers["task"], fishers["total"]):
+        assert mean(total) == pytest.approx(1.0, rel=1e-5)
+        for k in task:
+            torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
+
+
 def test_ewc_penalty_uses_the_states_fisher_anchor_and_lambda_when_training_and_consolidating(
         tiny_model_dir, concepts, tmp_path, monkeypatch):
     """Every EWC term of task n, in training and in DSC's consolidation, is taken with the (F*, φ*) the state
