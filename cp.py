@@ -326,11 +326,11 @@ def dc_loss(model, x0, prompts, tau, gen, t=None):
 
 
 def calibrate_temp(model, task, n=16):
-    """τ for `--dc-temp auto`: the median, over n draws (an image of the task, t, ε), of the gap |e(c_n) − e(c₀)|
-    between the errors of the two prompts every task has. Always these two, whatever S holds: a subset with more
-    prompts (later tasks) would otherwise bring larger gaps and another τ. The logits −e/τ of c_n and c₀ then differ
-    by about one nat, and τ scales with the errors, so it means the same on every base model and latent size. A random
-    stream of its own: calibrating changes no other draw of the task."""
+    """τ for `--dc-temp auto`: the (lower) median, over n draws (an image of the task, t, ε), of the gap
+    |e(c_n) − e(c₀)| between the errors of the two prompts every task has. Always these two, whatever S holds: a
+    subset with more prompts (later tasks) would otherwise bring larger gaps and another τ. The logits −e/τ of c_n and
+    c₀ then differ by about one nat, and τ scales with the errors, so it means the same on every base model and latent
+    size. A random stream of its own: calibrating changes no other draw of the task."""
     gen = torch.Generator().manual_seed(task.gen.initial_seed() + 7919)
     with torch.no_grad():
         e = subset_errors(model, task.batches(n, gen), [task.target, task.c0], gen).float()
@@ -377,6 +377,8 @@ def fisher_diagonal(params, sample_loss, n):
     for _ in range(n):
         for s, g in zip(squares, torch.autograd.grad(sample_loss(), params)):
             s += g.detach() ** 2
+    if not all(s.isfinite().all() for s in squares):
+        raise CPError("the Fisher's gradients are not finite (the adapter has diverged): try a lower --lr")
     return mean_one(squares)
 
 
@@ -543,8 +545,8 @@ def _learn_concept(model, state, images, name, class_word, captions, run):
 
 def task_temp(model, state, task):
     """τ of the task's DC terms: the number given, else calibrated once per task where the terms first need it:
-    before training when δ·L_DC trains, else after training, on the model that DSC's consolidation and the DC Fisher
-    then score."""
+    before training when δ·L_DC trains, else after training (for `dsc-ewc-dc`: before its consolidation, whose result
+    the DC Fisher then scores at the same τ)."""
     if task.tau is None:
         task.tau = fixed_temp(state.hparams) or calibrate_temp(model, task)
     return task.tau

@@ -433,6 +433,14 @@ def test_fisher_norm(tiny_model_dir, concepts):
         torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
 
 
+def test_a_diverged_adapters_fisher_is_refused():
+    """A non-finite gradient would make F* NaN in silence (and the next task fail with another message)."""
+    w = torch.ones(3, requires_grad=True)
+    assert cp.fisher_diagonal([w], lambda: (w * 2).sum(), 2)[0].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(cp.CPError, match="not finite"):
+        cp.fisher_diagonal([w], lambda: (w * float("nan")).sum(), 2)
+
+
 def test_fisher_norm_total_keeps_the_decay_over_many_tasks(monkeypatch):
     """Four updates with given F̂ (each of mean 1): `total` is `task`'s F* rescaled to mean 1 after every one of
     them, so task m's F̂ weighs γ^(n−m) against the newest under both norms (rescaling the sum of the rescaled F*
