@@ -77,8 +77,8 @@ class Hparams:
     fisher_norm: str = knob("total", "total: F* rescaled to mean 1 after each update, so λ weighs the same on every "
                             "task; task: only each F̂ (F* grows towards 1/(1−γ))")
     fisher_samples: int = knob(16, "per-image gradients averaged into F̂ (the DC Fisher takes twice as many)")
-    dc_weight: float = knob(0.0, "δ: weight of L_DC (in error units: τ·CE) in ewc-dc's training loss (0: the DC "
-                            "scores only build the Fisher, as in the paper)")
+    dc_weight: float = knob(0.0, "δ: weight of L_DC (in error units: τ·CE) in the training loss of ewc-dc and "
+                            "dsc-ewc-dc (0: the DC scores only build the Fisher, as in the paper)")
     dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (per task, the "
                         "median gap between the errors of c_n and c₀: cp.calibrate_temp)")
     dc_k: int = knob(5, "k: most prompts in the DC subset S")
