@@ -35,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,23 @@ SPLITS = {"tuning": ["rainbow", "striped_star", "house", "checkered_heart", "pol
 RUN_ONLY = ("out", "jobs", "quiet", "resume", "device", "chunk", "methods", "seeds", "tuned")
 QUICK = dict(tasks=2, methods="seq,ewc-dc", seeds=1, n_real=8, dc_timesteps=5)  # training as in the full run
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def code_version():
+    """The commit the code runs at, "+changes" when a .py file differs from it (None outside a git clone): every run
+    records it, so that runs of different code in one results.json (--resume) can be told apart."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--", "*.py") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_json(path, obj):
+    """Written whole or not at all: bench/tune.py reads these files while runs still write them."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def in_repo(path):
@@ -598,7 +616,8 @@ def main(argv=None):
             if settings(old) != settings(report) or \
                     any(old["hparams"][m] != hparams[m] for m in methods if m in old["runs"]):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
-            report["runs"] = {m: old["runs"][m] for m in methods if m in old["runs"]}
+            report["runs"] = old["runs"]  # a method not in --methods this time keeps its runs too
+            report["hparams"] = {**old["hparams"], **hparams}
             report["summary"] = {m: summarize(r) for m, r in report["runs"].items()}
             for m, runs in report["runs"].items():
                 path = os.path.join(samples_dir, f"{m}.safetensors")  # seed 0's samples make the grid picture
@@ -613,7 +632,7 @@ def main(argv=None):
             print(f"resuming: {sum(map(len, report['runs'].values()))} runs kept from {results_path}", flush=True)
         os.makedirs(samples_dir, exist_ok=True)
         done = {(m, r["seed"]) for m, runs in report["runs"].items() for r in runs}
-        started = time.time()
+        started, version = time.time(), code_version()
         jobs = [(method, seed) for method in methods for seed in range(args.seeds) if (method, seed) not in done]
         if args.jobs > 1:  # independent (method, seed) runs in worker processes, each with its own copy of setup()
             pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker,
@@ -623,24 +642,23 @@ def main(argv=None):
             _WORKER.update(args=args, hparams=hparams, tmp=tmp, ctx=ctx)
             results = map(_run_job, jobs)
         for method, run, samples in results:  # each finished run is on disk at once, so --resume can keep it
-            report["runs"].setdefault(method, []).append(run)
+            report["runs"].setdefault(method, []).append({**run, "commit": version})
             report["runs"][method].sort(key=lambda r: r["seed"])
             report["summary"][method] = summarize(report["runs"][method])
             if run["seed"] == 0:
                 grid[method] = samples
                 save_file({"samples": torch.stack(samples)}, os.path.join(samples_dir, f"{method}.safetensors"))
             report["seconds_so_far"] = round(earlier + time.time() - started, 1)
-            with open(results_path, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(results_path, report)
             s = report["summary"][method]
             if len(report["runs"][method]) == args.seeds:
                 print(f"== {method}: A {fmt(s['A'])}  P {fmt(s['P'])}  F {fmt(s['F'])}  DC acc {fmt(s['dc_acc'])}  "
                       f"({time.time() - started:.0f}s so far)", flush=True)
-        report["runs"] = {m: report["runs"][m] for m in methods}  # the table in the order of --methods
-        report["summary"] = {m: report["summary"][m] for m in methods}
+        order = methods + [m for m in report["runs"] if m not in methods]  # the table in the order of --methods
+        report["runs"] = {m: report["runs"][m] for m in order}
+        report["summary"] = {m: report["summary"][m] for m in order}
         report["total_seconds"] = round(earlier + time.time() - started, 1)
-        with open(results_path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(results_path, report)
         table = markdown(report)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(table + f"\nTotal time: {report['total_seconds']:.0f} s.\n")

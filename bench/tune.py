@@ -5,13 +5,15 @@ A cell is one setting run by bench/continual.py on the tuning sequence (`--split
 started as soon as what it needs is finished:
 
  1. coarse: every method with a knob gets the same budget, the COARSE settings of GRID[method] (steps of 1, 3, 10:
-    at most half a decade apart; the DSC combinations' grid follows `dsc`'s, combo_grid), seed 0. A best cell at an
-    edge of the grid extends it: one more setting past that edge, the edge's step repeated (`extended`), until the
-    best lies inside. `seq` and `ti` have no knob: one cell, three seeds.
+    at most half a decade apart; the DSC combinations' grid follows `dsc`'s choice, combo_grid), seed 0. A best cell
+    at an edge of the grid extends it: one more setting past that edge, the edge's step repeated (`extended`), until
+    the best lies inside (at most EXTEND more; not the combinations' w_h, which is `dsc`'s and the step below).
+    `seq` and `ti` have no knob: one cell, three seeds.
  2. confirm: each method's TOP coarse cells (by A, then the lower F) again with seeds 1 and 2; the method's choice is
     the one with the higher mean A over the three seeds. No choice rests on a single seed.
  3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
-    concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's).
+    concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's). Where
+    two choices win on one method apart, the cell with both (its preset) runs too: its A is the method's.
  4. the DSC combinations (COMBOS) go through stages 1 and 2 last, with every design choice that concerns them
     decided, so that their grid is tuned under the values their presets will hold.
 
@@ -24,8 +26,9 @@ Every cell runs BASE (the grid's values of the design choices) under what it var
 
 Writes <out>/<method>/<setting>/<order>/results.json per cell (bench/continual.py's output), <out>/README.md
 (every cell, mean ± std over its runs, the choices) and, once every stage is finished, the "methods",
-"default_method" (the highest mean A over three seeds among --methods) and "source" of presets.json, which
-`train.py --method X` then runs; a method left out of --methods keeps its values there.
+"default_method" (the highest mean A over three seeds among --methods: a method left out, tuned another time, is
+not compared) and "source" of presets.json, which `train.py --method X` then runs; a method left out of --methods
+keeps its values there.
 """
 import argparse
 import json
@@ -57,15 +60,18 @@ GRID = {
     "ewc-dc": [{"ewc_lambda": v} for v in LAMBDAS],
     "dsc": [{"dsc_w_h": v} for v in W_H],
 }
-# two knobs, the same budget: λ over the middle of LAMBDAS × w_h at `dsc`'s best coarse cell and the step below it
-# (adding EWC costs plasticity already), so these two grids start once `dsc`'s coarse cells are finished
+# two knobs, the same budget: λ over the middle of LAMBDAS × w_h at `dsc`'s chosen value and the step below it
+# (adding EWC costs plasticity already; this axis is not extended), so these grids start once `dsc` is chosen
 COMBO_LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 COMBOS = ("dsc-ewc", "dsc-ewc-dc")
 
 
-def combo_grid(w_best):
-    i = max(W_H.index(w_best), 1)
-    return [{"ewc_lambda": v, "dsc_w_h": w} for v in COMBO_LAMBDAS for w in (W_H[i - 1], W_H[i])]
+def combo_grid(w_chosen, ran=W_H):
+    """The combinations' grid: COMBO_LAMBDAS × (the step below w_chosen among the w_h `dsc` ran, w_chosen); below
+    the lowest, the step above it repeated, as `extended` does."""
+    below = [w for w in sorted(ran) if w < w_chosen]
+    step = below[-1] if below else float(f"{w_chosen ** 2 / min(w for w in ran if w > w_chosen):.3g}")
+    return [{"ewc_lambda": v, "dsc_w_h": w} for v in COMBO_LAMBDAS for w in (step, w_chosen)]
 # the grid's values of the open design choices, and dsc_steps (100 beat 25 in the earlier grid)
 BASE = {"fisher_norm": "total", "dc_temp": "auto", "dsc_first": "none", "dsc_targets": "paper", "dsc_steps": 100}
 # design choice: (its other value, the methods it is compared on, the methods whose preset it sets)
@@ -106,11 +112,13 @@ def finished(out, method, seeds=1):
     return None if None in runs else [r for rs in runs for r in rs]
 
 
-def extended(grid, top):
-    """The grid with one more setting past each numeric knob whose grid edge `top` (its best cell) lies at: the edge's
-    step repeated, the other knobs as in `top`."""
+def extended(grid, top, fixed=()):
+    """The grid with one more setting past each numeric knob (not in `fixed`) whose grid edge `top` (its best cell)
+    lies at: the edge's step repeated, the other knobs as in `top`."""
     more = []
     for k, v in top.items():
+        if k in fixed:
+            continue
         values = sorted({s[k] for s in grid if isinstance(s.get(k), float)})
         if len(values) > 1 and v in (values[0], values[-1]):
             new = values[0] ** 2 / values[1] if v == values[0] else values[-1] ** 2 / values[-2]
@@ -123,6 +131,16 @@ def score(runs):
     mean = lambda k: statistics.fmean(r[k] or 0.0 for r in runs)
     std = statistics.pstdev(r["A"] for r in runs)
     return mean("A"), mean("F"), mean("P"), std, sum(t["seconds"] for r in runs for t in r["tasks"]) / 60
+
+
+def paired_to_seq(root, method, setting, seeds):
+    """The mean over a cell's runs of its A minus `seq`'s at the same seed and order (None before `seq` has run)."""
+    diffs = []
+    for order in ORDERS:
+        seq = order_runs(os.path.join(cell_dir(root, "seq", {}), order), "seq", SEEDS) or []
+        own = order_runs(os.path.join(cell_dir(root, method, setting), order), method, seeds) or []
+        diffs += [r["A"] - q["A"] for r in own for q in seq if q["seed"] == r["seed"]]
+    return statistics.fmean(diffs) if diffs else None
 
 
 def kept(runs):
@@ -165,16 +183,17 @@ def best(cells):
 def plan(root, methods):
     """Every cell whose inputs are finished, as [(method, setting, seeds)], and what is decided so far:
     {method: chosen setting} and {design choice: value}."""
-    cells, chosen = [], {}
+    cells, chosen, ran = [], {}, {}
 
-    def tune(m, grid):  # stages 1 and 2 of one method
+    def tune(m, grid, fixed=()):  # stages 1 and 2 of one method
         first, size = SEEDS if len(grid) == 1 else 1, len(grid) + EXTEND
         while True:
             cells.extend((m, s, first) for s in grid if (m, s, first) not in cells)
+            ran[m] = grid
             coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
             if not all(r for _, r in coarse):
                 return
-            wider = extended(grid, best(coarse)[0][0])
+            wider = extended(grid, best(coarse)[0][0], fixed)
             if len(wider) == len(grid) or len(wider) > size:
                 break
             grid = wider
@@ -201,14 +220,20 @@ def plan(root, methods):
         if all(a and b for a, b in pairs):
             mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
             decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
-    combos = [m for m in methods if m in COMBOS]  # stage 4: with every choice that concerns them decided
-    dsc = [(s, finished(cell_dir(root, "dsc", s), "dsc")) for s in GRID["dsc"]] if combos else []
-    for m in combos:
+    for m in [m for m in chosen if len(won_by(m, decided)) > 1]:  # two choices won apart: their preset, run once
+        cells.append((m, {**chosen[m], **won_by(m, decided)}, SEEDS))
+    for m in [m for m in methods if m in COMBOS]:  # stage 4: with every choice that concerns them decided
         needed = [k for k in open_choices if m in CHOICES[k][2]]
-        if all(r for _, r in dsc) and all(k in decided for k in needed):
+        if "dsc" in chosen and all(k in decided for k in needed):
             won = {k: decided[k] for k in needed if decided[k] != BASE[k]}
-            tune(m, [{**s, **won} for s in combo_grid(best(dsc)[0][0]["dsc_w_h"])])
+            grid = combo_grid(chosen["dsc"]["dsc_w_h"], [s["dsc_w_h"] for s in ran["dsc"]])
+            tune(m, [{**s, **won} for s in grid], fixed=("dsc_w_h",))
     return cells, chosen, decided
+
+
+def won_by(m, decided):
+    """The design choices decided against the grid's value that were compared on method m."""
+    return {k: v for k, v in decided.items() if v != BASE[k] and m in CHOICES[k][1]}
 
 
 def run_cell(method, setting, seeds, order, args):
@@ -223,30 +248,28 @@ def run_cell(method, setting, seeds, order, args):
     with open(os.path.join(out, "log.txt"), "a") as log:
         done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{method} {cell_name(setting)} {order} failed (exit {done.returncode}); see {out}/log.txt")
+    return done.returncode
 
 
 def presets_of(root, methods, chosen, decided):
     """presets.json's "methods" and "default_method": each method's chosen setting with the design choices that
     concern it; the default is the method with the highest mean A over three seeds, at its chosen cell run with the
-    design choices that won (where such a cell was run)."""
+    design choices that won on it (a cell `plan` runs)."""
     values, final_a = {}, {}
     for m in methods:
         values[m] = {**chosen[m], **{k: v for k, v in decided.items() if m in CHOICES[k][2]}}
         if cp.Hparams(method=m).uses("dsc"):
             values[m]["dsc_steps"] = BASE["dsc_steps"]
-        won = {k: v for k, v in decided.items() if v != BASE[k] and m in CHOICES[k][1]}
-        final_a[m] = score(finished(cell_dir(root, m, {**chosen[m], **won}), m, SEEDS))[0]
+        final_a[m] = score(finished(cell_dir(root, m, {**chosen[m], **won_by(m, decided)}), m, SEEDS))[0]
     return values, max(final_a, key=final_a.get), final_a
 
 
 def report(root, methods):
     """The table of every cell planned so far, and the decisions."""
     cells, chosen, decided = plan(root, methods)
-    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std) | P ↑ | F ↓ | kept ↑ | first ↑ | minutes | |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    missing, seen, points = 0, {}, {}
+    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std over runs) | A − seq (paired) ↑ | P ↑ | F ↓ | kept ↑ "
+            "| first ↑ | minutes (all runs) | |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    missing, seen, points, commits = 0, {}, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
         seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))
     for m, setting, seeds in seen.values():
@@ -259,11 +282,16 @@ def report(root, methods):
         A, F, P, std, minutes = score(runs)
         mark = "**chosen**" if chosen.get(m) == setting and m not in ("seq", "ti") else ""
         first = statistics.fmean(r["acc"][0][0] for r in runs)
+        paired = paired_to_seq(root, m, setting, len(runs) // len(ORDERS)) if m != "seq" else None
         rows.append(f"| `{m}` | {cell_name(setting)} | {len(runs) // len(ORDERS)} × {len(ORDERS)} | {A:.3f} ± "
-                    f"{std:.3f} | {P:.3f} | {F:.3f} | {kept(runs):.2f} | {first:.2f} | {minutes:.0f} | {mark} |")
+                    f"{std:.3f} | {'—' if paired is None else f'{paired:+.3f}'} | {P:.3f} | {F:.3f} | "
+                    f"{kept(runs):.2f} | {first:.2f} | {minutes:.0f} | {mark} |")
+        for r in runs:
+            commits[r.get("commit") or "not recorded"] = commits.get(r.get("commit") or "not recorded", 0) + 1
         points.setdefault(m, []).append((P, kept(runs)))
     lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
              for k, v in decided.items()]
+    rows.append("\nThe runs above by the commit they ran at: " + ", ".join(f"{c} ({n})" for c, n in commits.items()))
     if points:
         draw_tradeoff(points, os.path.join(root, "tradeoff.png"))
     return "\n".join(rows), chosen, decided, missing, lines
@@ -306,12 +334,12 @@ def main(argv=None):
         sys.exit(f"error: unknown method(s) {', '.join(bad)} (choose from {', '.join(list(GRID) + list(COMBOS))})")
     if set(COMBOS) & set(methods) and "dsc" not in methods:
         sys.exit(f"error: {', '.join(COMBOS)} take their w_h from dsc's grid: add dsc to --methods")
-    started, running = time.time(), {}
+    started, running, failed = time.time(), {}, set()
     with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
         while not args.report:
             todo = [(m, s, seeds, order) for m, s, seeds in plan(args.out, methods)[0] for order in ORDERS
                     if not order_runs(os.path.join(cell_dir(args.out, m, s), order), m, seeds)
-                    and (m, cell_name(s), order) not in running]
+                    and (m, cell_name(s), order) not in running.keys() | failed]
             for m, setting, seeds, order in todo[:max(0, args.jobs - len(running))]:
                 running[(m, cell_name(setting), order)] = pool.submit(run_cell, m, setting, seeds, order, args)
                 print(f"started {m} {cell_name(setting)} {order} ({seeds} seeds)", flush=True)
@@ -319,8 +347,11 @@ def main(argv=None):
                 break
             done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
             for key in [k for k, f in running.items() if f in done]:
-                running.pop(key).result()
-                print(f"finished {' '.join(key)} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
+                if running.pop(key).result():  # a run that fails fails again (seeded): the other cells go on
+                    failed.add(key)
+                    print(f"FAILED {' '.join(key)}: see its log.txt; not run again until tune.py restarts", flush=True)
+                else:
+                    print(f"finished {' '.join(key)} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
     table, chosen, decided, missing, lines = report(args.out, methods)
     command = shlex.join(["python", "bench/tune.py"] + [a for a in argv if a != "--report"])
     os.makedirs(args.out, exist_ok=True)
@@ -329,18 +360,20 @@ def main(argv=None):
                 f"{COARSE} settings per method at seed 0 (a best setting at an edge of the grid extends it), the best "
                 f"{TOP} again at seeds 1 and 2, every run in both orders of the tuning concepts, chosen by mean A; "
                 f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
-                f"says otherwise. kept: the share of the earlier concepts' accuracy right after learning that is "
+                f"says otherwise. A − seq: the mean over a cell's runs of its A minus `seq`'s at the same seed and "
+                f"order. kept: the share of the earlier concepts' accuracy right after learning that is "
                 f"still there after the last task; first: the first concept's accuracy right after task 1; "
                 f"[tradeoff.png](tradeoff.png) plots it against P for every cell."
                 f"\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
-                + "\n" + (f"\n{missing} cells not finished yet.\n" if missing else ""))
+                + "\n" + (f"\n{missing} cells of the stages started so far not finished yet.\n" if missing else ""))
     print(table)
     complete = not missing and set(chosen) == set(methods) and len(decided) == len(
         [k for k, (_, on, _) in CHOICES.items() if set(on) & set(methods)])
     if complete and args.presets != "none":
         default = write_presets(args.presets, args.out, methods, chosen, decided, command)
         print(f"wrote {args.presets}: every method's preset; default method {default}")
-    print(f"wrote {args.out}/README.md" + (f" ({missing} cells not finished yet)" if missing else ""))
+    print(f"wrote {args.out}/README.md" + (f" ({missing} cells of the stages started so far not finished yet)"
+                                            if missing else ""))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,11 @@ def test_resume_keeps_finished_runs_and_tuned_values_reach_their_method(tiny_mod
     assert report["concepts"] == continual.SPLITS["evaluation"][:2]
     assert report["runs"]["ewc"][0]["hparams"]["ewc_lambda"] == 3.0
     assert first[0]["hparams"]["ewc_lambda"] == continual.cp.Hparams().ewc_lambda  # seq: the default
+    again = run_bench(*common, "--methods", "ewc", "--resume", "--tuned", str(tuned))  # seq not asked for: kept
+    assert "resuming: 2 runs kept" in again.stdout and "[ewc seed 0]" not in again.stdout
+    kept = json.load(open(os.path.join(out, "results.json")))
+    assert list(kept["runs"]) == ["ewc", "seq"] and kept["runs"]["seq"] == first
+    assert {r["commit"] for runs in kept["runs"].values() for r in runs} == {continual.code_version()}
     for change in (["--n-samples", "3"], ["--methods", "ewc"]):  # other settings; other tuned values for ewc
         tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 4.0}}))
         bad = subprocess.run([sys.executable, "bench/continual.py", *common, "--methods", "seq", "--resume",

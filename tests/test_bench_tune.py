@@ -21,9 +21,10 @@ def test_every_method_the_same_budget_at_most_half_a_decade_apart():
     assert set(grids) == set(cp.METHODS)
     assert {m: len(g) for m, g in grids.items() if m not in ("seq", "ti")} == \
         {m: tune.COARSE for m in cp.METHODS if m not in ("seq", "ti")}
-    for w in tune.W_H:  # the combinations' w_h: dsc's best coarse value and the step below it
+    for w in tune.W_H:  # the combinations' w_h: dsc's chosen value and the step below it
         assert {s["dsc_w_h"] for s in tune.combo_grid(w)} == {w, tune.W_H[tune.W_H.index(w) - 1]} if w != tune.W_H[0] \
-            else set(tune.W_H[:2])
+            else {0.00333, 0.01}  # below the grid: its first step repeated
+    assert {s["dsc_w_h"] for s in tune.combo_grid(0.00333, (0.00333,) + tune.W_H)} == {0.00111, 0.00333}
     for m, grid in grids.items():
         for setting in grid:
             cp.check_hparams(cp.Hparams(method=m, **{**tune.BASE, **setting}))
@@ -36,23 +37,26 @@ def test_every_method_the_same_budget_at_most_half_a_decade_apart():
     assert not set(continual.SPLITS["tuning"]) & set(continual.SPLITS["evaluation"])
 
 
-def test_the_combinations_start_from_dscs_best_coarse_cell_with_the_choices_decided(tmp_path):
+def test_the_combinations_start_from_dscs_chosen_cell_with_the_choices_decided(tmp_path):
     root = str(tmp_path)
     combo = lambda: [c for c in tune.plan(root, ["dsc", "dsc-ewc"])[0] if c[0] == "dsc-ewc"]
     assert combo() == []
     for w in tune.W_H:
         fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.3 else 0.5 if w == 1.0 else 0.1])
-    for w in (0.3, 1.0):
-        fake_cell(root, "dsc", {"dsc_w_h": w}, [0.9 if w == 0.3 else 0.5] * 3)
-    assert tune.plan(root, ["dsc"])[1] == {"dsc": {"dsc_w_h": 0.3}}
+    fake_cell(root, "dsc", {"dsc_w_h": 0.3}, [0.9, 0.1, 0.1])  # the best coarse cell, not confirmed
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0}, [0.5] * 3)
+    assert tune.plan(root, ["dsc"])[1] == {"dsc": {"dsc_w_h": 1.0}}
     assert combo() == []  # dsc's design choices are not decided yet
-    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dc_temp": 0.01}, [0.1] * 3)
-    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dsc_first": "base"}, [0.95] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dc_temp": 0.01}, [0.1] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_first": "base"}, [0.95] * 3)
     assert combo() == []  # dsc_targets is not decided yet
-    fake_cell(root, "dsc", {"dsc_w_h": 0.3, "dsc_targets": "column"}, [0.5] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_targets": "column"}, [0.5] * 3)
     assert tune.plan(root, ["dsc", "dsc-ewc"])[2] == {"dc_temp": "auto", "dsc_first": "base", "dsc_targets": "paper"}
-    assert combo() == [("dsc-ewc", {"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "base"}, 1)
-                       for v in tune.COMBO_LAMBDAS for w in (0.1, 0.3)]
+    grid = [{"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "base"} for v in tune.COMBO_LAMBDAS for w in (0.3, 1.0)]
+    assert combo() == [("dsc-ewc", s, 1) for s in grid]
+    for s in grid:  # the best at w_h's upper edge and inside λ's: w_h is not extended (it is dsc's), λ need not be
+        fake_cell(root, "dsc-ewc", s, [0.9 if s["dsc_w_h"] == 1.0 and s["ewc_lambda"] == 0.01 else 0.2])
+    assert [c for c in combo() if c[2] == 1] == [("dsc-ewc", s, 1) for s in grid]
     with pytest.raises(SystemExit, match="add dsc"):
         tune.main(["--out", root, "--report", "--methods", "dsc-ewc"])
 
@@ -112,7 +116,7 @@ def test_presets_written_only_when_every_stage_is_finished(tmp_path, small_grid)
     args = ["--out", root, "--report", "--methods", "seq,dsc", "--presets", presets]
     tune.main(args)
     assert open(presets).read() == before  # dsc_first not decided yet
-    assert "1 cells not finished yet" in open(os.path.join(root, "README.md")).read()
+    assert "1 cells of the stages started so far not finished yet" in open(os.path.join(root, "README.md")).read()
     fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "base"}, [0.2, 0.2, 0.2])
     tune.main(args)
     written, shipped = train.load_presets(presets), json.load(open(train.PRESETS_FILE))
@@ -139,8 +143,12 @@ def test_share_kept_of_earlier_concepts_by_hand_and_the_tradeoff_picture(tmp_pat
     assert tune.kept([{"acc": acc}]) == pytest.approx((0.2 + 0.3) / (0.8 + 0.6))
     assert tune.kept([{"acc": acc}, {"acc": [[0.0, 0.0], [None, 1.0]]}]) == pytest.approx(((0.5 / 1.4) + 0) / 2)
     fake_cell(str(tmp_path), "seq", {}, [0.3, 0.3, 0.3])
-    table = tune.report(str(tmp_path), ["seq"])[0]
-    assert "| `seq` | defaults | 3 × 2 | 0.300 ± 0.000 | 0.500 | 0.700 | 0.60 |" in table
+    fake_cell(str(tmp_path), "dsc", {"dsc_w_h": 0.1}, [0.5], orders=tune.ORDERS[:1])
+    fake_cell(str(tmp_path), "dsc", {"dsc_w_h": 0.1}, [0.2], orders=tune.ORDERS[1:])
+    fake_cell(str(tmp_path), "dsc", {"dsc_w_h": 0.2}, [0.3])
+    table = tune.report(str(tmp_path), ["seq", "dsc"])[0]
+    assert "| `seq` | defaults | 3 × 2 | 0.300 ± 0.000 | — | 0.500 | 0.700 | 0.60 |" in table
+    assert "| `dsc` | dsc_w_h=0.1 | 1 × 2 | 0.350 ± 0.150 | +0.050 | 0.500 |" in table  # (+0.2 − 0.1) / 2
     assert (tmp_path / "tradeoff.png").exists()
 
 
@@ -162,3 +170,40 @@ def test_a_best_cell_at_an_edge_of_the_grid_extends_it_and_both_orders_count(tmp
     fake_cell(root, "ewc", {"ewc_lambda": 2.0}, [0.8], orders=tune.ORDERS[1:])  # the other order's run counts too
     assert tune.score(tune.finished(tune.cell_dir(root, "ewc", {"ewc_lambda": 2.0}), "ewc"))[0] == pytest.approx(0.6)
     assert tune.extended([{"w": 0.1}, {"w": 0.3}], {"w": 0.1}) == [{"w": 0.1}, {"w": 0.3}, {"w": 0.0333}]
+
+
+def test_two_choices_that_win_apart_run_together_before_the_preset(tmp_path, small_grid, monkeypatch):
+    monkeypatch.setattr(tune, "CHOICES", {"dsc_first": ("base", ("dsc",), ("dsc",)),
+                                          "dsc_targets": ("column", ("dsc",), ("dsc",))})
+    root, presets = str(tmp_path / "cells"), str(tmp_path / "presets.json")
+    shutil.copy(train.PRESETS_FILE, presets)
+    before = open(presets).read()
+    for v in (0.1, 0.2):
+        fake_cell(root, "dsc", {"dsc_w_h": v}, [0.4 + v, 0.4, 0.4])
+    fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_first": "base"}, [0.7] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 0.2, "dsc_targets": "column"}, [0.6] * 3)
+    both = {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_targets": "column"}
+    cells, _, decided = tune.plan(root, ["dsc"])
+    assert decided == {"dsc_first": "base", "dsc_targets": "column"} and cells[-1] == ("dsc", both, 3)
+    args = ["--out", root, "--report", "--methods", "dsc", "--presets", presets]
+    tune.main(args)
+    assert open(presets).read() == before  # the preset's own cell has not run yet
+    fake_cell(root, "dsc", both, [0.65] * 3)
+    tune.main(args)
+    written = train.load_presets(presets)
+    assert written["methods"]["dsc"] == {**both, "dsc_steps": 100} and "dsc 0.650" in written["source"]
+
+
+def test_a_failed_cell_does_not_stop_the_others(tmp_path, small_grid, monkeypatch, capsys):
+    root = str(tmp_path)
+
+    def run_cell(method, setting, seeds, order, args):  # λ 2 fails in both orders; every other cell finishes
+        if setting == {"ewc_lambda": 2.0}:
+            return 1
+        fake_cell(root, method, setting, [0.5] * seeds, orders=(order,))
+        return 0
+    monkeypatch.setattr(tune, "run_cell", run_cell)
+    tune.main(["--out", root, "--methods", "seq,ewc", "--presets", "none"])
+    out = capsys.readouterr().out
+    assert out.count("FAILED ewc ewc_lambda=2") == 2 and "finished ewc ewc_lambda=3" in out
+    assert tune.finished(tune.cell_dir(root, "seq", {}), "seq", 3) and "cells of the stages" in out
