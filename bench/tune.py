@@ -10,7 +10,8 @@ started as soon as what it needs is finished:
     the best lies inside (at most EXTEND more; not the combinations' w_h, which is `dsc`'s and the step below).
     `seq` and `ti` have no knob: one cell, three seeds.
  2. confirm: each method's TOP coarse cells (by A, then the lower F) again with seeds 1 and 2; the method's choice is
-    the one with the higher mean A over the three seeds. No choice rests on a single seed.
+    the one with the higher mean A over the three seeds. No choice rests on a single seed. A choice at an edge of
+    the grid extends it as in stage 1, the new setting run at every seed, until the choice lies inside.
  3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
     concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's). Where
     two choices win on one method apart, the cell with both (its preset) runs too: its A is the method's.
@@ -198,10 +199,17 @@ def plan(root, methods):
                 break
             grid = wider
         top = [s for s, _ in best(coarse)[:TOP]]
-        cells.extend((m, s, SEEDS) for s in top if first < SEEDS)
-        confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
-        if all(r for _, r in confirmed):
-            chosen[m] = best(confirmed)[0][0]
+        while True:  # a choice at an edge of the grid looks past it too, at every seed, within the same EXTEND
+            cells.extend((m, s, SEEDS) for s in top if first < SEEDS and (m, s, SEEDS) not in cells)
+            confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
+            if not all(r for _, r in confirmed):
+                return
+            wider = extended(grid, best(confirmed)[0][0], fixed)
+            if len(wider) == len(grid) or len(wider) > size:
+                break
+            top, grid = top + [s for s in wider if s not in grid], wider
+            ran[m] = grid
+        chosen[m] = best(confirmed)[0][0]
 
     for m in methods:
         if m not in COMBOS:

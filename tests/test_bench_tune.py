@@ -207,3 +207,19 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path, small_grid, monkeypatc
     out = capsys.readouterr().out
     assert out.count("FAILED ewc ewc_lambda=2") == 2 and "finished ewc ewc_lambda=3" in out
     assert tune.finished(tune.cell_dir(root, "seq", {}), "seq", 3) and "cells of the stages" in out
+
+
+def test_a_confirmed_choice_at_an_edge_looks_past_it_at_every_seed(tmp_path, small_grid, monkeypatch):
+    root = str(tmp_path)
+    monkeypatch.setattr(tune, "EXTEND", 2)
+    for v, a in ((1.0, 0.2), (2.0, 0.6), (3.0, 0.5)):  # the best coarse cell lies inside the grid
+        fake_cell(root, "ewc", {"ewc_lambda": v}, [a])
+    fake_cell(root, "ewc", {"ewc_lambda": 2.0}, [0.6, 0.1, 0.1])
+    fake_cell(root, "ewc", {"ewc_lambda": 3.0}, [0.5, 0.4, 0.4])  # the choice lies at the edge
+    cells, chosen, _ = tune.plan(root, ["ewc"])
+    assert cells[-1] == ("ewc", {"ewc_lambda": 4.5}, 3) and not chosen
+    fake_cell(root, "ewc", {"ewc_lambda": 4.5}, [0.5, 0.5, 0.4])
+    cells, chosen, _ = tune.plan(root, ["ewc"])
+    assert cells[-1] == ("ewc", {"ewc_lambda": 6.75}, 3) and not chosen
+    fake_cell(root, "ewc", {"ewc_lambda": 6.75}, [0.3, 0.3, 0.3])
+    assert tune.plan(root, ["ewc"])[1] == {"ewc": {"ewc_lambda": 4.5}}
