@@ -68,8 +68,7 @@ def fake_cell(root, method, setting, accs, orders=tune.ORDERS):
         os.makedirs(out, exist_ok=True)
         runs = [{"seed": s, "A": a, "F": 1 - a, "P": 0.5, "tasks": [{"seconds": 60.0}], "acc": [[0.5, a], [None, 0.5]]}
                 for s, a in enumerate(accs)]
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump({"runs": {method: runs}, "seeds": len(accs)}, f)
+        continual.write_json(os.path.join(out, "results.json"), {"runs": {method: runs}, "seeds": len(accs)})
 
 
 @pytest.fixture
