@@ -188,14 +188,19 @@ def plan(root, methods):
 
     def tune(m, grid, fixed=()):  # stages 1 and 2 of one method
         first, size = SEEDS if len(grid) == 1 else 1, len(grid) + EXTEND
+
+        def past_edge(grid, runs):  # the grid extended past its best cell's edge, or None (inside, or EXTEND spent)
+            wider = extended(grid, best(runs)[0][0], fixed)
+            return wider if len(grid) < len(wider) <= size else None
+
         while True:
             cells.extend((m, s, first) for s in grid if (m, s, first) not in cells)
             ran[m] = grid
             coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
             if not all(r for _, r in coarse):
                 return
-            wider = extended(grid, best(coarse)[0][0], fixed)
-            if len(wider) == len(grid) or len(wider) > size:
+            wider = past_edge(grid, coarse)
+            if not wider:
                 break
             grid = wider
         top = [s for s, _ in best(coarse)[:TOP]]
@@ -204,8 +209,8 @@ def plan(root, methods):
             confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
             if not all(r for _, r in confirmed):
                 return
-            wider = extended(grid, best(confirmed)[0][0], fixed)
-            if len(wider) == len(grid) or len(wider) > size:
+            wider = past_edge(grid, confirmed)
+            if not wider:
                 break
             top, grid = top + [s for s in wider if s not in grid], wider
             ran[m] = grid
