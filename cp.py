@@ -10,7 +10,7 @@ in one page"), each term is one function:
                 (the posterior and cross-entropy: dc_score.py; τ: calibrate_temp)
     EWC       = (λ/2) Σ F*(φ − φ*)²                                                                    ewc_penalty
                 F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1, F* ← γ F* + F̂            fisher_diagonal
-                (L = L_denoise for `ewc`, n images; L = L_DC for `ewc-dc`, 2n at stratified t)     fisher_estimate
+                (L = L_denoise for `ewc`, n images; L = L_DC for `*ewc-dc`, 2n at stratified t)    fisher_estimate
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²                                        clora_penalty
     DSC       = w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
                 (first task: no earlier concept, nothing to consolidate; or T2 = the base model on c₀)  dsc_loss
@@ -22,7 +22,7 @@ the margin e_y − min_k e_k, and its gradient is (q − p)·∂e (q the target)
 ratios to L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push
 with a force of w_h/τ, and τ differs by a factor of up to 60 between tasks).
 
-Every method trains on L_denoise plus its penalty; `ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
+Every method trains on L_denoise plus its penalty; `ewc-dc` and `dsc-ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
 denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
 (EWC), assemble the next state. Storing a state is cp_state.py's; how a task runs on the hardware (precision,
 micro-batches, checkpointing) is a `Run`, recorded in the task's history.
@@ -287,7 +287,7 @@ def draw_noise(model, x0, gen, t=None):
 
 def stratified_timesteps(n, T, gen):
     """n timesteps, one from each of n equal strata of [0, T), in random order: n samples cover the schedule evenly,
-    not by chance (the DC Fisher's split-half agreement rises with it: bench/RESULTS.md, "Diagnostics")."""
+    not by chance (the DC Fisher's split-half agreement rises with it: bench/diagnostics.md)."""
     return ((torch.randperm(n, generator=gen) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
 
 
@@ -624,7 +624,7 @@ def fisher_estimate(model, state, task, n):
     """F̂ of the task's adapter: of L_denoise over n single images for `ewc`; for the DC-informed methods, of
     L_DC = −τ log p_φ(c_n | x) over S = {c_n, c₀, earlier concepts} (the Fisher then weighs the parameters that tell
     c_n apart from what the model knew) over 2n single images at stratified timesteps. Its gradients are the noisier:
-    so sampled, two estimates agree as well as two denoising ones of n do (bench/RESULTS.md, "Diagnostics")."""
+    so sampled, two estimates agree as well as two denoising ones of n do (bench/diagnostics.md)."""
     hp = state.hparams
     if hp.uses("dc_fisher"):
         tau, n = task_temp(model, state, task), 2 * n

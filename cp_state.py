@@ -47,7 +47,7 @@ STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp
                         r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
 # cp-state/2 is cp-state/1 plus "sums" (each file's SHA-256), which /2 requires: a /2 manifest that lost its sums is
 # damaged, not old, where an optional field could be dropped unnoticed. /1 states, written before the sums, still load
-# (unverified). cp-state/3: the DC terms in error units (w_h and δ weigh τ·H and τ·L_DC) and hparams.dsc_targets.
+# (unverified). cp-state/3: the DC terms in error units (w_h weighs τ·H, δ weighs L_DC = τ·CE) and hparams.dsc_targets.
 # A save writes /3.
 FORMAT, FORMATS = "cp-state/3", ("cp-state/3", "cp-state/2", "cp-state/1")
 NULL, NUMBER = type(None), (int, float)

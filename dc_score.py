@@ -11,7 +11,7 @@ pred [B, K, *latent] and the noise [B, *latent]:
 
     dc_errors           e[b, k]                                        (sum, or mean, over the latent dims)
     posterior           p(c_k | x) = softmax_k(-e_k / tau)             (log_posterior: its log)
-    dc_cross_entropy    -log p(c_target | x)                           (L_DC, the DC Fisher)
+    dc_cross_entropy    -log p(c_target | x)                           (L_DC / tau, the DC Fisher)
     soft_cross_entropy  H(q, p) = -sum_k q_k log p(c_k | x)            (DSC, q a teacher's posterior)
 
 On a CUDA device, at the sizes where it is faster, the three functions of pred hand their work to the fused Triton

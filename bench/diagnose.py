@@ -1,4 +1,4 @@
-"""Diagnostics of the EWC and DC-score machinery, on the tuning concepts only (bench/RESULTS.md, "Diagnostics").
+"""Diagnostics of the EWC and DC-score machinery, on the tuning concepts only (bench/RESULTS.md, "DC terms in error units").
 
 On adapters trained with `seq` on two tuning concepts in turn (the second is "the task", the first "earlier"):
 
@@ -15,7 +15,7 @@ On adapters trained with `seq` on two tuning concepts in turn (the second is "th
  (e) τ per task as the runs of bench/continual.py recorded it (`--taus FOLDER,...`: each a benchmark or tuning
      folder; the median over its DSC runs), so that calibrations can be compared across splits and versions.
 
-    python bench/diagnose.py              # ~20 min on one CPU thread; writes bench/diagnostics.json and .md
+    python bench/diagnose.py              # ~13 min on one CPU thread; writes bench/diagnostics.json and .md
 """
 import argparse
 import glob
