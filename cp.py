@@ -22,10 +22,10 @@ the margin e_y − min_k e_k, and its gradient is (q − p)·∂e (q the target)
 ratios to L_denoise that mean the same on every task, latent size and model (without the factor, the DC terms push
 with a force of w_h/τ, and τ differs by a factor of up to 60 between tasks).
 
-Every method trains on L_denoise plus its penalty; `ewc-dc` and `dsc-ewc-dc` can add δ·L_DC (δ = 0 by default, as in the paper:
-denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update the Fisher
-(EWC), assemble the next state. Storing a state is cp_state.py's; how a task runs on the hardware (precision,
-micro-batches, checkpointing) is a `Run`, recorded in the task's history.
+Every method trains on L_denoise plus its penalty; `ewc-dc` and `dsc-ewc-dc` can add δ·L_DC (δ = 0 by default, as
+in the paper: denoise_and_dc_loss). A task runs in four steps (learn_concept): train it, consolidate (DSC), update
+the Fisher (EWC), assemble the next state. Storing a state is cp_state.py's; how a task runs on the hardware
+(precision, micro-batches, checkpointing) is a `Run`, recorded in the task's history.
 """
 import contextlib
 import math

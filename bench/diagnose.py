@@ -1,4 +1,5 @@
-"""Diagnostics of the EWC and DC-score machinery, on the tuning concepts only (bench/RESULTS.md, "DC terms in error units").
+"""Diagnostics of the EWC and DC-score machinery, on the tuning concepts only (bench/RESULTS.md, "DC terms in error
+units").
 
 On adapters trained with `seq` on two tuning concepts in turn (the second is "the task", the first "earlier"):
 
