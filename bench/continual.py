@@ -357,12 +357,16 @@ def summarize(runs):
     return out
 
 
-def paired_to_seq(runs):
-    """{method: (mean, std) over seeds of A − A_seq}, each seed against `seq`'s run of the same seed (and, a report
-    being one order of the concepts, the same order): the seeds' shared draws cancel out."""
-    seq = {r["seed"]: r["A"] for r in runs.get("seq", [])}
-    diffs = {m: [r["A"] - seq[r["seed"]] for r in rs if r["seed"] in seq] for m, rs in runs.items() if m != "seq"}
-    return {m: (float(np.mean(d)), float(np.std(d))) for m, d in diffs.items() if d}
+def paired_to_seq(runs, score=lambda r: r["A"]):
+    """{method: (mean, std) over seeds of score − `seq`'s score}, each seed against `seq`'s run of the same seed
+    (and, a report being one order of the concepts, the same order): the seeds' shared draws cancel out. A score
+    that is a list (A after each task) gives a list of (mean, std)."""
+    seq = {r["seed"]: np.array(score(r)) for r in runs.get("seq", [])}
+    diffs = {m: [np.array(score(r)) - seq[r["seed"]] for r in rs if r["seed"] in seq]
+             for m, rs in runs.items() if m != "seq"}
+    pairs = {m: (np.mean(d, 0), np.std(d, 0)) for m, d in diffs.items() if d}
+    return {m: list(zip(mean.tolist(), std.tolist())) if mean.ndim else (float(mean), float(std))
+            for m, (mean, std) in pairs.items()}
 
 
 def fmt(pair, digits=3):
@@ -392,6 +396,9 @@ def markdown(report):
                   [[f"`{k}`"] + [f"{v:.3g}" for v in x["lora_norm_per_task"]] for k, x in s.items()])
     a_m = table(["method"] + [f"after task {m + 1}" for m in range(N)],
                 [[f"`{k}`"] + [fmt(v, 2) for v in x["A_per_task"]] for k, x in s.items()])
+    paired_m = paired_to_seq(report["runs"], lambda r: a_after_each_task(r["acc"]))
+    a_m_paired = table(["method"] + [f"after task {m + 1}" for m in range(N)],
+                       [[f"`{k}`"] + [fmt(v, 2) for v in paired_m[k]] for k in s if k in paired_m])
     accs = table(["method"] + [f"{c} (final / learned)" for c in report["concepts"]],
                  [[f"`{k}`"] + [f"{x['acc_mean'][i][-1]:.2f} / {x['acc_mean'][i][i]:.2f}" for i in range(N)]
                   for k, x in s.items()])
@@ -401,7 +408,9 @@ def markdown(report):
         f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds; A − seq: each seed's A "
         "minus `seq`'s A at the same seed.", "", *quality, "",
         "A after each task (the mean of acc_i(m) over the concepts learned so far), mean ± std over seeds:", "",
-        *a_m, "", "What the state stores, and time:", "", *cost, "",
+        *a_m, "", *(["The same minus `seq`'s at the same seed (paired), mean ± std over seeds:", "", *a_m_paired, ""]
+                    if paired_m else []),
+        "What the state stores, and time:", "", *cost, "",
         "LoRA norm ‖ΔW‖ after each task (mean over seeds):", "", *norms, "",
         "acc_i(m) of each concept after the last task / right after it was learned (mean over seeds):", "", *accs,
         "", "![samples](grid.png)", "", "![accuracy over tasks](plot.png)", ""])

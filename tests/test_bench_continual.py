@@ -42,6 +42,10 @@ def test_a_after_each_task_and_the_paired_difference_to_seq_by_hand():
     paired = continual.paired_to_seq(runs)
     assert paired["dsc"] == pytest.approx((0.2, 0.1))  # seed 0: 0.3 − 0.2, seed 1: 0.7 − 0.4 (by list place: ± 0.3)
     assert "ewc" not in paired and "seq" not in paired  # no seq run of seed 2 to pair with
+    other = [[0.1, 0.9, 0.3], [nan, 0.2, 0.4], [nan, nan, 0.1]]  # A after each task 0.1, 0.55, 0.8 / 3
+    runs["dsc"] = [run(0, 0.3, other), run(1, 0.7, acc)]  # seed 0: −0.4, −0.2, −0.3 to seq's; seed 1: 0, 0, 0
+    per_task = continual.paired_to_seq(runs, lambda r: continual.a_after_each_task(r["acc"]))
+    assert [x for pair in per_task["dsc"] for x in pair] == pytest.approx([-0.2, 0.2, -0.1, 0.1, -0.15, 0.15])
 
 
 def test_order_reverse_learns_the_same_concepts_backwards(tmp_path):
