@@ -248,8 +248,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "diagnostics"), help="writes OUT.json and OUT.md")
     ap.add_argument("--runs", type=int, default=len(RUNS), help="how many of the adapter runs (default all)")
-    ap.add_argument("--taus", default="bench/evaluation,bench/tuning-nats,bench/tuning", help="(e): benchmark or "
-                    "tuning folders whose recorded τ per task to compare")
+    ap.add_argument("--taus", default="bench/evaluation-nats,bench/tuning-nats,bench/tuning",
+                    help="(e): benchmark or tuning folders whose recorded τ per task to compare")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
