@@ -394,11 +394,10 @@ def markdown(report):
                    fmt(x["eval_s_per_task"], 1)] for k, x in s.items()])
     norms = table(["method"] + [f"task {m + 1}" for m in range(N)],
                   [[f"`{k}`"] + [f"{v:.3g}" for v in x["lora_norm_per_task"]] for k, x in s.items()])
-    a_m = table(["method"] + [f"after task {m + 1}" for m in range(N)],
-                [[f"`{k}`"] + [fmt(v, 2) for v in x["A_per_task"]] for k, x in s.items()])
+    after_each = ["method"] + [f"after task {m + 1}" for m in range(N)]
+    a_m = table(after_each, [[f"`{k}`"] + [fmt(v, 2) for v in x["A_per_task"]] for k, x in s.items()])
     paired_m = paired_to_seq(report["runs"], lambda r: a_after_each_task(r["acc"]))
-    a_m_paired = table(["method"] + [f"after task {m + 1}" for m in range(N)],
-                       [[f"`{k}`"] + [fmt(v, 2) for v in paired_m[k]] for k in s if k in paired_m])
+    a_m_paired = table(after_each, [[f"`{k}`"] + [fmt(v, 2) for v in paired_m[k]] for k in s if k in paired_m])
     accs = table(["method"] + [f"{c} (final / learned)" for c in report["concepts"]],
                  [[f"`{k}`"] + [f"{x['acc_mean'][i][-1]:.2f} / {x['acc_mean'][i][i]:.2f}" for i in range(N)]
                   for k, x in s.items()])
