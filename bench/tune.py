@@ -14,9 +14,10 @@ started as soon as what it needs is finished:
     the grid extends it as in stage 1, the new setting run at every seed, until the choice lies inside.
  3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
     concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's). Where
-    two choices win on one method apart, the cell with both (its preset) runs too: its A is the method's.
+    two choices win on one method apart, the cell with both runs too: should its A fall below one of them alone,
+    only the better alone is kept (for every method it concerns: the two do not add up), else both are.
  4. the DSC combinations (COMBOS) go through stages 1 and 2 last, with every design choice that concerns them
-    decided, so that their grid is tuned under the values their presets will hold.
+    decided (the cell with both included), so that their grid is tuned under the values their presets will hold.
 
 Every cell runs BASE (the grid's values of the design choices) under what it varies, and nothing of presets.json
 (`--no-presets`). The evaluation concepts and their renders are never touched here.
@@ -233,11 +234,20 @@ def plan(root, methods):
         if all(a and b for a, b in pairs):
             mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
             decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
-    for m in [m for m in chosen if len(won_by(m, decided)) > 1]:  # two choices won apart: their preset, run once
-        cells.append((m, {**chosen[m], **won_by(m, decided)}, SEEDS))
+    waiting = set()  # choices whose cell together has not finished
+    for m in [m for m in chosen if len(won_by(m, decided)) > 1]:  # choices that won apart: the cell with all of them
+        won = won_by(m, decided)
+        cells.append((m, {**chosen[m], **won}, SEEDS))
+        together = finished(cell_dir(root, m, {**chosen[m], **won}), m, SEEDS)
+        if not together:
+            waiting.update(won)
+            continue
+        alone = {k: score(finished(cell_dir(root, m, {**chosen[m], k: v}), m, SEEDS))[0] for k, v in won.items()}
+        if score(together)[0] < max(alone.values()):  # they do not add up: only the best alone is kept
+            decided.update({k: BASE[k] for k in won if k != max(alone, key=alone.get)})
     for m in [m for m in methods if m in COMBOS]:  # stage 4: with every choice that concerns them decided
         needed = [k for k in open_choices if m in CHOICES[k][2]]
-        if "dsc" in chosen and all(k in decided for k in needed):
+        if "dsc" in chosen and all(k in decided and k not in waiting for k in needed):
             won = {k: decided[k] for k in needed if decided[k] != BASE[k]}
             grid = combo_grid(chosen["dsc"]["dsc_w_h"], [s["dsc_w_h"] for s in ran["dsc"]])
             tune(m, [{**s, **won} for s in grid], fixed=("dsc_w_h",))

@@ -50,7 +50,10 @@ def test_the_combinations_start_from_dscs_chosen_cell_with_the_choices_decided(t
     fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dc_temp": 0.01}, [0.1] * 3)
     fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_first": "base"}, [0.95] * 3)
     assert combo() == []  # dsc_targets is not decided yet
-    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_targets": "column"}, [0.5] * 3)
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_targets": "column"}, [0.6] * 3)
+    assert tune.plan(root, ["dsc"])[2] == {"dc_temp": "auto", "dsc_first": "base", "dsc_targets": "column"}
+    assert combo() == []  # both won apart: the cell with both runs first
+    fake_cell(root, "dsc", {"dsc_w_h": 1.0, "dsc_first": "base", "dsc_targets": "column"}, [0.7] * 3)
     assert tune.plan(root, ["dsc", "dsc-ewc"])[2] == {"dc_temp": "auto", "dsc_first": "base", "dsc_targets": "paper"}
     grid = [{"ewc_lambda": v, "dsc_w_h": w, "dsc_first": "base"} for v in tune.COMBO_LAMBDAS for w in (0.3, 1.0)]
     assert combo() == [("dsc-ewc", s, 1) for s in grid]
@@ -187,10 +190,16 @@ def test_two_choices_that_win_apart_run_together_before_the_preset(tmp_path, sma
     args = ["--out", root, "--report", "--methods", "dsc", "--presets", presets]
     tune.main(args)
     assert open(presets).read() == before  # the preset's own cell has not run yet
-    fake_cell(root, "dsc", both, [0.65] * 3)
+    fake_cell(root, "dsc", both, [0.75] * 3)
     tune.main(args)
     written = train.load_presets(presets)
-    assert written["methods"]["dsc"] == {**both, "dsc_steps": 100} and "dsc 0.650" in written["source"]
+    assert written["methods"]["dsc"] == {**both, "dsc_steps": 100} and "dsc 0.750" in written["source"]
+    fake_cell(root, "dsc", both, [0.65] * 3)  # below base alone (0.7): the two do not add up, base alone is kept
+    assert tune.plan(root, ["dsc"])[2] == {"dsc_first": "base", "dsc_targets": "paper"}
+    tune.main(args)
+    written = train.load_presets(presets)
+    assert written["methods"]["dsc"] == {"dsc_w_h": 0.2, "dsc_first": "base", "dsc_targets": "paper",
+                                         "dsc_steps": 100} and "dsc 0.700" in written["source"]
 
 
 def test_a_failed_cell_does_not_stop_the_others(tmp_path, small_grid, monkeypatch, capsys):
