@@ -418,7 +418,8 @@ class VAE(nn.Module):
 def alphas_cumprod_from_config(cfg):
     """ᾱ_t for t = 0..T−1 from a diffusers scheduler config (SD v1: scaled_linear, 0.00085 → 0.012, T = 1000)."""
     if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"only epsilon-prediction models are supported, got prediction_type={cfg['prediction_type']!r}")
+        raise ValueError("only epsilon-prediction models are supported, "
+                         f"got prediction_type={cfg['prediction_type']!r}")
     n, b0, b1 = cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"]
     kind = cfg.get("beta_schedule", "scaled_linear")
     if kind == "scaled_linear":
@@ -563,7 +564,8 @@ def fix_vae_keys(sd):
     """Accept old diffusers VAE attention names (query/key/value/proj_attn) and LDM's 1×1-conv attention weights."""
     out = {}
     for k, v in sd.items():
-        k = re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.", lambda m: f"attentions.0.{LEGACY_VAE_ATTN[m[1]]}.", k)
+        k = re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.",
+                   lambda m: f"attentions.0.{LEGACY_VAE_ATTN[m[1]]}.", k)
         if "mid_block.attentions.0.to_" in k and k.endswith(".weight") and v.dim() == 4:
             v = v[:, :, 0, 0]
         out[k] = v
@@ -660,7 +662,8 @@ def _weights_file(folder, names):
 
 def _build_text_encoder(cfg, sd):
     from transformers import CLIPTextConfig, CLIPTextModel
-    fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    skip = ("architectures", "transformers_version")
+    fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
     te = CLIPTextModel(CLIPTextConfig(**fields))
     own = te.state_dict()
     prefix = "text_model." if next(iter(own)).startswith("text_model.") else ""  # transformers < 5 nests the model

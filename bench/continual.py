@@ -369,6 +369,15 @@ def paired_to_seq(runs, score=lambda r: r["A"]):
             for m, (mean, std) in pairs.items()}
 
 
+def seeds_ran(runs):
+    """How many seeds each method ran: one number when they agree (a --resume with other --seeds can leave them
+    apart)."""
+    counts = {m: len(rs) for m, rs in runs.items()}
+    if len(set(counts.values())) == 1:
+        return str(next(iter(counts.values())))
+    return ", ".join(f"`{m}` {n}" for m, n in counts.items())
+
+
 def fmt(pair, digits=3):
     mean, std = pair
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -403,7 +412,7 @@ def markdown(report):
                   for k, x in s.items()])
     return "\n".join([
         f"Command: `{report['command']}`  ", f"Date: {report['date']}; machine: {report['machine']}  ",
-        f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {report['seeds']}; judge: {report['judge']} "
+        f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {seeds_ran(report['runs'])}; judge: {report['judge']} "
         f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds; A − seq: each seed's A "
         "minus `seq`'s A at the same seed.", "", *quality, "",
         "A after each task (the mean of acc_i(m) over the concepts learned so far), mean ± std over seeds:", "",

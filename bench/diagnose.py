@@ -128,8 +128,8 @@ def fishers(model, state, after, names, seed):
 
 
 def taus(folders):
-    """(e) {folder: [median τ of task 1, task 2, ...]} over the DSC runs of every results.json under each folder (task i:
-    the i-th concept learned, so a folder of both orders pools two concepts at each place)."""
+    """(e) {folder: [median τ of task 1, task 2, ...]} over the DSC runs of every results.json under each folder
+    (task i: the i-th concept learned, so a folder of both orders pools two concepts at each place)."""
     out = {}
     for folder in folders:
         per_task = {}

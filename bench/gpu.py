@@ -433,8 +433,8 @@ def report(meta, results):
             dsc = f"{r['consolidate_steps_per_s']:.2f}" if "consolidate_steps_per_s" in r else "-"
             lines.append(f"| {k} | {r['method']} | {r['train_steps_per_s']:.2f} | {dsc} | {r['task_s']:.1f} | "
                          f"{r['wall_s']:.1f} | {mib(r['peak_allocated_bytes'])} / {mib(r['peak_reserved_bytes'])} |")
-        lines += ["", "Each step runs `train.main` on these arguments in a fresh process (so that its peak memory and the "
-                  "time of each phase can be read); every other hyperparameter is train.py's default (batch 8, "
+        lines += ["", "Each step runs `train.main` on these arguments in a fresh process (so that its peak memory and "
+                  "the time of each phase can be read); every other hyperparameter is train.py's default (batch 8, "
                   "rank 8, bf16 autocast on CUDA):", ""] + [f"    {r['command']}" for r in train.values()]
     if "methods" in ok:
         m = ok["methods"]

@@ -138,7 +138,8 @@ def bench_conv(device, dtype, repeats):
             row = dict(section="conv", config=name, input="x".join(map(str, shape)), out_channels=wshape[0],
                        stride=stride, calls=n, ours="im2col" if m.uses_im2col(x) else "direct")
             if m.uses_im2col(x):
-                patch_bytes += n * m(x.detach()).numel() // wshape[0] * wshape[1] * wshape[2] * wshape[3] * x.element_size()
+                patch_bytes += (n * m(x.detach()).numel() // wshape[0] * wshape[1] * wshape[2] * wshape[3]
+                                * x.element_size())
             paths = {"direct": lambda: torch.nn.Conv2d.forward(m, x), "im2col": lambda: unet.conv2d_im2col(m, x)}
             for k, f in paths.items():
                 with torch.no_grad():
@@ -181,8 +182,8 @@ TAU = 0.05  # the DC posterior's temperature (cp.Hparams.dc_temp)
 def loss_case(name, B, K, latent, device, dtype, seed=0):
     """pred (requiring grad), and loss(impl, pred) -> (outputs, their upstream gradients) for one case:
     'fisher' and 'sweep': the DC cross-entropy, target 0 (the Fisher's, B = 1); 'dsc': the soft cross-entropy
-    against a teacher's posterior (DSC takes one per teacher); 'task': δ·L_DC's ragged batch, the first 2 of B images under K prompts
-    and the others under the target alone (L_DC of the 2, and the errors L_denoise reads)."""
+    against a teacher's posterior (DSC takes one per teacher); 'task': δ·L_DC's ragged batch, the first 2 of B images
+    under K prompts and the others under the target alone (L_DC of the 2, and the errors L_denoise reads)."""
     g = torch.Generator().manual_seed(seed)
     rows = 2 * K + B - 2 if name == "task" else B * K
     pred = torch.randn(rows, *latent, generator=g).to(device, dtype).requires_grad_()
@@ -294,7 +295,8 @@ def bench_kernel(device, dtype, repeats, quick=False):
     CUDA, the toy model's 4x16x16 on a CPU, 4x8x8 with quick. Each way: forward and forward+backward device time
     (ms; CUDA graphs replayed back to back, timed by CUDA events), the host's enqueue time and the synced latency of
     a forward+backward, its kernels (profiler) and host syncs (sync-debug mode). 'kernel' is the Triton op itself
-    (impl='triton'; CUDA only); 'auto' says which path dc_score's functions pick by themselves. dtype None: bf16, fp16 and fp32.
+    (impl='triton'; CUDA only); 'auto' says which path dc_score's functions pick by themselves. dtype None: bf16, fp16
+    and fp32.
     The compiled reference (torch.compile, fullgraph) runs on CUDA only (inductor takes about a minute per shape on
     a small CPU) and in bf16 only, the training dtype. Last, the loss's share of a training step: the task case
     against the UNet's forward+backward over the same rows.
@@ -387,7 +389,8 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
     import cp
     import train
     model_path = model_path or os.path.join(ROOT, "toy", "model")
-    folders = sorted(os.path.join(ROOT, "examples", "concepts", d) for d in os.listdir(os.path.join(ROOT, "examples", "concepts")))[:2]
+    concepts = os.path.join(ROOT, "examples", "concepts")
+    folders = sorted(os.path.join(concepts, d) for d in os.listdir(concepts))[:2]
     rows, per_step = [], {}
     for method in cp.METHODS:
         def task_seconds(n, dsc_n=0):
@@ -406,7 +409,8 @@ def bench_methods(device, dtype, repeats, model_path=None, steps=(4, 12)):
             row["consolidation_step_s"] = statistics.median(
                 (task_seconds(n1, n2) - task_seconds(n1, n1)) / (n2 - n1) for _ in range(repeats))
         rows.append(row)
-        extra = f"  consolidation step {row['consolidation_step_s'] * 1e3:7.1f} ms" if "consolidation_step_s" in row else ""
+        extra = (f"  consolidation step {row['consolidation_step_s'] * 1e3:7.1f} ms" if "consolidation_step_s" in row
+                 else "")
         print(f"method {method:11s} step {row['step_s'] * 1e3:8.1f} ms  vs seq {row['vs_seq']:.2f}x{extra}", flush=True)
     return rows
 
@@ -416,10 +420,12 @@ def bench_train(device, dtype, repeats, model_path=None):
     import resource
     import subprocess
     import tempfile
-    concept = os.path.join(ROOT, "examples", "concepts", sorted(os.listdir(os.path.join(ROOT, "examples", "concepts")))[0])
+    concepts = os.path.join(ROOT, "examples", "concepts")
+    concept = os.path.join(concepts, sorted(os.listdir(concepts))[0])
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--concept", concept, "--state", os.path.join(tmp, "state"),
-               "--device", device] + (["--model", model_path] if model_path else [])
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--concept", concept,
+               "--state", os.path.join(tmp, "state"), "--device", device]
+        cmd += ["--model", model_path] if model_path else []
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0

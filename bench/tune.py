@@ -290,8 +290,9 @@ def presets_of(root, methods, chosen, decided):
 def report(root, methods):
     """The table of every cell planned so far, and the decisions."""
     cells, chosen, decided = plan(root, methods)
-    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std over runs) | A − seq (paired) ↑ | P ↑ | F ↓ | kept ↑ "
-            "| first ↑ | minutes (all runs) | |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | setting | seeds × orders | A ↑ (mean ± std over runs) | A − seq (paired) ↑ | P ↑ | F ↓ "
+            "| kept ↑ | first ↑ | minutes (all runs) | |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing, seen, points, commits = 0, {}, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
         seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))

@@ -46,6 +46,8 @@ def test_a_after_each_task_and_the_paired_difference_to_seq_by_hand():
     runs["dsc"] = [run(0, 0.3, other), run(1, 0.7, acc)]  # seed 0: −0.4, −0.2, −0.3 to seq's; seed 1: 0, 0, 0
     per_task = continual.paired_to_seq(runs, lambda r: continual.a_after_each_task(r["acc"]))
     assert [x for pair in per_task["dsc"] for x in pair] == pytest.approx([-0.2, 0.2, -0.1, 0.1, -0.15, 0.15])
+    assert continual.seeds_ran(runs) == "`seq` 2, `dsc` 2, `ewc` 1"  # the seeds each method ran, not --seeds
+    assert continual.seeds_ran({"seq": runs["seq"], "dsc": runs["dsc"]}) == "2"
 
 
 def test_order_reverse_learns_the_same_concepts_backwards(tmp_path):

@@ -197,7 +197,8 @@ def test_dc_subset():
     seen = set()
     for _ in range(50):
         s = cp.dc_subset(state, "target", "c0", hp, rng)
-        assert s[:2] == ["target", "c0"] and len(s) == 4 and len(set(s[2:])) == 2 and set(s[2:]) <= {"p0", "p1", "p2", "p3", "p4"}
+        assert s[:2] == ["target", "c0"] and len(s) == 4 and len(set(s[2:])) == 2
+        assert set(s[2:]) <= {"p0", "p1", "p2", "p3", "p4"}
         seen.update(s[2:])
     assert len(seen) == 5  # every earlier concept gets drawn
     assert cp.dc_subset(cp.State(model={}, hparams=hp), "target", "c0", hp, rng) == ["target", "c0"]

@@ -20,7 +20,8 @@ def load_reference(folder):
 
 def outputs(unet_fn, decode_fn):
     g = torch.Generator().manual_seed(0)
-    x, c, z = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    z = torch.randn(1, 4, 8, 8, generator=g)
     with torch.no_grad():
         return unet_fn(x, torch.tensor([10, 900]), c), decode_fn(z)
 

@@ -338,9 +338,9 @@ def main():
     if args.eval_state:
         t0 = time.time()
         acc, images = eval_state(args.eval_state, steps=args.steps, guidance=args.guidance)
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
         print(f"concept accuracy of 32 samples per concept of {args.eval_state} (DDIM {args.steps} steps, CFG "
-              f"{args.guidance}): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f} s)",
-              flush=True)
+              f"{args.guidance}): {scores} ({time.time() - t0:.0f} s)", flush=True)
     if args.grid and (args.eval_model or args.eval_state):
         import sample
         sample.to_grid(images, ncols=8).save(args.grid)
