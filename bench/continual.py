@@ -412,9 +412,9 @@ def markdown(report):
                   for k, x in s.items()])
     return "\n".join([
         f"Command: `{report['command']}`  ", f"Date: {report['date']}; machine: {report['machine']}  ",
-        f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {seeds_ran(report['runs'])}; judge: {report['judge']} "
-        f"(accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over seeds; A − seq: each seed's A "
-        "minus `seq`'s A at the same seed.", "", *quality, "",
+        f"Concepts (in order): {', '.join(report['concepts'])}; seeds: {seeds_ran(report['runs'])}; "
+        f"judge: {report['judge']} (accuracy on the real images {report['judge_acc_real']:.3f}); mean ± std over "
+        "seeds; A − seq: each seed's A minus `seq`'s A at the same seed.", "", *quality, "",
         "A after each task (the mean of acc_i(m) over the concepts learned so far), mean ± std over seeds:", "",
         *a_m, "", *(["The same minus `seq`'s at the same seed (paired), mean ± std over seeds:", "", *a_m_paired, ""]
                     if paired_m else []),

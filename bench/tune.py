@@ -237,14 +237,16 @@ def plan(root, methods):
     waiting = set()  # choices whose cell together has not finished
     for m in [m for m in chosen if len(won_by(m, decided)) > 1]:  # choices that won apart: the cell with all of them
         won = won_by(m, decided)
-        cells.append((m, {**chosen[m], **won}, SEEDS))
-        together = finished(cell_dir(root, m, {**chosen[m], **won}), m, SEEDS)
+        setting = {**chosen[m], **won}
+        cells.append((m, setting, SEEDS))
+        together = finished(cell_dir(root, m, setting), m, SEEDS)
         if not together:
             waiting.update(won)
             continue
         alone = {k: score(finished(cell_dir(root, m, {**chosen[m], k: v}), m, SEEDS))[0] for k, v in won.items()}
-        if score(together)[0] < max(alone.values()):  # they do not add up: only the best alone is kept
-            decided.update({k: BASE[k] for k in won if k != max(alone, key=alone.get)})
+        best_alone = max(alone, key=alone.get)
+        if score(together)[0] < alone[best_alone]:  # they do not add up: only the best alone is kept
+            decided.update({k: BASE[k] for k in won if k != best_alone})
     for m in [m for m in methods if m in COMBOS]:  # stage 4: with every choice that concerns them decided
         needed = [k for k in open_choices if m in CHOICES[k][2]]
         if "dsc" in chosen and all(k in decided and k not in waiting for k in needed):
