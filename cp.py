@@ -264,7 +264,9 @@ class Batches:
             if flip is not None:  # the mirror images' encodings follow the originals
                 mirrored = model.vae.encode(images.flip(-1).to(model.device, model.dtype))
                 mean, std = torch.cat([mean, mirrored[0]]), torch.cat([std, mirrored[1]])
-        self.mean, self.std, self.scale, self.n = mean, std, model.scaling_factor, len(images)
+        # in the model's dtype: under autocast the encodings come out in fp16 or bf16, and the Fisher runs without it
+        self.mean, self.std = mean.to(model.dtype), std.to(model.dtype)
+        self.scale, self.n = model.scaling_factor, len(images)
         self.batch_size, self.gen, self.flip, self.drawn = batch_size, gen, flip, None
 
     def __call__(self, n=None, gen=None):
@@ -633,7 +635,8 @@ def fisher_estimate(model, state, task, n):
                                       tau, task.gen, next(ts))
     else:
         sample_loss = lambda: denoise_loss(model, task.batches(1), [task.target], task.gen)
-    return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)
+    with torch.autocast(model.device.type, enabled=False):  # in fp32: unscaled fp16 gradients would underflow
+        return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)
 
 
 def update_fisher(model, state, task, final):

@@ -394,8 +394,10 @@ def test_any_image_mode_and_size(tmp_path, mode):
     assert x.shape == (1, 3, 16, 16) and -1 <= x.min() and x.max() <= 1 and notes == []
 
 
-def test_denoising_fisher_by_hand(tiny_model_dir, concepts):
-    """`ewc`'s F̂: the mean over single images of (∇_φ ‖ε − ε_φ(x_t, t, c_n)‖²/D)², rescaled to mean 1."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_denoising_fisher_by_hand(tiny_model_dir, concepts, precision):
+    """`ewc`'s F̂: the mean over single images of (∇_φ ‖ε − ε_φ(x_t, t, c_n)‖²/D)², rescaled to mean 1; in fp32
+    whatever precision the task trains in (unscaled fp16 gradients underflow)."""
     model = unet.load_model(tiny_model_dir)
     hp = cp.Hparams(method="ewc", fisher_samples=3)
     cp.install_adapter(model.unet, "current", None, hp)
@@ -403,9 +405,9 @@ def test_denoising_fisher_by_hand(tiny_model_dir, concepts):
     params = lora.set_trainable(model.unet, "current")
     state = cp.State(model={}, hparams=hp)
     images, _ = train.load_images(concepts[0], model.resolution)
-    fisher, _ = cp.update_fisher(model, state, alpha_task(model, images, state, 3),
-                                cp.snapshot(model.unet, "current"))
-    t_ = alpha_task(model, images, state, 3)
+    with cp.autocast("cpu", precision):  # the latents are encoded under it, as in training
+        task, t_ = alpha_task(model, images, state, 3), alpha_task(model, images, state, 3)
+        fisher, _ = cp.update_fisher(model, state, task, cp.snapshot(model.unet, "current"))
     squares = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         x0 = t_.batches(1)
