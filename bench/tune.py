@@ -50,7 +50,7 @@ import cp  # noqa: E402
 import train  # noqa: E402
 from continual import PALETTE  # noqa: E402
 
-COARSE, TOP, SEEDS, EXTEND = 8, 2, 3, 3  # EXTEND: most settings added past a grid's edges
+COARSE, TOP, SEEDS, EXTEND = 8, 2, 3, 6  # EXTEND: most settings added past a grid's edges
 ORDERS = ("forward", "reverse")
 LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ on a Fisher of mean 1 (cp.fisher_diagonal)
 W_H = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # w_h of τ·H: a ratio to L_denoise (cp.py's docstring)
