@@ -72,20 +72,20 @@ class Hparams:
     alpha: float = knob(8.0, "LoRA alpha: the update B A is scaled by alpha / r")
     targets: str = knob("kv+ff", "LoRA placement: kv+ff (attn2.to_k/to_v, feed-forward), kv, attn (all q/k/v/out)")
     adapter: str = knob("lora", "lora, or vera (d, b over a shared random projection; alpha unused)")
-    ewc_lambda: float = knob(0.003, "λ: weight of the EWC penalty (on a Fisher of mean 1)")
+    ewc_lambda: float = knob(8.1e-05, "λ: weight of the EWC penalty (on a Fisher of mean 1)")
     ewc_gamma: float = knob(0.9, "γ: online-EWC decay of the accumulated Fisher")
     fisher_norm: str = knob("total", "total: F* rescaled to mean 1 after each update, so λ weighs the same on every "
                             "task; task: only each F̂ (F* grows towards 1/(1−γ))")
     fisher_samples: int = knob(16, "per-image gradients averaged into F̂ (the DC Fisher takes twice as many)")
     dc_weight: float = knob(0.0, "δ: weight of L_DC (in error units: τ·CE) in the training loss of ewc-dc and "
                             "dsc-ewc-dc (0: the DC scores only build the Fisher, as in the paper)")
-    dc_temp: str = knob("auto", "τ of the DC posterior over mean-over-dims errors: a number, or auto (per task, the "
+    dc_temp: str = knob("0.01", "τ of the DC posterior over mean-over-dims errors: a number, or auto (per task, the "
                         "median gap between the errors of c_n and c₀: cp.calibrate_temp)")
     dc_k: int = knob(5, "k: most prompts in the DC subset S")
     dc_batch: int = knob(2, "images of each batch that δ·L_DC scores under all of S (its cost grows with k)")
     clora_lambda: float = knob(3.0, "λ_c: weight of C-LoRA's self-regularization")
     dsc_steps: int = knob(100, "consolidation steps after training (dsc*)")
-    dsc_w_h: float = knob(0.3, "w_h: weight of DSC's DC-score distillation τ·H (error units: a ratio to L_denoise)")
+    dsc_w_h: float = knob(0.01, "w_h: weight of DSC's DC-score distillation τ·H (error units: a ratio to L_denoise)")
     dsc_w_n: float = knob(1.0, "w_n: weight of DSC's noise-prediction distillation")
     dsc_first: str = knob("none", "the first task, which has no earlier concept: none (no consolidation: T1 alone "
                           "has nothing to teach its copy) or base (T2 the base model on c₀, which pulls the adapter "

@@ -75,6 +75,9 @@ def load_presets(path=None):
             if set(values) - names:
                 raise cp.CPError(f"method preset {method!r} sets unknown hparams {sorted(set(values) - names)}")
             cp.check_hparams(cp.Hparams(**values, method=method))
+        for values in [*models.values(), *methods.values()]:  # a number where the flag is text (τ): as the flag has it
+            values.update({k: str(v) for k, v in values.items() if k in names and
+                           isinstance(getattr(cp.Hparams, k), str) and isinstance(v, (int, float))})
         if default not in cp.METHODS:
             raise cp.CPError(f"unknown default_method {default!r}")
     except FileNotFoundError:
