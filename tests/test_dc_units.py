@@ -127,7 +127,7 @@ def test_every_dc_call_site_scores_errors_as_the_calibration_does(tiny_model_dir
             return _real(*a, **k)
         monkeypatch.setattr(dc_score, name, recording)
     for targets in cp.DSC_TARGETS:
-        model, state = fresh(tiny_model_dir, "dsc-ewc-dc", dc_weight=0.5, dsc_targets=targets)
+        model, state = fresh(tiny_model_dir, "dsc-ewc-dc", dc_weight=0.5, dsc_targets=targets, dc_temp="auto")
         for folder in concepts:
             state = train.learn_folder(model, state, folder)
     calibration = seen.pop("subset_errors")  # calibrate_temp's errors
@@ -142,7 +142,7 @@ def test_tau_does_not_depend_on_how_many_prompts_s_holds(tiny_model_dir, concept
     monkeypatch.setattr(cp, "subset_errors", lambda model, x0, prompts, gen: calibrated.append(list(prompts)) or
                         errors(model, x0, prompts, gen))
     monkeypatch.setattr(cp, "dc_subset", lambda *a: (lambda s: subsets.append(s) or s)(subset(*a)))
-    model, state = fresh(tiny_model_dir, "ewc-dc", dc_k=5)
+    model, state = fresh(tiny_model_dir, "ewc-dc", dc_k=5, dc_temp="auto")
     for folder in concepts:
         calibrated[:] = []
         state = train.learn_folder(model, state, folder)
