@@ -1,6 +1,5 @@
 """bench/tune.py: the same budget for every method, no choice from one seed, design choices at the chosen cells,
 presets written only from a finished protocol, resuming from finished cells."""
-import json
 import os
 import shutil
 import sys
