@@ -55,6 +55,13 @@ PRESETS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets
 FIXED = ("method", "rank", "alpha", "targets", "adapter")  # a state's adapter layout cannot change between tasks
 
 
+def as_flag_types(values):
+    """{hparam: value} with a number given for a text hparam (τ: "auto" or a number) written as its flag has it, so
+    that 0.01 from a JSON file and "0.01" from the command line are the same setting."""
+    text = {f.name for f in fields(cp.Hparams) if f.type in (str, "str")}
+    return {k: str(v) if k in text and isinstance(v, (int, float)) else v for k, v in values.items()}
+
+
 def load_presets(path=None):
     """presets.json, checked: {"models": {kind: {"max_unet_params", "why", hparam: value}}, "default_method",
     "methods": {method: {hparam: value}}, ...}. A missing or damaged file, an unknown method or hparam, or a value
@@ -75,9 +82,8 @@ def load_presets(path=None):
             if set(values) - names:
                 raise cp.CPError(f"method preset {method!r} sets unknown hparams {sorted(set(values) - names)}")
             cp.check_hparams(cp.Hparams(**values, method=method))
-        for values in [*models.values(), *methods.values()]:  # a number where the flag is text (τ): as the flag has it
-            values.update({k: str(v) for k, v in values.items() if k in names and
-                           isinstance(getattr(cp.Hparams, k), str) and isinstance(v, (int, float))})
+        for values in [*models.values(), *methods.values()]:
+            values.update(as_flag_types(values))
         if default not in cp.METHODS:
             raise cp.CPError(f"unknown default_method {default!r}")
     except FileNotFoundError:

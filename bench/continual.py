@@ -35,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -587,7 +588,7 @@ def method_hparams(args, methods, model_values=None):
     tuned = {}
     if args.tuned:
         with open(args.tuned) as f:
-            tuned = json.load(f)
+            tuned = {m: train.as_flag_types(values) for m, values in json.load(f).items()}
     presets = {} if args.no_presets else train.load_presets()["methods"]
     out = {m: {**(model_values or {}), **presets.get(m, {}), **tuned.get(m, {}), **given} for m in methods}
     for m in methods:
@@ -631,7 +632,7 @@ def main(argv=None):
             with open(results_path) as f:
                 old = json.load(f)
             if settings(old) != settings(report) or \
-                    any(old["hparams"][m] != hparams[m] for m in methods if m in old["runs"]):
+                    any(train.as_flag_types(old["hparams"][m]) != hparams[m] for m in methods if m in old["runs"]):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = old["runs"]  # a method not in --methods this time keeps its runs too
             report["hparams"] = {**old["hparams"], **hparams}
@@ -692,4 +693,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # a SIGTERM (kill, a job scheduler) exits through main's `finally`, which ends the worker processes too; without
+    # this the parent would die alone and --jobs workers would go on training with no one to collect their runs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()

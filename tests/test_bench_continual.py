@@ -2,8 +2,10 @@
 both on the tiny random model."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -207,3 +209,53 @@ def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
     (tmp_path / "chosen.json").write_text(json.dumps({"ewc": {"ewc_lambda": -1.0}}))
     with pytest.raises(SystemExit, match="ewc: --ewc-lambda -1.0"):
         continual.method_hparams(args, ["ewc"])
+
+
+def children_of(pid):
+    """Live (not zombie) processes whose parent is pid, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except (OSError, ValueError):
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if entry.isdigit() and int(ppid) == pid and state != "Z":
+            kids.append(int(entry))
+    return kids
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+def test_sigterm_ends_the_worker_processes_too(tiny_model_dir, tmp_path):
+    args = ["--model", tiny_model_dir, "--methods", "seq", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
+            *TINY, "--steps", "100000"]  # runs that would last hours
+    p = subprocess.Popen([sys.executable, "bench/continual.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        for _ in range(600):  # the workers start once the parent has loaded the model and the judge
+            workers = [k for k in children_of(p.pid) if b"multiprocessing" in open(f"/proc/{k}/cmdline", "rb").read()
+                       and b"resource_tracker" not in open(f"/proc/{k}/cmdline", "rb").read()]
+            if len(workers) == 2 or p.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, p.stderr.read()[-2000:] if p.poll() is not None else children_of(p.pid)
+        time.sleep(2)
+        p.terminate()
+        returncode, deadline = p.wait(timeout=60), time.time() + 30
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(alive, workers))
+        assert returncode == 128 + signal.SIGTERM  # exited through main's `finally`
+    finally:
+        for pid in [p.pid] + workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
