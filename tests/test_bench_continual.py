@@ -159,10 +159,14 @@ def test_clip_mode(tiny_model_dir, tmp_path):
 
 def test_resume_keeps_finished_runs_and_tuned_values_reach_their_method(tiny_model_dir, tmp_path):
     out, tuned = str(tmp_path / "out"), tmp_path / "chosen.json"
-    tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 3.0}, "clora": {"clora_lambda": 7.0}}))
+    tuned.write_text(json.dumps({"ewc": {"ewc_lambda": 3.0}, "clora": {"clora_lambda": 7.0}, "seq": {"dc_temp": 0.02}}))
     common = ["--quick", "--model", tiny_model_dir, "--out", out, *TINY]
     run_bench(*common, "--methods", "seq", "--tuned", str(tuned))
-    first = json.load(open(os.path.join(out, "results.json")))["runs"]["seq"]
+    report = json.load(open(os.path.join(out, "results.json")))
+    first = report["runs"]["seq"]
+    assert report["hparams"]["seq"]["dc_temp"] == "0.02"  # τ from JSON as the flag has it
+    report["hparams"]["seq"]["dc_temp"] = 0.02  # as results.json held τ before that: the same setting, resumable
+    continual.write_json(os.path.join(out, "results.json"), report)
     os.remove(os.path.join(out, "samples", "seq.safetensors"))  # as in a clean clone: samples are not in git
     r = run_bench(*common, "--methods", "seq,ewc", "--resume", "--tuned", str(tuned))
     assert "resuming: 1 runs kept" in r.stdout and "[seq seed 0]" not in r.stdout and "[ewc seed 0]" in r.stdout
