@@ -13,8 +13,9 @@ On adapters trained with `seq` on two tuning concepts in turn (the second is "th
  (d) the DC posterior p(c_n | x) over S = {c_n, c₀, c_earlier} on the task's own images, the earlier concept's and
      an unlearned concept's, at the calibrated τ and at fixed ones; the spread of the errors among the prompts on the
      toy model and on a random-weight SD v1.5-size model (latents 4×64×64);
- (e) τ per task as the runs of bench/continual.py recorded it (`--taus FOLDER,...`: each a benchmark or tuning
-     folder; the median over its DSC runs), so that calibrations can be compared across splits and versions.
+ (e) τ per task as the runs of bench/continual.py calibrated it (`--taus FOLDER,...`: each a benchmark or tuning
+     folder; the median over its DSC runs under `--dc-temp auto`), so that calibrations can be compared across
+     splits and versions.
 
     python bench/diagnose.py              # ~13 min on one CPU thread; writes bench/diagnostics.json and .md
 """
@@ -138,6 +139,8 @@ def taus(folders):
                 runs = json.load(f)["runs"]
             for method, rs in runs.items():
                 for r in rs if method.startswith("dsc") else []:
+                    if r.get("hparams", {}).get("dc_temp", "auto") != "auto":  # a τ given, not calibrated
+                        continue
                     for i, t in enumerate(r["tasks"]):
                         if t.get("dc_temp"):
                             per_task.setdefault(i, []).append(t["dc_temp"])
