@@ -215,25 +215,29 @@ def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
         continual.method_hparams(args, ["ewc"])
 
 
-def children_of(pid):
-    """Live (not zombie) processes whose parent is pid, from /proc."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except (OSError, ValueError):
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if entry.isdigit() and int(ppid) == pid and state != "Z":
-            kids.append(int(entry))
-    return kids
+def proc(pid, name):
+    """/proc/pid/name as bytes; b"" once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def state_and_parent(pid):
+    """(state, parent pid) from /proc/pid/stat; (b"", None) once the process is gone."""
+    fields = proc(pid, "stat").rsplit(b")", 1)[-1].split()  # after the command name, which may hold spaces
+    return (fields[0], int(fields[1])) if len(fields) > 1 else (b"", None)
 
 
 def alive(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return state_and_parent(pid)[0] not in (b"", b"Z")  # a zombie has ended
+
+
+def pool_workers(pid):
+    """The multiprocessing workers pid has spawned (not its resource tracker)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and alive(e) and state_and_parent(e)[1] == pid
+            and b"spawn_main" in proc(e, "cmdline")]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
@@ -245,12 +249,11 @@ def test_sigterm_ends_the_worker_processes_too(tiny_model_dir, tmp_path):
     workers = []
     try:
         for _ in range(600):  # the workers start once the parent has loaded the model and the judge
-            workers = [k for k in children_of(p.pid) if b"multiprocessing" in open(f"/proc/{k}/cmdline", "rb").read()
-                       and b"resource_tracker" not in open(f"/proc/{k}/cmdline", "rb").read()]
+            workers = pool_workers(p.pid)
             if len(workers) == 2 or p.poll() is not None:
                 break
             time.sleep(0.2)
-        assert len(workers) == 2, p.stderr.read()[-2000:] if p.poll() is not None else children_of(p.pid)
+        assert len(workers) == 2, p.stderr.read()[-2000:] if p.poll() is not None else workers
         time.sleep(2)
         p.terminate()
         returncode, deadline = p.wait(timeout=60), time.time() + 30
