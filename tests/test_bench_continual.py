@@ -1,5 +1,5 @@
-"""bench/continual.py: A, P, F and KID by hand, a --quick run on the toy oracle, and the CLIP (real-model) path,
-both on the tiny random model."""
+"""bench/continual.py: A, P, F and KID by hand, a --quick run on the toy oracle, the CLIP (real-model) path,
+--resume and --tuned, and a SIGTERM reaching the worker processes, on the tiny random model."""
 import json
 import os
 import signal
