@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ import cp  # noqa: E402
 import train  # noqa: E402
 from continual import PALETTE  # noqa: E402
 
+CELLS, STOPPING = set(), []  # the cells' processes running now; [signum] once a SIGTERM came (stop)
 COARSE, TOP, SEEDS, EXTEND = 8, 2, 3, 6  # EXTEND: most settings added past a grid's edges
 ORDERS = ("forward", "reverse")
 LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ on a Fisher of mean 1 (cp.fisher_diagonal)
@@ -271,9 +273,24 @@ def run_cell(method, setting, seeds, order, args):
            "--methods", method, "--out", os.path.relpath(out, ROOT), "--model", os.path.relpath(args.model, ROOT),
            "--adapter", args.adapter, "--no-presets", "--quiet", "--resume", *flags({**BASE, **setting})]
     with open(os.path.join(out, "log.txt"), "a") as log:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return done.returncode
+        cell = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        CELLS.add(cell)
+        if STOPPING:  # the signal came while this cell was starting: stop's loop may have missed it
+            cell.terminate()
+        try:
+            return cell.wait()
+        finally:
+            CELLS.discard(cell)
+
+
+def stop(signum, frame):
+    """SIGTERM (kill, a job scheduler): end the running cells too, each of which ends its own workers, then exit;
+    without this the threads would wait on the cells, which would run on for hours with nobody to read them."""
+    STOPPING.append(signum)
+    for cell in list(CELLS):
+        cell.terminate()
+    sys.exit(128 + signum)
 
 
 def presets_of(root, methods, chosen, decided):
@@ -403,4 +420,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop)
     main()

@@ -1,4 +1,5 @@
-"""Test setup: the repo root on sys.path, markers, and a tiny random SD model written in diffusers layout."""
+"""Test setup: the repo root on sys.path, markers, a tiny random SD model written in diffusers layout, and the child
+processes of a process (through /proc) for the tests that stop a benchmark with SIGTERM."""
 import json
 import os
 import sys
@@ -102,3 +103,28 @@ def fingerprint_cache(tmp_path_factory):
 def tiny_model_dir(tmp_path_factory):
     """Path of a random tiny SD model in diffusers folder layout (built once per test session)."""
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+def proc(pid, name):
+    """/proc/pid/name as bytes; b"" once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def state_and_parent(pid):
+    """(state, parent pid) from /proc/pid/stat; (b"", None) once the process is gone."""
+    fields = proc(pid, "stat").rsplit(b")", 1)[-1].split()  # after the command name, which may hold spaces
+    return (fields[0], int(fields[1])) if len(fields) > 1 else (b"", None)
+
+
+def alive(pid):
+    return state_and_parent(pid)[0] not in (b"", b"Z")  # a zombie has ended
+
+
+def children(pid, marker):
+    """The live processes pid has started whose command line holds marker (bytes)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and alive(e) and state_and_parent(e)[1] == pid
+            and marker in proc(e, "cmdline")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, write_tokenizer
+from conftest import ROOT, alive, children, write_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
@@ -215,31 +215,6 @@ def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
         continual.method_hparams(args, ["ewc"])
 
 
-def proc(pid, name):
-    """/proc/pid/name as bytes; b"" once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def state_and_parent(pid):
-    """(state, parent pid) from /proc/pid/stat; (b"", None) once the process is gone."""
-    fields = proc(pid, "stat").rsplit(b")", 1)[-1].split()  # after the command name, which may hold spaces
-    return (fields[0], int(fields[1])) if len(fields) > 1 else (b"", None)
-
-
-def alive(pid):
-    return state_and_parent(pid)[0] not in (b"", b"Z")  # a zombie has ended
-
-
-def pool_workers(pid):
-    """The multiprocessing workers pid has spawned (not its resource tracker)."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and alive(e) and state_and_parent(e)[1] == pid
-            and b"spawn_main" in proc(e, "cmdline")]
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
 def test_sigterm_ends_the_worker_processes_too(tiny_model_dir, tmp_path):
     args = ["--model", tiny_model_dir, "--methods", "seq", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
@@ -249,7 +224,7 @@ def test_sigterm_ends_the_worker_processes_too(tiny_model_dir, tmp_path):
     workers = []
     try:
         for _ in range(600):  # the workers start once the parent has loaded the model and the judge
-            workers = pool_workers(p.pid)
+            workers = children(p.pid, b"spawn_main")  # the pool's, not its resource tracker
             if len(workers) == 2 or p.poll() is not None:
                 break
             time.sleep(0.2)
