@@ -2,7 +2,10 @@
 processes of a process (through /proc) for the tests that stop a benchmark with SIGTERM."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,3 +131,29 @@ def children(pid, marker):
     """The live processes pid has started whose command line holds marker (bytes)."""
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and alive(e) and state_and_parent(e)[1] == pid
             and marker in proc(e, "cmdline")]
+
+
+def sigterm_after_children(cmd, marker, n):
+    """Run cmd from the repository root until it has started n processes whose command line holds marker, SIGTERM
+    it, and return (its exit status, those children still alive 30 s after it exited)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    started = []
+    try:
+        for _ in range(600):  # they start once the parent has loaded what it needs
+            started = children(p.pid, marker)
+            if len(started) == n or p.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert len(started) == n, p.stderr.read()[-2000:] if p.poll() is not None else started
+        time.sleep(2)
+        p.terminate()
+        returncode, deadline = p.wait(timeout=60), time.time() + 30
+        while any(map(alive, started)) and time.time() < deadline:
+            time.sleep(0.2)
+        return returncode, [pid for pid in started if alive(pid)]
+    finally:
+        for pid in [p.pid] + started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()

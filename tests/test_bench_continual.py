@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, alive, children, write_tokenizer
+from conftest import ROOT, sigterm_after_children, write_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
@@ -219,25 +218,7 @@ def test_method_hparams_presets_then_tuned_then_flags(tmp_path):
 def test_sigterm_ends_the_worker_processes_too(tiny_model_dir, tmp_path):
     args = ["--model", tiny_model_dir, "--methods", "seq", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
             *TINY, "--steps", "100000"]  # runs that would last hours
-    p = subprocess.Popen([sys.executable, "bench/continual.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    workers = []
-    try:
-        for _ in range(600):  # the workers start once the parent has loaded the model and the judge
-            workers = children(p.pid, b"spawn_main")  # the pool's, not its resource tracker
-            if len(workers) == 2 or p.poll() is not None:
-                break
-            time.sleep(0.2)
-        assert len(workers) == 2, p.stderr.read()[-2000:] if p.poll() is not None else workers
-        time.sleep(2)
-        p.terminate()
-        returncode, deadline = p.wait(timeout=60), time.time() + 30
-        while any(map(alive, workers)) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not any(map(alive, workers))
-        assert returncode == 128 + signal.SIGTERM  # exited through main's `finally`
-    finally:
-        for pid in [p.pid] + workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        p.wait()
+    returncode, left = sigterm_after_children([sys.executable, "bench/continual.py", *args],
+                                              b"spawn_main", 2)  # the pool's workers, not its resource tracker
+    assert not left
+    assert returncode == 128 + signal.SIGTERM  # exited through main's `finally`

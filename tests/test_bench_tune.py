@@ -3,13 +3,11 @@ presets written only from a finished protocol, resuming from finished cells, a S
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, alive, children
+from conftest import ROOT, sigterm_after_children
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import continual  # noqa: E402
@@ -237,26 +235,8 @@ def test_a_confirmed_choice_at_an_edge_looks_past_it_at_every_seed(tmp_path, sma
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the cell processes through /proc")
 def test_sigterm_ends_the_running_cells_too(tiny_model_dir, tmp_path):
-    p = subprocess.Popen([sys.executable, "bench/tune.py", "--methods", "clora", "--jobs", "2", "--model",
-                          tiny_model_dir, "--out", str(tmp_path), "--presets", "none"], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    cells = []
-    try:
-        for _ in range(300):
-            cells = children(p.pid, b"continual.py")
-            if len(cells) == 2 or p.poll() is not None:
-                break
-            time.sleep(0.2)
-        assert len(cells) == 2, p.stderr.read()[-2000:] if p.poll() is not None else cells
-        time.sleep(2)
-        p.terminate()
-        returncode, deadline = p.wait(timeout=60), time.time() + 30
-        while any(map(alive, cells)) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not any(map(alive, cells))  # each cell would run its whole sequence: minutes
-        assert returncode == 128 + signal.SIGTERM
-    finally:
-        for pid in [p.pid] + cells:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        p.wait()
+    returncode, left = sigterm_after_children([sys.executable, "bench/tune.py", "--methods", "clora", "--jobs", "2",
+                                               "--model", tiny_model_dir, "--out", str(tmp_path), "--presets",
+                                               "none"], b"continual.py", 2)
+    assert not left  # each cell would run its whole sequence: minutes
+    assert returncode == 128 + signal.SIGTERM
