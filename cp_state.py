@@ -13,16 +13,17 @@ the SHA-256 of the bytes written: an interrupted save leaves the previous state 
 manifest changed since the state was loaded (compare-and-swap). A load checks the manifest's format and every field
 (type, range, what the fields say of each other), then reads every file it names, each a plain file inside the
 folder whose SHA-256 must match: a missing, damaged or mis-shaped file, or a damaged manifest, is a one-line CPError
-naming it, and nothing on disk changes. A cp-state/1 manifest (no sums) still loads, unverified, with a note. A
-state older than cp-state/3 weighed its DC terms in nats: it samples as before, and continues with any method that
-has none (check_units). The method itself (cp.State, what a task changes) lives in cp.py.
+naming it, and nothing on disk changes. The manifest's hparams are the settings of the state's method; the run
+settings (cp.RUN_KNOBS: steps, batch size, learning rates) that each task ran with are in its history entry. The
+method itself (cp.State, what a task changes) lives in cp.py.
 """
 import copy
 import hashlib
 import json
 import os
 import re
-import sys
+import shutil
+import tempfile
 from dataclasses import asdict, fields
 
 try:
@@ -32,7 +33,7 @@ except ImportError:  # Windows: msvcrt's byte-range lock instead (`lock_state`)
     import msvcrt
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import cp
 import lora
@@ -45,21 +46,16 @@ LOG, GRIDS = "log.jsonl", "grids"  # beside the state, not part of it: every sav
 # without a manifest (its lock, the log and pictures, leftovers of a first save that was killed)
 STATE_NAME = re.compile(r"\.lock|pool|grids|log\.jsonl|manifest\.json(\.\w+\.tmp)?|"
                         r"(tokens|ewc|lora)_\d+_\w+\.safetensors")
-# cp-state/2 is cp-state/1 plus "sums" (each file's SHA-256), which /2 requires: a /2 manifest that lost its sums is
-# damaged, not old, where an optional field could be dropped unnoticed. /1 states, written before the sums, still load
-# (unverified). cp-state/3: the DC terms in error units (w_h weighs τ·H, δ weighs L_DC = τ·CE) and hparams.dsc_targets.
-# A save writes /3.
-FORMAT, FORMATS = "cp-state/3", ("cp-state/3", "cp-state/2", "cp-state/1")
+FORMAT = "cp-state/4"
+LAST_READER = "b96337c"  # the last commit of cp that reads the formats before FORMAT (cp-state/1 to /3)
 NULL, NUMBER = type(None), (int, float)
 # every field of a manifest: a type or a tuple of types (compared exactly: an int is never a bool), {key: field}
 # (exactly these keys), [field] (a list of them). What the fields say of each other: _check_manifest.
 FIELDS = {"format": str, "model": {"path": str, "fingerprint": str}, "method": str, "hparams": dict,
           "concepts": [{"name": str, "token": str, "prompt": str, "class_word": (str, NULL), "task": int}],
           "history": [dict], "files": {"tokens": str, "ewc": str, "lora": (str, NULL), "pool": [str]}, "sums": dict}
-HPARAMS = {**{f.name: {int: int, float: NUMBER, str: str}[f.type] for f in fields(cp.Hparams)},
-           "dc_temp": (str, *NUMBER)}  # older states hold τ as a number
-# the hparams a manifest of each format must hold: /1 lacks those added since, /2 only those added by /3
-REQUIRED = {"cp-state/1": set(), "cp-state/2": set(HPARAMS) - {"dsc_targets"}, "cp-state/3": set(HPARAMS)}
+# the settings of the state's method (a task's run settings are in its history entry)
+HPARAMS = {f.name: {int: int, float: NUMBER, str: str}[f.type] for f in fields(cp.Hparams) if not f.metadata["run"]}
 
 
 def lock_state(folder):
@@ -89,6 +85,34 @@ def lock_state(folder):
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def check_writable(folder):
+    """Create and remove a file in the state folder and in its pool/, as a save will: a folder where the lock file
+    can be written but no new file created would otherwise fail only at the save, after training."""
+    try:
+        os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
+        for where in (folder, os.path.join(folder, "pool")):
+            fd, probe = tempfile.mkstemp(dir=where, prefix="manifest.json.", suffix=".tmp")
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise cp.CPError(f"cannot write the state folder {folder}: {e}") from None
+
+
+def check_space(folder, state, model):
+    """Refuse, before training, a disk without room for the state that the next save writes: every token row, the
+    carried adapter, a new pool entry and the EWC statistics (each adapter-sized), at float32, with a margin."""
+    hp = state.hparams
+    shapes = [(hp.rank + m.out_features) if hp.adapter == "vera" else hp.rank * (m.in_features + m.out_features)
+              for _, m in lora.target_modules(model.unet, hp.targets)]
+    adapter = 4 * sum(shapes) if hp.uses("lora") else 0
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    need = 4 * width * (len(state.tokens) + 1) + adapter * (2 + 2 * hp.uses("ewc")) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise cp.CPError(f"the disk of {folder} has {free / 2**20:.1f} MiB free; the state's next save needs about "
+                         f"{need / 2**20:.1f} MiB: free some space first")
 
 
 def first_missing(path):
@@ -155,9 +179,11 @@ def read_manifest(folder):
         m = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise cp.CPError(f"{path} is damaged: not a state manifest ({type(e).__name__}: {e})") from None
-    if type(m) is dict and m.get("format") not in FORMATS:  # before its fields: another format has other fields
-        raise cp.CPError(f"{path} has state format {m.get('format')!r}, which this version of cp does not read "
-                         f"(it reads {', '.join(FORMATS)})")
+    if type(m) is dict and m.get("format") != FORMAT:  # before its fields: another format has other fields
+        old = type(m.get("format")) is str and re.fullmatch(r"cp-state/[123]", m["format"])
+        raise cp.CPError(f"{path} has state format {m.get('format')!r}; this version of cp reads {FORMAT} only"
+                         + (f" (commit {LAST_READER} of cp reads it: check it out to sample or continue this state)"
+                            if old else ""))
     try:
         _check_manifest(m)
     except ValueError as e:
@@ -168,8 +194,8 @@ def read_manifest(folder):
 def _check_manifest(m):
     """Every field of a manifest by type (FIELDS, HPARAMS), then by range and against each other; ValueError names
     the first that is wrong."""
-    _fit(m, {k: v for k, v in FIELDS.items() if k != "sums" or m.get("format") != "cp-state/1"}, "")
-    _keys(m["hparams"], HPARAMS, "hparams", REQUIRED[m["format"]])
+    _fit(m, FIELDS, "")
+    _keys(m["hparams"], HPARAMS, "hparams")
     for k, v in m["hparams"].items():
         _fit(v, HPARAMS[k], f"hparams.{k}")
     hp = cp.Hparams(**m["hparams"])
@@ -181,20 +207,24 @@ def _check_manifest(m):
     roles = [("files.tokens", files["tokens"], f"tokens_{n:03d}"), ("files.ewc", files["ewc"], f"ewc_{n:03d}")]
     roles += [("files.lora", files["lora"], f"lora_{n:03d}")] if files["lora"] is not None else []
     roles += [(f"files.pool[{i}]", name, f"pool/task_{i:03d}") for i, name in enumerate(files["pool"])]
-    for where, name, stem in roles:  # the names a save gives (older saves: no attempt id), so never a path out
-        if not re.fullmatch(re.escape(stem) + r"(_[0-9a-f]+)?\.safetensors", name):
+    for where, name, stem in roles:  # the names a save gives, so never a path out of the folder
+        if not re.fullmatch(re.escape(stem) + r"_[0-9a-f]+\.safetensors", name):
             raise ValueError(f"{where} must be {stem}_<id>.safetensors, got {name!r}")
-    sums, bad = m.get("sums", {}), next((i for i, c in enumerate(concepts) if c["task"] != i), None)
+    sums, bad = m["sums"], next((i for i, c in enumerate(concepts) if c["task"] != i), None)
+    named = next((i for i, c in enumerate(concepts)  # a name becomes a token and an exported file name
+                  if not cp.NAME.fullmatch(c["name"]) or c["token"] != f"<{c['name']}>"), None)
     for wrong, message in (
             (m["method"] != hp.method, f"method {m['method']!r} is not hparams.method {hp.method!r}"),
             (bad is not None, f"concepts[{bad}].task must be {bad}, the concept's place"),
+            (named is not None, f"concepts[{named}] must have a name of letters, digits, '_' and '-', and the token "
+                                "<name>"),
             (len({c["name"] for c in concepts}) < n or len({c["token"] for c in concepts}) < n,
              "two concepts share a name or a token"),
             (len(m["history"]) != n, f"history must hold one entry per concept ({n}), got {len(m['history'])}"),
             (len(files["pool"]) != (n if hp.uses("lora") else 0) or
              (files["lora"] is not None) != (hp.uses("lora") and not hp.uses("clora") and n > 0),
              f"files do not fit {n} concepts of method {hp.method}"),
-            ("sums" in m and sorted(sums) != sorted(_named(files)),
+            (sorted(sums) != sorted(_named(files)),
              "sums must hold the SHA-256 of each file of files, and no other"),
             (not all(type(v) is str and re.fullmatch("[0-9a-f]{64}", v) for v in sums.values()),
              "sums must be SHA-256 digests (64 hex digits)")):
@@ -280,7 +310,7 @@ def save_state(state, folder):
                          "nothing was saved")
     attempt, n, hp = os.urandom(4).hex(), len(state.concepts), state.hparams
     kept = old["files"]["pool"][:len(state.pool)] if old else []  # a committed pool entry never changes
-    sums = {name: old["sums"][name] for name in kept} if old and "sums" in old else {}
+    sums = {name: old["sums"][name] for name in kept}
     files = {"tokens": f"tokens_{n:03d}_{attempt}.safetensors", "ewc": f"ewc_{n:03d}_{attempt}.safetensors",
              "lora": f"lora_{n:03d}_{attempt}.safetensors" if state.lora else None,
              "pool": kept + [f"pool/task_{i:03d}_{attempt}.safetensors" for i in range(len(kept), len(state.pool))]}
@@ -289,7 +319,7 @@ def save_state(state, folder):
     write_lora = lambda w, projection=None: lambda p: (
         lora.write_vera(w, p, projection) if hp.adapter == "vera" else
         lora.write_lora_file(w, {k: hp.alpha for k in w}, p, "diffusers"))
-    writes = [(files[k], lambda p, t=tensors[k]: save_file({k: v.contiguous() for k, v in t.items()}, p))
+    writes = [(files[k], lambda p, t=tensors[k]: lora.write_safetensors({k: v.contiguous() for k, v in t.items()}, p))
               for k in ("tokens", "ewc")]
     # VeRA: the carried file holds the shared projection, the pool files leave it out
     writes += [(files["lora"], write_lora(state.lora, state.projection))] if state.lora else []
@@ -297,13 +327,12 @@ def save_state(state, folder):
     written = []
     try:
         os.makedirs(os.path.join(folder, "pool"), exist_ok=True)
-        for name in set(kept) - set(sums):  # a pool entry of a state saved without sums is hashed once, here
-            sums[name] = _sha256(os.path.join(folder, name))
         for name, write in writes:
             written.append(os.path.join(folder, name))  # before writing: a half-written file is removed too
             _write_file(written[-1], write)
             sums[name] = _sha256(written[-1])  # read back after the fsync: the bytes as written
-        manifest = json.dumps(dict(format=FORMAT, model=state.model, method=hp.method, hparams=asdict(hp),
+        hparams = {k: v for k, v in asdict(hp).items() if k in HPARAMS}
+        manifest = json.dumps(dict(format=FORMAT, model=state.model, method=hp.method, hparams=hparams,
                                    concepts=state.concepts, history=state.history, files=files,
                                    sums={name: sums[name] for name in _named(files)}), indent=1)
         written.append(os.path.join(folder, f"{MANIFEST}.{attempt}.tmp"))
@@ -324,8 +353,8 @@ def save_state(state, folder):
 
 def load_state(folder):
     """The state a folder's manifest names. Every file is read and checked against the manifest (its SHA-256, its
-    tensors): a missing, damaged or mis-shaped file is a cp.CPError that names it; a cp-state/1 state, which records
-    no sums, loads unverified with a note on stderr. Needs no lock: a save committed while reading means reading again.
+    tensors): a missing, damaged or mis-shaped file is a cp.CPError that names it. Needs no lock: a save committed
+    while reading means reading again. The run settings of the loaded hparams are cp.Hparams' defaults.
     """
     while True:
         m = read_manifest(folder)
@@ -337,28 +366,25 @@ def load_state(folder):
             if read_manifest(folder) == m:
                 raise
             continue
-        if "sums" not in m:
-            print(f"note: state {folder} has no checksums (written by an older version): its files are not "
-                  "verified; the next save adds them", file=sys.stderr)
         return state
 
 
 def _read_state(folder, m):
     """The state of a checked manifest (read_manifest); its files are checked as they are read."""
-    hp, concepts, files, sums = cp.Hparams(**m["hparams"]), m["concepts"], m["files"], m.get("sums")
+    hp, concepts, files, sums = cp.Hparams(**m["hparams"]), m["concepts"], m["files"], m["sums"]
     state = cp.State(model=m["model"], hparams=hp, concepts=concepts, history=m["history"],
                      base=copy.deepcopy(m))  # as it is on disk, whatever happens to the state
     tokens = {c["token"] for c in concepts}
 
     def read(name, reader):
-        """reader(path) of a plain file inside the folder whose bytes have the manifest's SHA-256 (none in /1)."""
+        """reader(path) of a plain file inside the folder whose bytes have the manifest's SHA-256."""
         path = os.path.join(folder, name)
         try:
             if not os.path.lexists(path):
                 raise FileNotFoundError
             if not _inside(folder, name) or not os.path.isfile(path):
                 raise _damaged(folder, name, "is a link or a folder, not a file of the state folder")
-            if sums is not None and _sha256(path) != sums[name]:
+            if _sha256(path) != sums[name]:
                 raise cp.CPError(f"state file {path} is damaged: its bytes do not have the SHA-256 that {MANIFEST} "
                                  "records")
             return reader(path)
@@ -393,26 +419,13 @@ def _pairs(mods, alpha):
     return {p: (A, B) for p, (A, B, _) in mods.items()}
 
 
-def check_units(state):
-    """A state saved before cp-state/3 weighed its DC terms in nats (w_h and δ were not multiplied by τ): training it
-    further with DSC or δ·L_DC would give its w_h or δ another meaning, so it is refused; sampling it, or continuing
-    it with a method without them, is not."""
-    hp, old = state.hparams, state.base and state.base["format"] != FORMAT
-    if old and (hp.uses("dsc") or hp.uses("dc_loss")):
-        raise cp.CPError(f"this state ({state.base['format']}) weighed DSC's and δ·L_DC's DC terms in nats; they are "
-                         f"now in error units (τ·H), so its --dsc-w-h / --dc-weight would mean something else: start "
-                         "a new state, or check out a commit of cp before the change to continue this one")
-
-
 def check_model(state, model):
     """The state fits `model`: made with the same base weights (a fingerprint), every tensor shaped for it."""
-    old = len(state.model["fingerprint"]) == 16  # an older state records `unet.old_fingerprint`, 16 hex digits
-    given = model.old_fingerprint if old else model.fingerprint
-    if state.model["fingerprint"] != given:
+    if state.model["fingerprint"] != model.fingerprint:
         raise cp.CPError(f"this state was made with another base model ({state.model['path']}, fingerprint "
-                         f"{state.model['fingerprint']}); the model given has fingerprint {given}")
-    if old:  # the same model as far as the old hash tells: the state's next save records the full fingerprint
-        state.model = dict(state.model, fingerprint=model.fingerprint)
+                         f"{state.model['fingerprint']}); the model given has fingerprint {model.fingerprint}")
+    # the same weights, perhaps moved: the next save records where they are now
+    state.model = {"path": model.path, "fingerprint": model.fingerprint}
     if state.base is None:
         return
     files, hp = state.base["files"], state.hparams  # file names are relative to the state folder
@@ -442,7 +455,13 @@ def _check_shapes(name, got, need):
 def load_with_state(folder, model_path=None, device="cpu", dtype=torch.float32):
     """The base model named by a state (or `model_path`), with the state's tokens and LoRA(s) applied."""
     state = load_state(folder)
-    model = unet.load_model(model_path or state.model["path"], device, dtype)
+    try:
+        model = unet.load_model(model_path or state.model["path"], device, dtype)
+    except unet.LoadError as e:
+        if model_path:
+            raise
+        raise cp.CPError(f"{e} (the base model this state was made with: if it moved, give its new place with "
+                         "--model)") from None
     check_model(state, model)
     cp.apply_state(model, state)
     return model, state

@@ -1,15 +1,15 @@
-"""Diffusion classifier scores (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot
-Classifier").
+"""Diffusion classifier scores (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot Classifier").
 
 For a clean latent x0, a timestep t and noise eps shared by every prompt c_k (a paired comparison),
 
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     e_k = sum_dims (eps - eps_theta(x_t, t, c_k))^2  (or the mean)
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     e_k = mean_dims (eps - eps_theta(x_t, t, c_k))^2
 
-and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). B images x K prompts run as one UNet batch of B*K
-rows (row b*K + k), chunked to a maximum batch size; the noise is never copied K times. From the predictions
-pred [B, K, *latent] and the noise [B, *latent]:
+and the classifier posterior is p(c_k | x) = softmax_k(-e_k / tau). The errors are means over the latent's dims, in
+the units of the denoising loss whatever the latent's size. B images x K prompts run as one UNet batch of B*K rows
+(row b*K + k); the noise is never copied K times. From the predictions pred [B, K, *latent] and the noise
+[B, *latent]:
 
-    dc_errors           e[b, k]                                        (sum, or mean, over the latent dims)
+    dc_errors           e[b, k]
     posterior           p(c_k | x) = softmax_k(-e_k / tau)             (log_posterior: its log)
     dc_cross_entropy    -log p(c_target | x)                           (L_DC / tau, the DC Fisher)
     soft_cross_entropy  H(q, p) = -sum_k q_k log p(c_k | x)            (DSC, q a teacher's posterior)
@@ -25,13 +25,12 @@ import dc_kernels
 from unet import add_noise
 
 
-def noise_predictions(unet, latents, context, t, noise, alphas_cumprod, chunk_size=None, prompts=None, rows=None):
+def noise_predictions(unet, latents, context, t, noise, alphas_cumprod, prompts=None, rows=None):
     """eps_theta(x_t, t, c_k) of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
     (or one int), x_t made with noise [B, C, h, w] shared across prompts: [B, K, C, h, w].
 
     prompts: optional LongTensor [B, K'] choosing, per image, which rows of context to score (default: all K).
     rows: optional (image [R], prompt [R]): only these (image, prompt) pairs, a ragged batch: [R, C, h, w].
-    chunk_size: most UNet rows per call (default: all rows at once).
     """
     B, dev = latents.shape[0], latents.device
     t = torch.as_tensor(t, device=dev).reshape(-1).expand(B)
@@ -41,38 +40,26 @@ def noise_predictions(unet, latents, context, t, noise, alphas_cumprod, chunk_si
             prompts = torch.arange(context.shape[0], device=dev).expand(B, -1)
         rows = torch.arange(B, device=dev).repeat_interleave(prompts.shape[1]), prompts.reshape(-1)  # r = b*K + k
     image, prompt = (r.to(dev) for r in rows)
-    x_t = add_noise(latents, noise, t, alphas_cumprod)
-    n, R = chunk_size or len(image), len(image)
-    preds = [unet(x_t[image[s:s + n]], t[image[s:s + n]], context[prompt[s:s + n]]) for s in range(0, R, n)]
-    pred = preds[0] if len(preds) == 1 else torch.cat(preds)
+    pred = unet(add_noise(latents, noise, t, alphas_cumprod)[image], t[image], context[prompt])
     return pred if ragged else pred.view(B, prompts.shape[1], *latents.shape[1:])
 
 
-def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, reduction="sum", chunk_size=None,
-                     prompts=None, rows=None, return_pred=False):
+def denoising_errors(unet, latents, context, t, noise, alphas_cumprod, prompts=None, return_pred=False):
     """e[B, K]: errors of B latents [B, C, h, w] under K prompt embeddings context [K, L, Cc] at timesteps t [B]
     (or one int) with noise [B, C, h, w] shared across prompts. Differentiable when called under grad.
 
-    prompts, rows, chunk_size: as in `noise_predictions`; with rows, e is [R].
-    return_pred: also return the noise predictions ([B, K, C, h, w], or [R, C, h, w] with rows), as (e, pred).
+    prompts: as in `noise_predictions`. return_pred: also return the noise predictions [B, K, C, h, w], as (e, pred).
     """
-    if rows is not None:
-        rows = tuple(r.to(latents.device) for r in rows)
-    pred = noise_predictions(unet, latents, context, t, noise, alphas_cumprod, chunk_size, prompts, rows)
-    if rows is None:
-        e = dc_errors(pred, noise, reduction)
-    else:  # every row against its own image's noise, gathered by the kernel
-        e = dc_errors(pred.unsqueeze(1), noise, reduction, rows[0])[:, 0]
+    pred = noise_predictions(unet, latents, context, t, noise, alphas_cumprod, prompts)
+    e = dc_errors(pred, noise)
     return (e, pred) if return_pred else e
 
 
-def check_args(pred, noise, reduction, index=None, target=None, teacher=None):
+def check_args(pred, noise, index=None, target=None, teacher=None):
     """The target as the formulas and the kernel take it (an int column, or a LongTensor [B] on pred's device), after
     checking every argument of the DC functions: a ValueError names what does not fit."""
     if target is not None and not isinstance(target, (int, torch.Tensor)):
         target = torch.as_tensor(target, device=pred.device)
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if pred.dim() < 3 or pred.shape[2:] != noise.shape[1:] or \
             (pred.shape[0] != noise.shape[0] if index is None else index.shape != pred.shape[:1]):
         raise ValueError(f"expected pred [B, K, *latent], noise [B, *latent] (or [N, *latent] with index [B]), got "
@@ -92,16 +79,15 @@ def takes_kernel(pred, impl):
     return dc_kernels.dc_loss_impl(pred, impl) != "reference" and pred.shape[0] > 0
 
 
-def dc_errors(pred, noise, reduction="sum", index=None, impl="auto"):
-    """e[b, k] = sum_d (noise[b, d] - pred[b, k, d])^2 (mean over d with reduction "mean") of pred [B, K, *latent]
-    and noise [B, *latent] (noise[index[b]] with index [B]); accumulated in fp32 (fp64 for fp64 inputs)."""
-    check_args(pred, noise, reduction, index)
+def dc_errors(pred, noise, index=None, impl="auto"):
+    """e[b, k] = mean_d (noise[b, d] - pred[b, k, d])^2 of pred [B, K, *latent] and noise [B, *latent]
+    (noise[index[b]] with index [B]); accumulated in fp32 (fp64 for fp64 inputs)."""
+    check_args(pred, noise, index)
     if takes_kernel(pred, impl):
-        return dc_kernels.fused_dc_loss(pred, noise, None, 1.0, None, reduction, index)[1]
+        return dc_kernels.fused_dc_loss(pred, noise, None, 1.0, None, index)[1]
     acc = torch.float64 if torch.float64 in (pred.dtype, noise.dtype) else torch.float32
     noise = noise if index is None else noise[index]
-    sq = (pred.to(acc) - noise.to(acc).unsqueeze(1)).square().flatten(2)
-    return sq.sum(-1) if reduction == "sum" else sq.mean(-1)
+    return (pred.to(acc) - noise.to(acc).unsqueeze(1)).square().flatten(2).mean(-1)
 
 
 def log_posterior(e, temp=1.0):
@@ -114,66 +100,24 @@ def posterior(e, temp=1.0):
     return torch.softmax(-e / temp, dim=-1)
 
 
-def dc_cross_entropy(pred, noise, target, temp=1.0, reduction="mean", index=None, impl="auto"):
+def dc_cross_entropy(pred, noise, target, temp=1.0, index=None, impl="auto"):
     """(L [B], e [B, K]): L = -log p(c_target | x) per image, p the posterior of the errors e = `dc_errors`;
     target: the prompt of each image, an int column or a LongTensor [B]."""
-    target = check_args(pred, noise, reduction, index, target)
+    target = check_args(pred, noise, index, target)
     if takes_kernel(pred, impl):
-        return dc_kernels.fused_dc_loss(pred, noise, target, temp, None, reduction, index)
-    e = dc_errors(pred, noise, reduction, index, "reference")
+        return dc_kernels.fused_dc_loss(pred, noise, target, temp, None, index)
+    e = dc_errors(pred, noise, index, "reference")
     log_p = log_posterior(e, temp)
     if isinstance(target, int):  # a column: no index tensor to copy to the device
         return -log_p[:, target], e
     return -log_p.gather(-1, target[:, None]).squeeze(-1), e
 
 
-def soft_cross_entropy(pred, noise, teacher, temp=1.0, reduction="mean", index=None, impl="auto"):
+def soft_cross_entropy(pred, noise, teacher, temp=1.0, index=None, impl="auto"):
     """(L [B], e [B, K]): L = H(q, p) = -sum_k q_k log p(c_k | x) per image, q = teacher [B, K] (a teacher's
     posterior), p the posterior of the errors e = `dc_errors`."""
-    check_args(pred, noise, reduction, index, teacher=teacher)
+    check_args(pred, noise, index, teacher=teacher)
     if takes_kernel(pred, impl):
-        return dc_kernels.fused_dc_loss(pred, noise, None, temp, teacher, reduction, index)
-    e = dc_errors(pred, noise, reduction, index, "reference")
+        return dc_kernels.fused_dc_loss(pred, noise, None, temp, teacher, index)
+    e = dc_errors(pred, noise, index, "reference")
     return -(teacher * log_posterior(e, temp)).sum(-1), e
-
-
-def _noise(shape, seed, j):
-    """The noise of grid timestep j: the same for every prompt, and for every stage that visits j."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(hash((seed, j))))
-
-
-@torch.no_grad()
-def classify(unet, latents, contexts, alphas_cumprod, n_timesteps=25, stages=None, seed=0, chunk_size=None,
-             reduction="mean"):
-    """Zero-shot classification of latents [B, C, h, w] among K prompt embeddings contexts [K, L, Cc].
-
-    Timesteps form an evenly spaced grid of n_timesteps over [0, T). stages = [(keep, n_t), ...]: in each stage the
-    surviving prompts are scored on n_t grid timesteps spread evenly over the grid (reusing timesteps already
-    scored), then only the `keep` prompts with the lowest mean error stay. stages=None scores all K prompts on
-    the whole grid. Prediction: the survivor with the lowest mean error.
-    Returns (predicted prompt index [B], number of UNet evaluations, i.e. (image, prompt, timestep) triples).
-    """
-    B, K, dev = latents.shape[0], contexts.shape[0], latents.device
-    T = len(alphas_cumprod)
-    if n_timesteps > T:
-        raise ValueError(f"n_timesteps={n_timesteps} exceeds the {T} timesteps of the schedule")
-    stages = list(stages or [(1, n_timesteps)])
-    if any(n_t > n_timesteps or keep < 1 for keep, n_t in stages):
-        raise ValueError(f"stages {stages} must have keep >= 1 and n_t <= n_timesteps={n_timesteps}")
-    grid = (torch.arange(n_timesteps) * T) // n_timesteps + T // (2 * n_timesteps)
-    cand = torch.arange(K, device=dev).expand(B, K)  # surviving prompts per image
-    err = torch.zeros(B, K, device=dev)  # summed error over the timesteps scored so far
-    done, n_evals = set(), 0
-    for keep, n_t in stages:
-        new = [j for j in ((torch.arange(n_t) * n_timesteps) // n_t).tolist() if j not in done]
-        if new:  # one virtual batch of J*B (image, timestep) pairs, row j*B + b
-            J = len(new)
-            noise = torch.cat([_noise(latents.shape, seed, j) for j in new]).to(dev, latents.dtype)
-            e = denoising_errors(unet, latents.repeat(J, 1, 1, 1), contexts, grid[new].repeat_interleave(B).to(dev),
-                                 noise, alphas_cumprod, reduction, chunk_size, prompts=cand.repeat(J, 1))
-            err.scatter_add_(1, cand, e.view(J, B, -1).sum(0).to(err.dtype))
-            n_evals += e.numel()
-            done.update(new)
-        if keep < cand.shape[1]:
-            cand = cand.gather(1, err.gather(1, cand).topk(keep, dim=1, largest=False).indices)
-    return cand.gather(1, err.gather(1, cand).argmin(1, keepdim=True)).squeeze(1), n_evals

@@ -30,6 +30,7 @@ Files (safetensors, LoRA tensors only):
                   `load_vera` regenerate it from `projection_prng_key`), beside PEFT's adapter_config.json (a folder,
                   as PEFT's save_pretrained writes) or with that JSON in the safetensors header (a single file).
 """
+import contextlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 KV = ("attn2.to_k", "attn2.to_v")  # cross-attention keys and values (C-LoRA / Custom Diffusion)
 ATTN = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
@@ -226,6 +227,12 @@ def set_enabled(unet, name, enabled=True):
             (m.disabled.discard if enabled else m.disabled.add)(name)
 
 
+def enable_only(unet, name):
+    """Switch adapter `name` on and every other adapter off (None: the base model alone)."""
+    for n in adapter_names(unet):
+        set_enabled(unet, n, n == name)
+
+
 @torch.no_grad()
 def merge(unet):
     """Fold every enabled adapter into W (for fast inference); `unmerge` takes them out again."""
@@ -275,6 +282,11 @@ def get_adapter(unet, name):
     return {p: m.params(name) for p, m in _layers(unet) if name in m.names()}
 
 
+def snapshot(unet, name):
+    """{module path: (A, B)} of adapter `name`, detached copies (VeRA: (d, b))."""
+    return {p: tuple(t.detach().clone() for t in pair) for p, pair in get_adapter(unet, name).items()}
+
+
 def deltas(unet, name):
     """{module path: ΔW} of adapter `name`."""
     return {p: m.delta(name) for p, m in _layers(unet) if name in m.names()}
@@ -316,6 +328,21 @@ def _common(values):
     return common, {"^" + p: v for p, v in values.items() if v != common}
 
 
+def write_safetensors(tensors, path, metadata=None):
+    """Write a .safetensors file with Python's own file calls, so that a full disk or a folder that cannot be written
+    is an OSError (safetensors' save_file raises its own error type); a failed write leaves no partial file."""
+    data = save(tensors, metadata=metadata)
+    f = open(path, "wb")
+    try:
+        with f:
+            f.write(data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            if os.path.isfile(path):  # not a device or pipe named as the file
+                os.remove(path)
+        raise
+
+
 def save_lora(unet, path, name, format="diffusers"):
     """Write adapter `name` to a .safetensors file in diffusers (peft) or kohya format."""
     layers = get_adapter(unet, name)
@@ -348,7 +375,7 @@ def write_lora_file(layers, alphas, path, format="diffusers", embeddings=None):
         cfg = dict(target_modules=sorted(layers), r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
                    alpha_pattern=alpha_pattern)
         meta = {METADATA_KEY: json.dumps({"unet." + k: v for k, v in cfg.items()}, sort_keys=True)}
-    save_file(out, str(path), metadata=meta)
+    write_safetensors(out, path, meta)
 
 
 def read_lora_file(path):
@@ -467,9 +494,9 @@ def write_vera(layers, path, projection=None, seed=0):
                vera_dropout=0.0, bias="none", fan_in_fan_out=False, inference_mode=True)
     config = json.dumps(cfg, indent=2, sort_keys=True)
     if not os.path.isdir(path):
-        save_file(out, str(path), metadata={VERA_CONFIG: config})
+        write_safetensors(out, path, {VERA_CONFIG: config})
         return
-    save_file(out, os.path.join(path, VERA_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(out, os.path.join(path, VERA_WEIGHTS), {"format": "pt"})
     with open(os.path.join(path, VERA_CONFIG), "w") as f:
         f.write(config)
 

@@ -93,9 +93,12 @@ def concept_grid(model, prompts, labels, n=4, steps=25, guidance=5.0, seed=0):
     return to_grid(torch.cat(rows), n, labels)
 
 
-def unknown_tokens(prompt, tokens):
-    """The <token>s written in a prompt that are not among `tokens` (the tokenizer would split them into pieces)."""
-    return [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in tokens]
+def unknown_tokens(prompt, tokens, tokenizer):
+    """The <token>s written in a prompt that the tokenizer reads as none of the learned `tokens` (it would split
+    them into pieces). Compared by token ids, not by text: CLIP lowercases, so `<PINE_TREE>` is the learned
+    `<pine_tree>`."""
+    import unet
+    return [t for t in re.findall(r"<[^<>\s]+>", prompt) if unet.reads_as(tokenizer, t, tokens) is None]
 
 
 OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # RGB grids (GIF: 256 colours)
@@ -182,7 +185,7 @@ def main(argv=None):
     except (unet.LoadError, cp.CPError) as e:
         sys.exit(f"error: {e}")
     learned = [c["token"] for c in state.concepts] if state else []
-    unknown = unknown_tokens(args.prompt + " " + args.negative_prompt, learned)
+    unknown = unknown_tokens(args.prompt + " " + args.negative_prompt, learned, model.tokenizer)
     if unknown:
         message = (f"{', '.join(unknown)} not learned: " + (f"this state has {', '.join(learned)}" if learned else
                    "no --state given" if not state else "this state has no concepts"))
@@ -196,7 +199,8 @@ def main(argv=None):
         to_grid(images).save(args.out)
     except OSError as e:
         sys.exit(f"error: cannot write {args.out}: {e}")
-    print(f"wrote {args.out} ({args.n} images, {args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})")
+    print(f"wrote {args.out} ({args.n} image{'s' * (args.n != 1)}, {args.steps} DDIM steps, guidance {args.guidance}, "
+          f"seed {args.seed})")
 
 
 if __name__ == "__main__":

@@ -611,7 +611,6 @@ class Model:
     scheduler_config: dict
     path: str
     fingerprint: str           # the base weights' identity, which a state records (`fingerprint`)
-    old_fingerprint: str = ""  # the four-tensor hash that older states record (`old_fingerprint`)
 
     @property
     def device(self):
@@ -643,14 +642,35 @@ def read_json(path):
         return json.load(f)
 
 
+def read_config(path):
+    """A JSON object from a model's config file; a missing, unreadable or malformed file is a LoadError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise LoadError(f"{path}: missing") from None
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # json.JSONDecodeError, or UnicodeDecodeError
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{path}: not a JSON object (holds a {type(cfg).__name__})")
+    return cfg
+
+
+CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+WEIGHT_FILES = {"unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"],
+                "vae": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"],
+                "text_encoder": ["model.safetensors", "pytorch_model.bin"]}
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # the folders of a diffusers model
+
+
 def _model_configs(path):
     """Configs from a diffusers folder, or a preset name."""
     if path in PRESETS:
         return PRESETS[path]
-    return dict(unet=read_json(os.path.join(path, "unet", "config.json")),
-                vae=read_json(os.path.join(path, "vae", "config.json")),
-                text_encoder=read_json(os.path.join(path, "text_encoder", "config.json")),
-                scheduler=read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
+    return {part: read_config(os.path.join(path, part, name)) for part, name in CONFIG_FILES.items()}
 
 
 def _weights_file(folder, names):
@@ -658,6 +678,23 @@ def _weights_file(folder, names):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
     raise LoadError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def check_folder(path, weights=True):
+    """Check a diffusers folder before any weight is read: its five part folders, their configs (each a JSON
+    object), its tokenizer's files and, with `weights`, a weights file for each network. Returns (configs, weight
+    files); the first part missing or malformed is a LoadError naming it."""
+    if not os.path.exists(os.path.join(path, "unet", "config.json")):
+        raise LoadError(f"{path}: not a diffusers model folder (no unet/config.json)")
+    for part in PARTS:
+        if not os.path.isdir(os.path.join(path, part)):
+            raise LoadError(f"{path}: no {part}/ folder (a diffusers model folder holds "
+                            f"{', '.join(p + '/' for p in PARTS)})")
+    cfg = _model_configs(path)
+    check_tokenizer(os.path.join(path, "tokenizer"))
+    if not weights:
+        return cfg, {}
+    return cfg, {part: _weights_file(os.path.join(path, part), names) for part, names in WEIGHT_FILES.items()}
 
 
 def _build_text_encoder(cfg, sd):
@@ -674,11 +711,43 @@ def _build_text_encoder(cfg, sd):
     return te
 
 
-def load_tokenizer(folder):
-    from transformers import CLIPTokenizer
+TOKENIZER_JSON = ("vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json")
+
+
+def check_tokenizer(folder):
+    """A tokenizer folder's files, before any weight is read: a vocabulary, and every JSON file there valid."""
+    if not os.path.isdir(folder):
+        raise LoadError(f"{folder}: no tokenizer folder")
     if not any(os.path.exists(os.path.join(folder, f)) for f in ("vocab.json", "tokenizer.json")):
         raise LoadError(f"{folder}: no tokenizer (needs vocab.json + merges.txt, or tokenizer.json)")
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    for name in TOKENIZER_JSON:
+        if os.path.exists(os.path.join(folder, name)):
+            read_config(os.path.join(folder, name))
+
+
+def load_tokenizer(folder):
+    from transformers import CLIPTokenizer
+    check_tokenizer(folder)
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers' own checks of the files: any of its errors means a damaged tokenizer
+        raise LoadError(f"{folder}: not a readable CLIP tokenizer "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def token_ids(tokenizer, text):
+    """The ids the tokenizer reads `text` as, without the start and end tokens. Texts with the same ids are one
+    text to the model: CLIP's tokenizer lowercases, so `<Pine_Tree>` reads as `<pine_tree>`."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def reads_as(tokenizer, text, tokens):
+    """The first of `tokens` that the tokenizer reads exactly as `text` (the same ids), else None; `text` itself if
+    it is among them. A prompt's `<token>` that reads as no learned token is not learned; a new concept's token that
+    reads as a learned one (`<Pine_Tree>` beside `<pine_tree>`) would share its embedding row."""
+    ids = token_ids(tokenizer, text)
+    return next((t for t in tokens if token_ids(tokenizer, t) == ids), None)
 
 
 def add_tokens(model, tokens):
@@ -720,18 +789,6 @@ def trainable_row(model, token_id):
         return torch.where((args[0] == token_id).unsqueeze(-1), row.to(out.dtype), out)
 
     return row, emb.register_forward_hook(splice)
-
-
-def old_fingerprint(unet, text_encoder):
-    """The hash older states record (16 hex digits, not `fingerprint`'s 32): the UNet config and four weight tensors.
-
-    Kept only so that `cp_state.check_model` can compare such a state with its own model. It hashes the float32
-    weights as loaded, so `load_model` computes it before casting the networks to the dtype asked for."""
-    h = hashlib.sha256(json.dumps(unet.config, sort_keys=True).encode())
-    for t in (unet.conv_in.weight, unet.conv_out.weight, unet.time_embedding.linear_1.weight,
-              text_encoder.get_input_embeddings().weight):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_dir():
@@ -804,6 +861,16 @@ def fingerprint(unet, vae, text_encoder, stamp):
     return hashlib.sha256((json.dumps(unet.config, sort_keys=True) + weights).encode()).hexdigest()[:32]
 
 
+def _single_file_configs(path, config):
+    """(configs, tokenizer folder) of a single-file checkpoint: from the diffusers folder `config`, checked before
+    the weights are read, or a preset with the `tokenizer/` folder beside the file."""
+    if config in PRESETS:
+        return PRESETS[config], os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    if not os.path.isdir(config):
+        raise LoadError(f"{config}: no such config folder (nor a preset: {', '.join(PRESETS)})")
+    return check_folder(config, weights=False)[0], os.path.join(config, "tokenizer")
+
+
 def load_model(path, device="cpu", dtype=torch.float32, config=None):
     """Load UNet, VAE, text encoder, tokenizer and noise schedule, offline.
 
@@ -814,15 +881,7 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     """
     path = str(path)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "unet", "config.json")):
-            raise LoadError(f"{path}: not a diffusers model folder (no unet/config.json)")
-        cfg = _model_configs(path)
-        files = {"unet": _weights_file(os.path.join(path, "unet"), [
-            "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
-            "vae": _weights_file(os.path.join(path, "vae"), [
-                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
-            "text_encoder": _weights_file(os.path.join(path, "text_encoder"), [
-                "model.safetensors", "pytorch_model.bin"])}
+        cfg, files = check_folder(path)
         stamp = stamp_files(path, files.values())
         parts = {name: read_weights(f) for name, f in files.items()}
         parts["vae"] = fix_vae_keys(parts["vae"])
@@ -830,12 +889,9 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     elif os.path.isfile(path):
         if not path.endswith((".safetensors", ".ckpt", ".pt", ".pth")):
             raise LoadError(f"{path}: not a model (expected a diffusers folder, .safetensors or .ckpt)")
-        config = config or "sd-v1"
-        cfg = _model_configs(config)
+        cfg, tokenizer_dir = _single_file_configs(path, str(config or "sd-v1"))
         stamp = stamp_files(path, [path])
         parts = split_ldm_checkpoint(read_weights(path), cfg)
-        tokenizer_dir = os.path.join(config, "tokenizer") if config not in PRESETS else \
-            os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     else:
         raise LoadError(f"{path}: no such model folder or checkpoint file")
 
@@ -844,8 +900,8 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     load_state_dict_strict(vae, parts["vae"], "vae")
     text_encoder = _build_text_encoder(cfg["text_encoder"], parts["text_encoder"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    fp, old_fp = fingerprint(unet, vae, text_encoder, stamp), old_fingerprint(unet, text_encoder)  # before the cast
+    fp = fingerprint(unet, vae, text_encoder, stamp)  # hashed as float32, before the cast
     for net in (unet, vae, text_encoder):
         net.to(device, dtype).eval().requires_grad_(False)
     return Model(unet, vae, text_encoder, tokenizer, alphas_cumprod_from_config(cfg["scheduler"]),
-                 float(cfg["vae"].get("scaling_factor", 0.18215)), dict(cfg["scheduler"]), path, fp, old_fp)
+                 float(cfg["vae"].get("scaling_factor", 0.18215)), dict(cfg["scheduler"]), path, fp)

@@ -9,7 +9,7 @@ With acc_i(m) the share of images generated for concept i after task m that the 
     P = mean_i acc_i(i)                                    plasticity: accuracy right after learning
     F = mean_{i<N} (max_{i<=m<N} acc_i(m) - acc_i(N))      forgetting
 
-Also, after the last task: DC accuracy (dc_score.classify among the learned concepts' prompts) on real images of
+Also, after the last task: DC accuracy (`classify` among the learned concepts' prompts) on real images of
 each concept that were never trained on; feature similarity cos(mean f(generated), mean f(real)); and
 KID = unbiased MMD² (Bińkowski et al. 2018) with the polynomial kernel k(a, b) = (a·b/d + 1)³ on the same features:
 
@@ -263,6 +263,22 @@ def generate(model, concept, i, seed, args):
 
 
 @torch.no_grad()
+def classify(unet, latents, contexts, alphas_cumprod, n_timesteps=25, seed=0, chunk=64):
+    """Zero-shot classification (Li et al. 2023) of latents [B, C, h, w] among K prompt embeddings contexts [K, L, Cc]:
+    the prompt with the lowest mean error over n_timesteps evenly spaced timesteps, the noise of each timestep the same
+    for every prompt (dc_score.denoising_errors); at most `chunk` UNet rows per call. Returns the prompt indices [B]."""
+    (B, K), T = (len(latents), len(contexts)), len(alphas_cumprod)
+    grid = (torch.arange(n_timesteps) * T) // n_timesteps + T // (2 * n_timesteps)
+    err, step = torch.zeros(B, K, device=latents.device), max(1, chunk // K)
+    for j, t in enumerate(grid.tolist()):
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(hash((seed, j)))).to(latents)
+        for s in range(0, B, step):
+            err[s:s + step] += dc_score.denoising_errors(unet, latents[s:s + step], contexts, t, noise[s:s + step],
+                                                         alphas_cumprod).float()
+    return err.argmin(1)
+
+
+@torch.no_grad()
 def dc_accuracy(model, concepts, real, args, seed):
     """Per concept: share of its real images that the diffusion classifier puts on its prompt (among all learned)."""
     contexts = model.encode_text([c["prompt"] for c in concepts])
@@ -271,8 +287,7 @@ def dc_accuracy(model, concepts, real, args, seed):
         x = real[i] if real[i].shape[-1] == model.resolution else \
             F.interpolate(real[i], size=model.resolution, mode="bilinear", antialias=True)
         latents = model.encode_images(x * 2 - 1)
-        pred, _ = dc_score.classify(model.unet, latents, contexts, model.alphas_cumprod,
-                                    n_timesteps=args.dc_timesteps, seed=seed, chunk_size=args.chunk)
+        pred = classify(model.unet, latents, contexts, model.alphas_cumprod, args.dc_timesteps, seed, args.chunk)
         accs.append(float((pred.cpu() == i).float().mean()))
     return accs
 
@@ -285,15 +300,16 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
     acc, sim, kids, clip_i, clip_t = nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy()
     confusion = np.zeros((N, N + 1))  # after the last task: share of concept i's images judged j (last column: other)
     tasks, samples = [], None
-    state = None
+    state, hp = None, cp.Hparams(**{**hparams, "method": method, "seed": seed})
     for m, folder in enumerate(folders):
         started = time.time()
         model = unet.load_model(args.model, args.device)
         if state is None:
-            state = cp.new_state(model, cp.Hparams(**{**hparams, "method": method, "seed": seed}))
+            state = cp.new_state(model, hp)
         else:
             state = cp_state.load_state(state_dir)
             cp_state.check_model(state, model)
+            state.hparams = hp  # the run settings too, which a state does not store
         cp.apply_state(model, state)
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
             state = train.learn_folder(model, state, folder, class_word=words[m], run=cp.Run(
@@ -317,7 +333,7 @@ def run_method(method, seed, args, hparams, names, folders, words, real, judge, 
         h = state.history[-1]
         tasks.append({"concept": names[m], "train_seconds": h["seconds"], "lora_norm": h["lora_norm"],
                       "eval_seconds": round(time.time() - trained, 1), "seconds": round(time.time() - started, 1),
-                      "train_loss": h["train"], "dc_temp": h.get("dc_temp"), **growth(state, state_dir)})
+                      "train_loss": h["train"], **growth(state, state_dir)})
         print(f"[{method} seed {seed}] task {m + 1}/{N} {names[m]}: train {h['seconds']:.0f}s, eval "
               f"{tasks[-1]['eval_seconds']:.0f}s | acc {' '.join(f'{a:.2f}' for a in acc[:m + 1, m])} | "
               f"lora norm {h['lora_norm']:.3g} | state {tasks[-1]['state_bytes'] / 1024:.0f} KB", flush=True)
@@ -588,7 +604,7 @@ def method_hparams(args, methods, model_values=None):
     tuned = {}
     if args.tuned:
         with open(args.tuned) as f:
-            tuned = {m: train.as_flag_types(values) for m, values in json.load(f).items()}
+            tuned = json.load(f)
     presets = {} if args.no_presets else train.load_presets()["methods"]
     out = {m: {**(model_values or {}), **presets.get(m, {}), **tuned.get(m, {}), **given} for m in methods}
     for m in methods:
@@ -613,7 +629,7 @@ def main(argv=None):
         base = unet.load_model(args.model, "cpu")  # fails early on a bad --model
         resolution = base.resolution
         hparams = method_hparams(args, methods, None if args.no_presets else
-                                 train.model_preset(train.load_presets(), base.unet)[1])
+                                 train.model_preset(train.load_presets(), train.unet_size(args.model))[1])
         del base
         ctx = setup(args, tmp, resolution)
         judge_acc = float(np.mean([np.mean(pred == i) for i, pred in enumerate(ctx["real_pred"])]))
@@ -632,7 +648,7 @@ def main(argv=None):
             with open(results_path) as f:
                 old = json.load(f)
             if settings(old) != settings(report) or \
-                    any(train.as_flag_types(old["hparams"][m]) != hparams[m] for m in methods if m in old["runs"]):
+                    any(old["hparams"][m] != hparams[m] for m in methods if m in old["runs"]):
                 sys.exit(f"error: {results_path} was made with other settings; --resume needs the same ones")
             report["runs"] = old["runs"]  # a method not in --methods this time keeps its runs too
             report["hparams"] = {**old["hparams"], **hparams}

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -184,13 +185,14 @@ def step_train(ctx, method=None, concept=CONCEPTS[0]):
     import cp_state
     import train
     state_dir = os.path.join(ctx.work, "states", method or "ewc-dc")
-    argv = ["--model", ctx.model, "--concept", os.path.join(ctx.work, "concepts", concept), "--state", state_dir,
-            "--device", ctx.device, "--steps", str(ctx.steps), "--dsc-steps", str(ctx.dsc_steps), "--no-preview"]
+    argv = ["--model", ctx.model, "--state", state_dir, "--device", ctx.device, "--steps", str(ctx.steps),
+            "--dsc-steps", str(ctx.dsc_steps), "--no-preview"]
     if method:
         shutil.rmtree(state_dir, ignore_errors=True)
         argv += ["--method", method]
-        # a first task consolidates only with the base model as T2: timed so, it runs the passes of a later task's
-        argv += ["--dsc-first", "base"] if cp.Hparams(method=method).uses("dsc") else []
+        if cp.Hparams(method=method).uses("dsc"):  # only a later task consolidates: a first concept, untimed
+            train.main(argv + ["--concept", os.path.join(ctx.work, "concepts", CONCEPTS[1]), "--steps", "1"])
+    argv += ["--concept", os.path.join(ctx.work, "concepts", concept)]
     phases = []  # (optimize's arguments, seconds) of each phase: "train", then "consolidate" for dsc*
     timed(cp, "optimize", phases)
     start = time.perf_counter()
@@ -211,7 +213,7 @@ def step_methods(ctx):
     import train
     import unet
     model = unet.load_model(ctx.model, ctx.device)
-    concept = os.path.join(ctx.work, "concepts", CONCEPTS[0])
+    concept, other = (os.path.join(ctx.work, "concepts", c) for c in CONCEPTS[:2])
     plain = "bf16" if ctx.device == "cuda" else "fp32"
     runs = [(m, cp.Run(precision=plain, gradient_checkpointing=c)) for m in cp.METHODS for c in (False, True)]
     runs += [("ewc-dc", cp.Run(precision="fp16", gradient_checkpointing=True)),
@@ -221,8 +223,13 @@ def step_methods(ctx):
     timed(cp, "optimize", phases)
     for i, (method, run) in enumerate([("seq", cp.Run(precision=plain))] + runs):  # the first warms up, unrecorded
         lora.remove(model.unet)
-        state = cp.new_state(model, cp.Hparams(method=method, steps=2 if i == 0 else steps, dsc_steps=dsc_steps,
-                                               fisher_samples=fisher, dsc_first="base"))  # consolidated, as step_train
+        hp = cp.Hparams(method=method, steps=2 if i == 0 else steps, dsc_steps=dsc_steps, fisher_samples=fisher)
+        state = cp.new_state(model, replace(hp, steps=1))
+        if hp.uses("dsc"):  # only a later task consolidates: a first concept, untimed, as step_train
+            state = train.learn_folder(model, state, other, run=cp.Run(precision=plain))
+            lora.remove(model.unet)
+            cp.apply_state(model, state)
+        state.hparams = hp
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -196,7 +196,7 @@ def loss_case(name, B, K, latent, device, dtype, seed=0):
     def loss(impl, pred):
         if name == "task":
             ce, e_dc = dc_score.dc_cross_entropy(pred[:2 * K].view(2, K, *latent), noise[:2], 0, TAU, impl=impl)
-            e = dc_score.dc_errors(pred[2 * K:, None], noise[2:], "mean", impl=impl)[:, 0]
+            e = dc_score.dc_errors(pred[2 * K:, None], noise[2:], impl=impl)[:, 0]
             return (ce, e_dc, e), (g_image[:2], g_dc, g_image[2:])
         if name == "dsc":
             L, _ = dc_score.soft_cross_entropy(pred.view(B, K, *latent), noise, teacher, TAU, impl=impl)

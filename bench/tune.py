@@ -1,26 +1,23 @@
 """Tune every method the same way, on the tuning concepts only (bench/RESULTS.md, "Protocol").
 
 A cell is one setting run by bench/continual.py on the tuning sequence (`--split tuning`, 5 tasks) in both ORDERS
-(the concepts as listed and reversed), for one or more seeds; its score is the mean over its runs. Four stages, each
+(the concepts as listed and reversed), for one or more seeds; its score is the mean over its runs. Three stages, each
 started as soon as what it needs is finished:
 
  1. coarse: every method with a knob gets the same budget, the COARSE settings of GRID[method] (steps of 1, 3, 10:
-    at most half a decade apart; the DSC combinations' grid follows `dsc`'s choice, combo_grid), seed 0. A best cell
-    at an edge of the grid extends it: one more setting past that edge, the edge's step repeated (`extended`), until
-    the best lies inside (at most EXTEND more; not the combinations' w_h, which is `dsc`'s and the step below).
+    at most half a decade apart), seed 0. A best cell at an edge of the grid extends it: one more setting past that
+    edge, the edge's step repeated (`extended`), until the best lies inside (at most EXTEND more).
     `seq` and `ti` have no knob: one cell, three seeds.
  2. confirm: each method's TOP coarse cells (by A, then the lower F) again with seeds 1 and 2; the method's choice is
     the one with the higher mean A over the three seeds. No choice rests on a single seed. A choice at an edge of
     the grid extends it as in stage 1, the new setting run at every seed, until the choice lies inside.
- 3. design choices: each open choice of CHOICES is run with its other value at the chosen cells of the methods it
-    concerns, three seeds; the value with the higher mean A over those runs is kept (a tie keeps the grid's). Where
-    two choices win on one method apart, the cell with both runs too: should its A fall below one of them alone,
-    only the better alone is kept (for every method it concerns: the two do not add up), else both are.
- 4. the DSC combinations (COMBOS) go through stages 1 and 2 last, with every design choice that concerns them
-    decided (the cell with both included), so that their grid is tuned under the values their presets will hold.
+ 3. the DSC combinations (COMBOS) go through stages 1 and 2 once `dsc` is chosen: their grid crosses COMBO_LAMBDAS
+    with `dsc`'s chosen w_h and the step below it (combo_grid), and only λ is extended.
 
-Every cell runs BASE (the grid's values of the design choices) under what it varies, and nothing of presets.json
-(`--no-presets`). The evaluation concepts and their renders are never touched here.
+Every cell runs BASE and the setting it varies over cp.Hparams' defaults, nothing of presets.json (`--no-presets`).
+A cell counts only the runs that recorded those values and the knobs cp.Hparams has now (`ran_as`): a folder made
+with other knobs, by an earlier tune.py, is reported as not finished and never written into presets.json. The
+evaluation concepts and their renders are never touched here.
 
     python bench/tune.py --jobs 2          # every cell not yet on disk (resumable: finished cells are kept)
     python bench/tune.py --report          # only rewrite the table (and presets.json once everything is finished)
@@ -42,6 +39,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import fields
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -68,6 +66,10 @@ GRID = {
 # (adding EWC costs plasticity already; this axis is not extended), so these grids start once `dsc` is chosen
 COMBO_LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 COMBOS = ("dsc-ewc", "dsc-ewc-dc")
+# run by every cell (not in its name) and written into every DSC method's preset: 100 consolidation steps, which
+# beat 25 in an earlier grid
+BASE = {"dsc_steps": 100}
+KNOBS = {f.name for f in fields(cp.Hparams)}  # what each run records (bench/continual.py: its cp.Hparams)
 
 
 def combo_grid(w_chosen, ran=W_H):
@@ -76,15 +78,6 @@ def combo_grid(w_chosen, ran=W_H):
     below = [w for w in sorted(ran) if w < w_chosen]
     step = below[-1] if below else float(f"{w_chosen ** 2 / min(w for w in ran if w > w_chosen):.3g}")
     return [{"ewc_lambda": v, "dsc_w_h": w} for v in COMBO_LAMBDAS for w in (step, w_chosen)]
-# the grid's values of the open design choices, and dsc_steps (100 beat 25 in the earlier grid)
-BASE = {"fisher_norm": "total", "dc_temp": "auto", "dsc_first": "none", "dsc_targets": "paper", "dsc_steps": 100}
-# design choice: (its other value, the methods it is compared on, the methods whose preset it sets)
-CHOICES = {
-    "fisher_norm": ("task", ("ewc", "ewc-dc"), ("ewc", "ewc-dc", "dsc-ewc", "dsc-ewc-dc")),
-    "dc_temp": (0.01, ("ewc-dc", "dsc"), ("ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")),
-    "dsc_first": ("base", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
-    "dsc_targets": ("column", ("dsc",), ("dsc", "dsc-ewc", "dsc-ewc-dc")),
-}
 
 
 def cell_name(setting):
@@ -99,20 +92,32 @@ def cell_dir(root, method, setting):
     return os.path.join(root, method, cell_name(setting))
 
 
-def order_runs(out, method, seeds=1):
-    """One order's runs of seeds 0 .. seeds−1 (bench/continual.py writes each run as it finishes in out), or None
-    while any of them is missing."""
-    path = os.path.join(out, "results.json")
+def ran_as(run, setting):
+    """Whether a run recorded the cell's values (BASE and setting) among exactly the knobs cp.Hparams has now: a run
+    of code with other knobs, or of another BASE, is not the cell's."""
+    hp = run.get("hparams") or {}
+    return set(hp) == KNOBS and all(hp[k] == v for k, v in {**BASE, **setting}.items())
+
+
+def recorded(root, method, setting, order):
+    """The runs of `method` in one order of a cell (bench/continual.py writes each run as it finishes), [] before
+    any."""
+    path = os.path.join(cell_dir(root, method, setting), order, "results.json")
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        runs = [r for r in json.load(f)["runs"].get(method, []) if r["seed"] < seeds]
+        return json.load(f)["runs"].get(method, [])
+
+
+def order_runs(root, method, setting, order, seeds=1):
+    """One order's runs of seeds 0 .. seeds−1 that ran the cell (ran_as), or None while any of them is missing."""
+    runs = [r for r in recorded(root, method, setting, order) if r["seed"] < seeds and ran_as(r, setting)]
     return sorted(runs, key=lambda r: r["seed"]) if len(runs) == seeds else None
 
 
-def finished(out, method, seeds=1):
+def finished(root, method, setting, seeds=1):
     """The cell's runs in every order (ORDERS) of seeds 0 .. seeds−1, or None while any of them is missing."""
-    runs = [order_runs(os.path.join(out, order), method, seeds) for order in ORDERS]
+    runs = [order_runs(root, method, setting, order, seeds) for order in ORDERS]
     return None if None in runs else [r for rs in runs for r in rs]
 
 
@@ -141,8 +146,8 @@ def paired_to_seq(root, method, setting, seeds):
     """The mean over a cell's runs of its A minus `seq`'s at the same seed and order (None before `seq` has run)."""
     diffs = []
     for order in ORDERS:
-        seq = order_runs(os.path.join(cell_dir(root, "seq", {}), order), "seq", SEEDS) or []
-        own = order_runs(os.path.join(cell_dir(root, method, setting), order), method, seeds) or []
+        seq = order_runs(root, "seq", {}, order, SEEDS) or []
+        own = order_runs(root, method, setting, order, seeds) or []
         diffs += [r["A"] - q["A"] for r in own for q in seq if q["seed"] == r["seed"]]
     return statistics.fmean(diffs) if diffs else None
 
@@ -185,8 +190,7 @@ def best(cells):
 
 
 def plan(root, methods):
-    """Every cell whose inputs are finished, as [(method, setting, seeds)], and what is decided so far:
-    {method: chosen setting} and {design choice: value}."""
+    """Every cell whose inputs are finished, as [(method, setting, seeds)], and {method: chosen setting} so far."""
     cells, chosen, ran = [], {}, {}
 
     def tune(m, grid, fixed=()):  # stages 1 and 2 of one method
@@ -199,7 +203,7 @@ def plan(root, methods):
         while True:
             cells.extend((m, s, first) for s in grid if (m, s, first) not in cells)
             ran[m] = grid
-            coarse = [(s, finished(cell_dir(root, m, s), m, first)) for s in grid]
+            coarse = [(s, finished(root, m, s, first)) for s in grid]
             if not all(r for _, r in coarse):
                 return
             wider = past_edge(grid, coarse)
@@ -209,7 +213,7 @@ def plan(root, methods):
         top = [s for s, _ in best(coarse)[:TOP]]
         while True:  # a choice at an edge of the grid looks past it too, at every seed, within the same EXTEND
             cells.extend((m, s, SEEDS) for s in top if first < SEEDS and (m, s, SEEDS) not in cells)
-            confirmed = [(s, finished(cell_dir(root, m, s), m, SEEDS)) for s in top]
+            confirmed = [(s, finished(root, m, s, SEEDS)) for s in top]
             if not all(r for _, r in confirmed):
                 return
             wider = past_edge(grid, confirmed)
@@ -222,49 +226,16 @@ def plan(root, methods):
     for m in methods:
         if m not in COMBOS:
             tune(m, GRID[m])
-    decided, open_choices = {}, []
-    for key, (other, compared, _) in CHOICES.items():
-        on = [m for m in compared if m in methods]
-        if not on:
-            continue
-        open_choices.append(key)
-        if not all(m in chosen for m in on):
-            continue
-        cells += [(m, {**chosen[m], key: other}, SEEDS) for m in on]
-        pairs = [[finished(cell_dir(root, m, setting), m, SEEDS) for setting in (chosen[m], {**chosen[m], key: other})]
-                 for m in on]
-        if all(a and b for a, b in pairs):
-            mean_a = lambda col: statistics.fmean(score(p[col])[0] for p in pairs)
-            decided[key] = other if mean_a(1) > mean_a(0) else BASE[key]
-    waiting = set()  # choices whose cell together has not finished
-    for m in [m for m in chosen if len(won_by(m, decided)) > 1]:  # choices that won apart: the cell with all of them
-        won = won_by(m, decided)
-        setting = {**chosen[m], **won}
-        cells.append((m, setting, SEEDS))
-        together = finished(cell_dir(root, m, setting), m, SEEDS)
-        if not together:
-            waiting.update(won)
-            continue
-        alone = {k: score(finished(cell_dir(root, m, {**chosen[m], k: v}), m, SEEDS))[0] for k, v in won.items()}
-        best_alone = max(alone, key=alone.get)
-        if score(together)[0] < alone[best_alone]:  # they do not add up: only the best alone is kept
-            decided.update({k: BASE[k] for k in won if k != best_alone})
-    for m in [m for m in methods if m in COMBOS]:  # stage 4: with every choice that concerns them decided
-        needed = [k for k in open_choices if m in CHOICES[k][2]]
-        if "dsc" in chosen and all(k in decided and k not in waiting for k in needed):
-            won = {k: decided[k] for k in needed if decided[k] != BASE[k]}
-            grid = combo_grid(chosen["dsc"]["dsc_w_h"], [s["dsc_w_h"] for s in ran["dsc"]])
-            tune(m, [{**s, **won} for s in grid], fixed=("dsc_w_h",))
-    return cells, chosen, decided
-
-
-def won_by(m, decided):
-    """The design choices decided against the grid's value that were compared on method m."""
-    return {k: v for k, v in decided.items() if v != BASE[k] and m in CHOICES[k][1]}
+    for m in methods:  # stage 3: the combinations, once dsc is chosen
+        if m in COMBOS and "dsc" in chosen:
+            tune(m, combo_grid(chosen["dsc"]["dsc_w_h"], [s["dsc_w_h"] for s in ran["dsc"]]), fixed=("dsc_w_h",))
+    return cells, chosen
 
 
 def run_cell(method, setting, seeds, order, args):
-    """One order of a cell: bench/continual.py in its own process, one thread; more seeds resume the earlier ones."""
+    """One order of a cell: bench/continual.py in its own process, one thread; more seeds resume the earlier ones.
+    Its exit status, or 1 where it ended well and yet left runs that are not the cell's (ran_as), which would only
+    be run again."""
     out = os.path.join(cell_dir(args.out, method, setting), order)
     os.makedirs(out, exist_ok=True)
     # run from the repository root with relative paths, so the cell's records read the same on every machine
@@ -279,9 +250,14 @@ def run_cell(method, setting, seeds, order, args):
         if STOPPING:  # the signal came while this cell was starting: stop's loop may have missed it
             cell.terminate()
         try:
-            return cell.wait()
+            returncode = cell.wait()
         finally:
             CELLS.discard(cell)
+        if returncode == 0 and not order_runs(args.out, method, setting, order, seeds):
+            log.write(f"bench/tune.py: {out}/results.json lacks runs of seeds 0-{seeds - 1} that ran "
+                      f"{cell_name({**BASE, **setting})} with the knobs cp.Hparams has now\n")
+            return 1
+        return returncode
 
 
 def stop(signum, frame):
@@ -293,33 +269,34 @@ def stop(signum, frame):
     sys.exit(128 + signum)
 
 
-def presets_of(root, methods, chosen, decided):
-    """presets.json's "methods" and "default_method": each method's chosen setting with the design choices that
-    concern it; the default is the method with the highest mean A over three seeds, at its chosen cell run with the
-    design choices that won on it (a cell `plan` runs)."""
+def presets_of(root, methods, chosen):
+    """presets.json's "methods" and "default_method": each method's chosen setting (and BASE's dsc_steps where it
+    consolidates); the default is the method with the highest mean A over three seeds at its chosen cell."""
     values, final_a = {}, {}
     for m in methods:
-        values[m] = {**chosen[m], **{k: v for k, v in decided.items() if m in CHOICES[k][2]}}
+        values[m] = dict(chosen[m])
         if cp.Hparams(method=m).uses("dsc"):
             values[m]["dsc_steps"] = BASE["dsc_steps"]
-        final_a[m] = score(finished(cell_dir(root, m, {**chosen[m], **won_by(m, decided)}), m, SEEDS))[0]
+        final_a[m] = score(finished(root, m, chosen[m], SEEDS))[0]
     return values, max(final_a, key=final_a.get), final_a
 
 
 def report(root, methods):
-    """The table of every cell planned so far, and the decisions."""
-    cells, chosen, decided = plan(root, methods)
+    """The table of every cell planned so far, the choices, how many cells are not finished and how many runs on
+    disk in them ran something else (not ran_as: not counted)."""
+    cells, chosen = plan(root, methods)
     rows = ["| method | setting | seeds × orders | A ↑ (mean ± std over runs) | A − seq (paired) ↑ | P ↑ | F ↓ "
             "| kept ↑ | first ↑ | minutes (all runs) | |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    missing, seen, points, commits = 0, {}, {}, {}
+    missing, other, seen, points, commits = 0, 0, {}, {}, {}
     for m, setting, seeds in cells:  # a confirmed cell appears once, with its most seeds
         seen[(m, cell_name(setting))] = (m, setting, max(seeds, seen.get((m, cell_name(setting)), (0, 0, 0))[2]))
     for m, setting, seeds in seen.values():
-        runs = finished(cell_dir(root, m, setting), m, seeds)
+        other += sum(not ran_as(r, setting) for order in ORDERS for r in recorded(root, m, setting, order))
+        runs = finished(root, m, setting, seeds)
         if runs is None:
             missing += 1
-            runs = finished(cell_dir(root, m, setting), m, 1)  # a confirmation under way: its first seed
+            runs = finished(root, m, setting, 1)  # a confirmation under way: its first seed
             if runs is None:
                 continue
         A, F, P, std, minutes = score(runs)
@@ -332,16 +309,16 @@ def report(root, methods):
         for r in runs:
             commits[r.get("commit") or "not recorded"] = commits.get(r.get("commit") or "not recorded", 0) + 1
         points.setdefault(m, []).append((P, kept(runs)))
-    lines = [f"- `{k}`: {v}" + (" (the grid's value)" if v == BASE[k] else f" (the grid ran {BASE[k]})")
-             for k, v in decided.items()]
-    rows.append("\nThe runs above by the commit they ran at: " + ", ".join(f"{c} ({n})" for c, n in commits.items()))
-    if points:
-        draw_tradeoff(points, os.path.join(root, "tradeoff.png"))
-    return "\n".join(rows), chosen, decided, missing, lines
+    if commits:
+        rows.append("\nThe runs above by the commit they ran at: "
+                    + ", ".join(f"{c} ({n})" for c, n in commits.items()))
+    os.makedirs(root, exist_ok=True)
+    draw_tradeoff(points, os.path.join(root, "tradeoff.png"))
+    return "\n".join(rows), chosen, missing, other
 
 
-def write_presets(path, root, methods, chosen, decided, command):
-    values, default, final_a = presets_of(root, methods, chosen, decided)
+def write_presets(path, root, methods, chosen, command):
+    values, default, final_a = presets_of(root, methods, chosen)
     with open(path) as f:
         presets = json.load(f)
     untouched = [m for m in presets["methods"] if m not in values]  # methods not in --methods keep their earlier tuning
@@ -381,7 +358,7 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
         while not args.report:
             todo = [(m, s, seeds, order) for m, s, seeds in plan(args.out, methods)[0] for order in ORDERS
-                    if not order_runs(os.path.join(cell_dir(args.out, m, s), order), m, seeds)
+                    if not order_runs(args.out, m, s, order, seeds)
                     and (m, cell_name(s), order) not in running.keys() | failed]
             for m, setting, seeds, order in todo[:max(0, args.jobs - len(running))]:
                 running[(m, cell_name(setting), order)] = pool.submit(run_cell, m, setting, seeds, order, args)
@@ -395,28 +372,26 @@ def main(argv=None):
                     print(f"FAILED {' '.join(key)}: see its log.txt; not run again until tune.py restarts", flush=True)
                 else:
                     print(f"finished {' '.join(key)} ({(time.time() - started) / 60:.0f} min so far)", flush=True)
-    table, chosen, decided, missing, lines = report(args.out, methods)
+    table, chosen, missing, other = report(args.out, methods)
     command = shlex.join(["python", "bench/tune.py"] + [a for a in argv if a != "--report"])
-    os.makedirs(args.out, exist_ok=True)
+    pending = f"{missing} cells of the stages started so far not finished yet" + (
+        f"; {other} runs in their folders ran other values or knobs than these cells (as an earlier tune.py's do) "
+        "and are not counted" if other else "")
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(f"# Tuning on the tuning concepts ({args.adapter})\n\n`{command}` (bench/RESULTS.md, \"Protocol\"): "
                 f"{COARSE} settings per method at seed 0 (a best setting at an edge of the grid extends it), the best "
                 f"{TOP} again at seeds 1 and 2, every run in both orders of the tuning concepts, chosen by mean A; "
-                f"then the design choices at the chosen settings. Every cell runs {cell_name(BASE)} unless it "
-                f"says otherwise. A − seq: the mean over a cell's runs of its A minus `seq`'s at the same seed and "
-                f"order. kept: the share of the earlier concepts' accuracy right after learning that is "
-                f"still there after the last task; first: the first concept's accuracy right after task 1; "
-                f"[tradeoff.png](tradeoff.png) plots it against P for every cell."
-                f"\n\n" + table + "\n\nDesign choices:\n" + ("\n".join(lines) or "- none decided yet")
-                + "\n" + (f"\n{missing} cells of the stages started so far not finished yet.\n" if missing else ""))
+                f"then the DSC combinations the same way, over λ × `dsc`'s chosen w_h and the step below it. Every "
+                f"cell runs {cell_name(BASE)} and cp.Hparams' defaults for the knobs it does not name. A − seq: the "
+                f"mean over a cell's runs of its A minus `seq`'s at the same seed and order. kept: the share of the "
+                f"earlier concepts' accuracy right after learning that is still there after the last task; first: "
+                f"the first concept's accuracy right after task 1; [tradeoff.png](tradeoff.png) plots it against P "
+                f"for every cell.\n\n" + table + "\n" + (f"\n{pending}.\n" if missing else ""))
     print(table)
-    complete = not missing and set(chosen) == set(methods) and len(decided) == len(
-        [k for k, (_, on, _) in CHOICES.items() if set(on) & set(methods)])
-    if complete and args.presets != "none":
-        default = write_presets(args.presets, args.out, methods, chosen, decided, command)
+    if not missing and set(chosen) == set(methods) and args.presets != "none":
+        default = write_presets(args.presets, args.out, methods, chosen, command)
         print(f"wrote {args.presets}: every method's preset; default method {default}")
-    print(f"wrote {args.out}/README.md" + (f" ({missing} cells of the stages started so far not finished yet)"
-                                            if missing else ""))
+    print(f"wrote {args.out}/README.md" + (f": {pending}" if missing else ""))
 
 
 if __name__ == "__main__":

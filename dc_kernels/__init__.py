@@ -77,7 +77,7 @@ def dc_loss_impl(pred, impl="auto"):
     return "triton"
 
 
-def fused_dc_loss(pred, noise, target, temp, teacher, reduction, index):
+def fused_dc_loss(pred, noise, target, temp, teacher, index):
     """(L [B], e [B, K]) of the fused op, its arguments checked by dc_score: target an int column or a LongTensor [B]
     (or None), teacher [B, K] (or None; neither: L is empty)."""
-    return fused_module().call_op(pred, noise, target, temp, teacher, reduction, index)
+    return fused_module().call_op(pred, noise, target, temp, teacher, index)

@@ -3,7 +3,7 @@
 For the noise predictions pred[B, K, *latent] of B images under K prompts and the noise of each image noise[B, *latent]
 (shared by its K prompts: README "The method in one page"),
 
-    e[b, k]  = (1/D) sum_d (pred[b, k, d] - noise[b, d])^2                 (reduction "mean"; "sum" drops the 1/D)
+    e[b, k]  = (1/D) sum_d (pred[b, k, d] - noise[b, d])^2                 (the mean over the latent's D dims)
     log p[b, k] = log_softmax_k(-e[b, k] / tau)                              (the DC posterior over the K prompts)
     L[b] = -log p[b, y_b]                      hard target: the DC cross-entropy of the Fisher and of δ·L_DC
     L[b] = -sum_k q[b, k] log p[b, k]          soft target: DSC, q the teachers' posteriors (a row sums to s_b)
@@ -11,7 +11,7 @@ For the noise predictions pred[B, K, *latent] of B images under K prompts and th
 and, from e and the upstream gradients gL[B] and ge[B, K] alone,
 
     dL[b]/de[b, k] = (q[b, k] - s_b p[b, k]) / tau                   (hard: q one-hot at y_b, s_b = 1)
-    dpred[b, k, d] = 2 c (pred[b, k, d] - noise[b, d]) (ge[b, k] + gL[b] dL[b]/de[b, k]),   c = 1/D or 1
+    dpred[b, k, d] = (2/D) (pred[b, k, d] - noise[b, d]) (ge[b, k] + gL[b] dL[b]/de[b, k])
     dnoise[b, d]   = -sum_k dpred[b, k, d]
 
 Forward: one program per image holds its K predictions as the rows of one tile, reads the noise once for all K,
@@ -61,7 +61,7 @@ def _hard_target(target, b, column, TARGET_PTR: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(pred, noise, index, target, teacher, e_out, loss_out, K, D, spb, spk, snb, stb, stk, column, temp,
-                MODE: tl.constexpr, MEAN: tl.constexpr, HAS_INDEX: tl.constexpr, TARGET_PTR: tl.constexpr,
+                MODE: tl.constexpr, HAS_INDEX: tl.constexpr, TARGET_PTR: tl.constexpr,
                 KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, KP)
@@ -77,9 +77,7 @@ def _fwd_kernel(pred, noise, index, target, teacher, e_out, loss_out, K, D, spb,
         x = tl.load(n + d, mask=d < D, other=0.0).to(ACC)
         diff = tl.load(p + d[None, :], mask=rows[:, None] & (d < D)[None, :], other=0.0).to(ACC) - x[None, :]
         acc += diff * diff
-    e = tl.sum(acc, axis=1)
-    if MEAN:
-        e = e / D
+    e = tl.sum(acc, axis=1) / D
     tl.store(e_out + b * K + k, e, mask=rows)
     if MODE == 1:  # hard: -log p[y]; a target outside [0, K) gives NaN
         y = _hard_target(target, b, column, TARGET_PTR)
@@ -92,7 +90,7 @@ def _fwd_kernel(pred, noise, index, target, teacher, e_out, loss_out, K, D, spb,
 
 @triton.jit
 def _bwd_kernel(pred, noise, index, target, teacher, e, g_loss, g_e, dpred, dnoise, K, D, spb, spk, snb, stb, stk,
-                sgl, sgb, sgk, column, temp, MODE: tl.constexpr, MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
+                sgl, sgb, sgk, column, temp, MODE: tl.constexpr, HAS_INDEX: tl.constexpr,
                 TARGET_PTR: tl.constexpr, HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, NOISE_GRAD: tl.constexpr,
                 KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -110,9 +108,7 @@ def _bwd_kernel(pred, noise, index, target, teacher, e, g_loss, g_e, dpred, dnoi
             q = tl.load(teacher + b * stb + k * stk, mask=rows, other=0.0).to(ACC)
             s = tl.sum(q, axis=0)
         de += tl.load(g_loss + b * sgl).to(ACC) * (q - s * p) / temp
-    coef = 2.0 * de
-    if MEAN:
-        coef = coef / D
+    coef = 2.0 * de / D
     nb = b
     if HAS_INDEX:
         nb = tl.load(index + b).to(tl.int64)
@@ -155,21 +151,20 @@ def _launch(pred, noise, index, target, teacher, mode, tile):
 
 @torch.library.custom_op("cp::dc_loss", mutates_args=())
 def _dc_loss_op(pred: torch.Tensor, noise: torch.Tensor, index: Optional[torch.Tensor], target: Optional[torch.Tensor],
-                teacher: Optional[torch.Tensor], column: int, temp: float, mean: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                teacher: Optional[torch.Tensor], column: int, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B], or [0] with neither target nor teacher; e [B, K]): `dc_loss` with its arguments checked."""
     mode = _mode(target, teacher, column)
     tensors, args, meta = _launch(pred, noise, index, target, teacher, mode, FWD_TILE)
     B, K = pred.shape[:2]
     e = torch.empty(B, K, device=pred.device, dtype=_acc_dtype(pred, noise))
     loss = torch.empty(B if mode else 0, device=pred.device, dtype=e.dtype)
-    _fwd_kernel[(B,)](*tensors, e, loss, *args, column, temp, MEAN=mean, HAS_INDEX=index is not None,
+    _fwd_kernel[(B,)](*tensors, e, loss, *args, column, temp, HAS_INDEX=index is not None,
                       TARGET_PTR=target is not None, num_warps=16, **meta)
     return loss, e
 
 
 @_dc_loss_op.register_fake
-def _(pred, noise, index, target, teacher, column, temp, mean):
+def _(pred, noise, index, target, teacher, column, temp):
     B, K = pred.shape[:2]
     e = pred.new_empty(B, K, dtype=_acc_dtype(pred, noise))
     return e.new_empty(B if _mode(target, teacher, column) else 0), e
@@ -179,7 +174,7 @@ def _(pred, noise, index, target, teacher, column, temp, mean):
 def _dc_loss_backward_op(g_loss: Optional[torch.Tensor], g_e: Optional[torch.Tensor], e: torch.Tensor,
                          pred: torch.Tensor, noise: torch.Tensor, index: Optional[torch.Tensor],
                          target: Optional[torch.Tensor], teacher: Optional[torch.Tensor], column: int, temp: float,
-                         mean: bool, noise_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         noise_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dpred, shaped as pred; dnoise per image [B, *latent], or [0] without noise_grad)."""
     tensors, args, meta = _launch(pred, noise, index, target, teacher, _mode(target, teacher, column), BWD_TILE)
     B, K, D = tensors[0].shape
@@ -188,41 +183,41 @@ def _dc_loss_backward_op(g_loss: Optional[torch.Tensor], g_e: Optional[torch.Ten
     has_gl = g_loss is not None and meta["MODE"] != 0
     _bwd_kernel[(B, triton.cdiv(D, meta["BLOCK"]))](
         *tensors, e, g_loss, g_e, dpred, dnoise, *args, g_loss.stride(0) if has_gl else 0,
-        *(g_e.stride() if g_e is not None else (0, 0)), column, temp, MEAN=mean, HAS_INDEX=index is not None,
+        *(g_e.stride() if g_e is not None else (0, 0)), column, temp, HAS_INDEX=index is not None,
         TARGET_PTR=target is not None, HAS_GL=has_gl, HAS_GE=g_e is not None, NOISE_GRAD=noise_grad, num_warps=4,
         **meta)
     return dpred.view(pred.shape), dnoise.view((B, *pred.shape[2:]) if noise_grad else (0,))
 
 
 @_dc_loss_backward_op.register_fake
-def _(g_loss, g_e, e, pred, noise, index, target, teacher, column, temp, mean, noise_grad):
+def _(g_loss, g_e, e, pred, noise, index, target, teacher, column, temp, noise_grad):
     B = pred.shape[0]
     return pred.new_empty(pred.shape), noise.new_empty((B, *pred.shape[2:]) if noise_grad else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    pred, noise, index, target, teacher, column, temp, mean = inputs
+    pred, noise, index, target, teacher, column, temp = inputs
     ctx.save_for_backward(pred, noise, index, target, teacher, output[1])
-    ctx.column, ctx.temp, ctx.mean = column, temp, mean
+    ctx.column, ctx.temp = column, temp
     ctx.set_materialize_grads(False)  # an output without a gradient costs no zero-filled tensor
 
 
 def _backward(ctx, g_loss, g_e):
     pred, noise, index, target, teacher, e = ctx.saved_tensors
     dpred, dnoise = torch.ops.cp.dc_loss_backward(g_loss, g_e, e, pred, noise, index, target, teacher, ctx.column,
-                                                  ctx.temp, ctx.mean, ctx.needs_input_grad[1])
+                                                  ctx.temp, ctx.needs_input_grad[1])
     if ctx.needs_input_grad[1] and index is not None:  # images sharing a noise row add up
         dnoise = torch.zeros_like(noise).index_add_(0, index, dnoise)
     dteacher = None
     if ctx.needs_input_grad[4] and g_loss is not None:  # dL/dq = -log p: never needed at the call sites
         dteacher = (-g_loss[:, None] * torch.log_softmax(-e / ctx.temp, -1)).to(teacher.dtype)
-    return dpred, dnoise if ctx.needs_input_grad[1] else None, None, None, dteacher, None, None, None
+    return dpred, dnoise if ctx.needs_input_grad[1] else None, None, None, dteacher, None, None
 
 
 _dc_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def call_op(pred, noise, target, temp, teacher, reduction, index):
+def call_op(pred, noise, target, temp, teacher, index):
     """`dc_kernels.fused_dc_loss`: the op, its arguments already checked by dc_score."""
     column, target = (target, None) if isinstance(target, int) else (-1, target)
-    return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp), reduction == "mean")
+    return torch.ops.cp.dc_loss(pred, noise, index, target, teacher, column, float(temp))

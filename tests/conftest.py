@@ -157,3 +157,13 @@ def sigterm_after_children(cmd, marker, n):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         p.wait()
+
+
+def writes_denied(folder):
+    """Whether the OS refuses a new file in `folder` (not for root, which chmod does not stop)."""
+    try:
+        open(os.path.join(folder, "probe"), "w").close()
+    except PermissionError:
+        return True
+    os.remove(os.path.join(folder, "probe"))
+    return False

@@ -119,13 +119,15 @@ def test_online_fisher_update(tiny_model_dir, concepts, monkeypatch):
         made.append([torch.full_like(p, float(len(made) + 1)) * torch.rand_like(p) for p in params])
         return made[-1]
     monkeypatch.setattr(cp, "fisher_diagonal", fixed_fisher)
-    model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7, fisher_norm="task")
+    model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7)
     first = train.learn_folder(model, state, concepts[0])
     second = train.learn_folder(model, first, concepts[1])
     keys = list(cp.flat(lora.get_adapter(model.unet, "current")))
+    mean = lambda ts: sum(t.sum() for t in ts) / sum(t.numel() for t in ts)
+    grown = [0.7 * made[0][i] / mean(made[0]) + made[1][i] for i in range(len(keys))]  # F* stored at mean 1
     for i, k in enumerate(keys):
-        torch.testing.assert_close(first.fisher[k], made[0][i])
-        torch.testing.assert_close(second.fisher[k], 0.7 * made[0][i] + made[1][i])
+        torch.testing.assert_close(first.fisher[k], made[0][i] / mean(made[0]))
+        torch.testing.assert_close(second.fisher[k], grown[i] / mean(grown))
         torch.testing.assert_close(second.anchor[k], cp.flat(second.lora)[k])
     assert not torch.equal(first.anchor[keys[-1]], second.anchor[keys[-1]])
 
@@ -143,7 +145,7 @@ def test_dc_fisher_is_the_mean_squared_gradient_of_the_dc_cross_entropy(tiny_mod
                                                      {"prompt": "a red star"}])
     images, _ = train.load_images(concepts[0], model.resolution)
     fisher, anchor = cp.update_fisher(model, state, alpha_task(model, images, state, 5),
-                                     cp.snapshot(model.unet, "current"))
+                                     lora.snapshot(model.unet, "current"))
 
     t_ = alpha_task(model, images, state, 5)  # the same draws, consumed in the same order
     squares = [torch.zeros_like(p) for p in params]
@@ -170,14 +172,14 @@ def test_denoise_and_dc_losses_match_a_full_batch_of_errors(tiny_model_dir, dc_b
     δ·L_DC (dc_batch images × K prompts, the rest × the target) give what scoring every image under every prompt
     and keeping the rows each term uses gives."""
     model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method="ewc-dc", dc_batch=dc_batch, dc_weight=0.5)
+    hp = cp.Hparams(method="ewc-dc", dc_batch=dc_batch, dc_weight=0.5, dc_temp=0.05)
     x0, prompts = torch.randn(3, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
     if dc_batch:
-        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1), tau=0.05)
+        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1))
     else:
         terms = {"denoise": cp.denoise_loss(model, x0, prompts[:1], torch.Generator().manual_seed(1))}
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod, "mean")
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts), t, eps, model.alphas_cumprod)
     assert terms["denoise"].item() == pytest.approx(e[:, 0].mean().item(), rel=1e-5)
     if dc_batch:
         ce = -torch.log_softmax(-e[:dc_batch] / 0.05, -1)[:, 0].mean()
@@ -223,20 +225,20 @@ def test_clora_penalty_by_hand():
 
 def test_dsc_loss_by_hand_with_three_different_adapters(tiny_model_dir):
     """Student "current", teachers "teacher1" and "teacher2", all different: each term against predictions made by
-    hand, one UNet call per (adapter, prompt). T1 is distilled on c_n (column 0), T2 on c_j (column j)."""
+    hand, one UNet call per (adapter, prompt). T1 is distilled on c_n (column 0), T2 on c_j (column 2)."""
     model = unet.load_model(tiny_model_dir)
     hp = cp.Hparams(method="dsc", dsc_w_h=0.7, dsc_w_n=1.3, dc_temp=0.05)
     for i, name in enumerate(("current", "teacher1", "teacher2")):
         cp.install_adapter(model.unet, name, None, hp)
         randomize(model.unet, name, 10 + i)
     x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo", "a blue star"]
-    got = cp.dsc_loss(model, x0, prompts, 2, "teacher2", hp, torch.Generator().manual_seed(0), 0.05)
+    got = cp.dsc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(0))
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
     x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
     out = {}
     with torch.no_grad():
         for name in ("current", "teacher1", "teacher2"):
-            cp.enable_only(model.unet, name)
+            lora.enable_only(model.unet, name)
             pred = torch.stack([model.unet(x_t, t, model.encode_text([p]).expand(2, -1, -1)) for p in prompts], 1)
             out[name] = pred, ((pred - eps[:, None]) ** 2).mean((2, 3, 4))
     log_s = torch.log_softmax(-out["current"][1] / hp.dc_temp, -1)
@@ -249,32 +251,38 @@ def test_dsc_loss_by_hand_with_three_different_adapters(tiny_model_dir):
 
 def test_dsc_teacher2_is_the_pool_entry_of_the_earlier_concept_it_distils(tiny_model_dir, concepts, tmp_path,
                                                                            monkeypatch):
-    """T2 = the LoRA saved after task j, distilled on c_j's prompt; on the first task the base model, on c₀."""
+    """T2 = the LoRA saved after task j, distilled on c_j's prompt; the first task, with no earlier concept, is not
+    consolidated and keeps its adapter as training left it."""
     folders = concepts + [write_concept(str(tmp_path / "gamma"), 7)]
-    seen = []
-    real = cp.dsc_loss
+    seen, trained = [], []
+    real, real_train = cp.dsc_loss, cp.train_task
 
-    def recording(model, x0, prompts, j_index, teacher2, hp, gen, tau):
-        weights = cp.snapshot(model.unet, teacher2) if teacher2 else None
-        seen.append((list(prompts), j_index, teacher2, weights))
-        return real(model, x0, prompts, j_index, teacher2, hp, gen, tau)
+    def recording(model, x0, prompts, hp, gen):
+        seen.append((list(prompts), lora.snapshot(model.unet, "teacher2")))
+        return real(model, x0, prompts, hp, gen)
+
+    def train_task(model, *a):  # the adapter as training leaves it
+        out = real_train(model, *a)
+        trained.append(cp.flat(lora.snapshot(model.unet, "current")))
+        return out
     monkeypatch.setattr(cp, "dsc_loss", recording)
-    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, dsc_first="base")
+    monkeypatch.setattr(cp, "train_task", train_task)
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4)
     for i, folder in enumerate(folders):
         before, seen[:] = state, []
         state = train.learn_folder(model, state, folder)
-        for prompts, j_index, teacher2, weights in seen:
-            assert prompts[:2] == [state.concepts[-1]["prompt"], "a photo"]
-            if i == 0:
-                assert teacher2 is None and j_index == 1 and len(prompts) == 2
-                continue
-            assert teacher2 == "teacher2" and j_index == 2 and len(prompts) == 3
+        assert len(seen) == (0 if i == 0 else 4)
+        if i == 0:
+            kept = cp.flat(state.pool[0])
+            assert all(torch.equal(kept[k], trained[0][k]) for k in kept)
+        for prompts, weights in seen:
+            assert prompts[:2] == [state.concepts[-1]["prompt"], "a photo"] and len(prompts) == 3
             j = [c["prompt"] for c in before.concepts].index(prompts[2])
             pool = before.pool[j]
             assert all(torch.equal(weights[p][0], pool[p][0]) and torch.equal(weights[p][1], pool[p][1])
                        for p in pool)
         if i == 2:  # over the steps, both earlier concepts were drawn, and their LoRAs differ
-            assert len({p[2] for p, *_ in seen}) == 2
+            assert len({p[2] for p, _ in seen}) == 2
             assert not torch.equal(*[cp.flat(w)[next(iter(cp.flat(w)))] for w in before.pool])
 
 
@@ -407,7 +415,7 @@ def test_denoising_fisher_by_hand(tiny_model_dir, concepts, precision):
     images, _ = train.load_images(concepts[0], model.resolution)
     with cp.autocast("cpu", precision):  # the latents are encoded under it, as in training
         task, t_ = alpha_task(model, images, state, 3), alpha_task(model, images, state, 3)
-        fisher, _ = cp.update_fisher(model, state, task, cp.snapshot(model.unet, "current"))
+        fisher, _ = cp.update_fisher(model, state, task, lora.snapshot(model.unet, "current"))
     squares = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         x0 = t_.batches(1)
@@ -420,22 +428,6 @@ def test_denoising_fisher_by_hand(tiny_model_dir, concepts, precision):
         torch.testing.assert_close(fisher[k], s / mean, rtol=1e-3, atol=1e-4)
 
 
-def test_fisher_norm(tiny_model_dir, concepts):
-    """`task`: every F̂ has mean 1 and F* ← γ F* + F̂ grows (mean 1 + γ after two tasks); `total`: the same F*
-    rescaled to mean 1 after each update (both runs are identical up to there: after one task F* = F̂ has mean 1)."""
-    mean = lambda f: (sum(v.sum() for v in f.values()) / sum(v.numel() for v in f.values())).item()
-    runs = {}
-    for norm in ("task", "total"):
-        model, state = fresh(tiny_model_dir, "ewc", ewc_gamma=0.7, fisher_norm=norm)
-        first = train.learn_folder(model, state, concepts[0])
-        runs[norm] = first, train.learn_folder(model, first, concepts[1])
-        assert mean(first.fisher) == pytest.approx(1.0, rel=1e-5)
-    task, total = runs["task"][1].fisher, runs["total"][1].fisher
-    assert mean(task) == pytest.approx(1.7, rel=1e-5) and mean(total) == pytest.approx(1.0, rel=1e-5)
-    for k in task:
-        torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
-
-
 def test_a_diverged_adapters_fisher_is_refused():
     """A non-finite gradient would make F* NaN in silence (and the next task fail with another message)."""
     w = torch.ones(3, requires_grad=True)
@@ -444,29 +436,24 @@ def test_a_diverged_adapters_fisher_is_refused():
         cp.fisher_diagonal([w], lambda: (w * float("nan")).sum(), 2)
 
 
-def test_fisher_norm_total_keeps_the_decay_over_many_tasks(monkeypatch):
-    """Four updates with given F̂ (each of mean 1): `total` is `task`'s F* rescaled to mean 1 after every one of
-    them, so task m's F̂ weighs γ^(n−m) against the newest under both norms (rescaling the sum of the rescaled F*
-    and a new F̂ would weigh the past by γ/(1 + γ + ...) from the third task on)."""
+def test_stored_fisher_keeps_the_decay_over_many_tasks(monkeypatch):
+    """Four updates with given F̂ (each of mean 1): the stored F* is Σ_m γ^(n−m) F̂_m rescaled to mean 1 after every
+    update, so task m's F̂ weighs γ^(n−m) against the newest (rescaling the sum of the rescaled F* and a new F̂
+    would weigh the past by γ/(1 + γ + ...) from the third task on)."""
     gamma, gen = 0.9, torch.Generator().manual_seed(0)
     final = {"layer": (torch.zeros(2, 3), torch.zeros(4, 2))}
     f_hats = [cp.mean_one([torch.rand(2, 3, generator=gen), torch.rand(4, 2, generator=gen)]) for _ in range(4)]
     mean = lambda f: (sum(v.sum() for v in f.values()) / sum(v.numel() for v in f.values())).item()
-    fishers = {}
-    for norm in ("task", "total"):
-        state = cp.State(model={}, hparams=cp.Hparams(method="ewc", ewc_gamma=gamma, fisher_norm=norm))
-        for f_hat in f_hats:
-            monkeypatch.setattr(cp, "fisher_estimate", lambda *a, f_hat=f_hat: f_hat)
-            state.fisher, _ = cp.update_fisher(None, state, None, final)
-            state.concepts = state.concepts + [{}]
-            fishers.setdefault(norm, []).append(state.fisher)
-    by_hand = {k: sum(gamma ** (3 - m) * f[i] for m, f in enumerate(f_hats)) for i, k in enumerate(cp.flat(final))}
-    for k in by_hand:
-        torch.testing.assert_close(fishers["task"][-1][k], by_hand[k])
-    for task, total in zip(fishers["task"], fishers["total"]):
-        assert mean(total) == pytest.approx(1.0, rel=1e-5)
-        for k in task:
-            torch.testing.assert_close(total[k], task[k] / mean(task), rtol=1e-5, atol=1e-6)
+    state = cp.State(model={}, hparams=cp.Hparams(method="ewc", ewc_gamma=gamma))
+    for n, f_hat in enumerate(f_hats):
+        monkeypatch.setattr(cp, "fisher_estimate", lambda *a, f_hat=f_hat: f_hat)
+        state.fisher, _ = cp.update_fisher(None, state, None, final)
+        state.concepts = state.concepts + [{}]
+        by_hand = {k: sum(gamma ** (n - m) * f[i] for m, f in enumerate(f_hats[:n + 1]))
+                   for i, k in enumerate(cp.flat(final))}
+        assert mean(state.fisher) == pytest.approx(1.0, rel=1e-5)
+        for k in by_hand:
+            torch.testing.assert_close(state.fisher[k], by_hand[k] / mean(by_hand), rtol=1e-5, atol=1e-6)
 
 
 def test_ewc_penalty_uses_the_states_fisher_anchor_and_lambda_when_training_and_consolidating(
@@ -503,12 +490,14 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
     seen, real = [], cp.dsc_loss
 
     def recording(model, *args):
-        seen.append((cp.snapshot(model.unet, "teacher1"), cp.snapshot(model.unet, "current"),
+        seen.append((lora.snapshot(model.unet, "teacher1"), lora.snapshot(model.unet, "current"),
                      [p.requires_grad for p in lora.lora_parameters(model.unet, ["teacher1"])]))
         return real(model, *args)
     monkeypatch.setattr(cp, "dsc_loss", recording)
-    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05, dsc_first="base")  # task 1 consolidated
-    train.learn_folder(model, state, concepts[0])
+    model, state = fresh(tiny_model_dir, "dsc", dsc_steps=4, lr=0.05)
+    state = train.learn_folder(model, state, concepts[0])
+    seen[:] = []  # the second task is the first consolidated
+    train.learn_folder(model, state, concepts[1])
     flat = [(cp.flat(t), cp.flat(s), grads) for t, s, grads in seen]
     trained = flat[0][1]  # the student starts from T1
     assert all(torch.equal(trained[k], flat[0][0][k]) for k in trained)
@@ -516,86 +505,3 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
         assert not any(grads)
         assert all(torch.equal(teacher[k], trained[k]) for k in trained)
     assert any(not torch.equal(flat[-1][1][k], trained[k]) for k in trained)  # the student did move
-
-
-def test_dsc_without_t2_on_the_first_task(tiny_model_dir, concepts, monkeypatch):
-    """`--dsc-first none`: the first task is not consolidated (T1 alone has nothing to teach its copy), its adapter
-    stays as trained; `base`: T2 is the base model on c₀; later tasks always have a T2 from the pool."""
-    model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method="dsc", dsc_w_h=0.7, dsc_w_n=1.3)
-    for i, name in enumerate(("current", "teacher1")):
-        cp.install_adapter(model.unet, name, None, hp)
-        randomize(model.unet, name, 20 + i)
-    x0, prompts = torch.randn(2, 4, 8, 8), ["a photo of a red star", "a photo"]
-    both = cp.dsc_loss(model, x0, prompts, 1, None, hp, torch.Generator().manual_seed(0), 0.05)
-    t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(0))
-    x_t = unet.add_noise(x0, eps, t, model.alphas_cumprod)
-    with torch.no_grad():
-        out = {}
-        for name in ("current", "teacher1", None):
-            cp.enable_only(model.unet, name)
-            pred = torch.stack([model.unet(x_t, t, model.encode_text([p]).expand(2, -1, -1)) for p in prompts], 1)
-            out[name] = pred, ((pred - eps[:, None]) ** 2).mean((2, 3, 4))
-    h = lambda n: -(torch.softmax(-out[n][1] / 0.05, -1) * torch.log_softmax(-out["current"][1] / 0.05, -1)).sum(-1)
-    n1 = (out["current"][0][:, 0] - out["teacher1"][0][:, 0]).square().mean()
-    n2 = (out["current"][0][:, 1] - out[None][0][:, 1]).square().mean()
-    assert both["dsc_h"].item() == pytest.approx(0.7 * 0.05 * (h("teacher1") + h(None)).mean().item(), rel=1e-4)
-    assert both["dsc_n"].item() == pytest.approx(1.3 * (n1 + n2).item(), rel=1e-4)
-
-    teachers, trained = [], []
-    real_loss, real_train = cp.dsc_loss, cp.train_task
-    monkeypatch.setattr(cp, "dsc_loss", lambda *a: teachers.append(a[4]) or real_loss(*a))
-
-    def train_task(model, *a):  # the adapter as training leaves it
-        out = real_train(model, *a)
-        trained.append(cp.flat(cp.snapshot(model.unet, "current")))
-        return out
-    monkeypatch.setattr(cp, "train_task", train_task)
-    for first, expect in (("none", [[], ["teacher2"]]), ("base", [[None], ["teacher2"]])):
-        model, state = fresh(tiny_model_dir, "dsc", dsc_first=first)
-        for folder in concepts:
-            teachers[:] = []
-            state = train.learn_folder(model, state, folder)
-            assert set(teachers) == set(expect[len(state.concepts) - 1])
-            assert len(teachers) in (0, state.hparams.dsc_steps)
-        kept = cp.flat(state.pool[0])  # under none, task 1 leaves its adapter as training left it
-        assert all(torch.equal(kept[k], trained[-2][k]) for k in kept) == (first == "none")
-
-
-@pytest.mark.parametrize("which", ["tiny", "toy"])
-def test_calibrated_temperature_spreads_the_logits_by_about_one_nat(tiny_model_dir, concepts, which):
-    """`--dc-temp auto` on two models and two latent sizes each: on fresh draws, the median gap between the logits
-    −e/τ of c_n and c₀ is about 1 (the target), where a fixed τ gives gaps that differ by model."""
-    path = tiny_model_dir if which == "tiny" else os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy",
-                                                               "model")
-    model = unet.load_model(path)
-    hp = cp.Hparams(method="ewc-dc", dc_k=4)
-    cp.install_adapter(model.unet, "current", None, hp)
-    randomize(model.unet, "current", 5, scale=0.05)
-    state = cp.State(model={}, hparams=hp, concepts=[{"prompt": "a photo of a blue star"}, {"prompt": "a red star"}])
-    spreads = []
-    for size in (model.resolution, 2 * model.resolution):  # latents of two sizes
-        images, _ = train.load_images(concepts[0], size)
-        tau = cp.calibrate_temp(model, alpha_task(model, images, state))
-        task = alpha_task(model, images, state, seed=1)
-        with torch.no_grad():
-            e = torch.cat([cp.subset_errors(model, task.batches(16), [task.target, task.c0], task.gen)
-                           for _ in range(2)])
-        gap = (e[:, 0] - e[:, 1]).abs()
-        assert 0.5 < (gap / tau).median().item() < 2, (which, size, tau, gap)
-        spreads.append(gap.median().item())
-    assert tau > 0 and spreads[0] != spreads[1]
-
-
-def test_calibration_draws_nothing_from_the_tasks_stream(tiny_model_dir, concepts):
-    """A task with `--dc-temp auto` records its τ, and trains exactly as one given that τ as a number: calibrating
-    took no draw from the task's batches, noise or subsets."""
-    model, state = fresh(tiny_model_dir, "dsc-ewc-dc")
-    auto = train.learn_folder(model, state, concepts[0])
-    tau = auto.history[-1]["dc_temp"]
-    assert isinstance(tau, float) and tau > 0
-    model, state = fresh(tiny_model_dir, "dsc-ewc-dc", dc_temp=tau)
-    fixed = train.learn_folder(model, state, concepts[0])
-    a, b = state_tensors(auto), state_tensors(fixed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert fixed.history[-1]["dc_temp"] == tau

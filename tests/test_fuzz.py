@@ -254,12 +254,12 @@ def harmless(rng, folder, o):
     elif choice == 1:
         m = json.loads(o["files"][cp_state.MANIFEST])
         rewrite(folder, cp_state.MANIFEST, json.dumps(m, sort_keys=True, separators=(",", ":")).encode())
-    elif choice == 2:  # what an older version wrote: loads unverified
-        edit_manifest(folder, lambda m: (m.__setitem__("format", "cp-state/1"), m.pop("sums")))
+    elif choice == 2:
+        edit_manifest(folder, lambda m: m["hparams"].__setitem__("seed", rng.randrange(100)))
     elif choice == 3:
         edit_manifest(folder, lambda m: m["history"][1].__setitem__("seconds", rng.random()))
     elif choice == 4:
-        edit_manifest(folder, lambda m: m["hparams"].__setitem__("lr", rng.choice([0.5, 1, 1e-6])))
+        edit_manifest(folder, lambda m: m["hparams"].__setitem__("ewc_lambda", rng.choice([0.5, 1, 1e-6])))
     elif choice == 5:
         edit_manifest(folder, lambda m: m["concepts"][1].__setitem__("class_word", "thing"))
     elif choice == 6:
@@ -294,7 +294,7 @@ def try_state(folder, o):
     if not same(got, o["reference"]):
         return "silent", "the state loads and gives other outputs"
     try:
-        state.hparams = replace(state.hparams, steps=2)
+        state.hparams = replace(state.hparams, steps=2, batch_size=2, dsc_steps=2)  # run settings are not stored
         cp.learn_concept(got[2], state, o["images"], "gamma")
     except (cp.CPError, unet.LoadError):
         pass
@@ -341,7 +341,7 @@ def check_restored_trains_and_samples(o, root):
     folder = str(root / "state")
     state = cp_state.load_state(folder)
     _, _, model = outputs(o["base"], state)
-    state.hparams = replace(state.hparams, steps=2)
+    state.hparams = replace(state.hparams, steps=2, batch_size=2, dsc_steps=2)  # run settings are not stored
     cp_state.save_state(cp.learn_concept(model, state, o["images"], "gamma"), folder)
     m = json.loads(open(os.path.join(folder, cp_state.MANIFEST)).read())
     assert [m["sums"][p] for p in m["files"]["pool"][:2]] == [o["manifest"]["sums"][p] for p in

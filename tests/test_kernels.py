@@ -27,16 +27,16 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.f
 MODES = ["errors", "column", "targets", "teacher", "teacher2"]
 
 
-def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, reduction="mean", index=None, impl="auto"):
+def dc_loss(pred, noise, target=None, temp=1.0, teacher=None, index=None, impl="auto"):
     """(L, e) of the dc_score function each way of scoring calls: a teacher (soft_cross_entropy), a hard target
     (dc_cross_entropy), neither (dc_errors; L empty). impl "reference" runs the formulas, "triton" the kernel."""
     if teacher is not None:
         if target is not None:
             raise ValueError("a teacher or a target, not both")
-        return dc_score.soft_cross_entropy(pred, noise, teacher, temp, reduction, index, impl)
+        return dc_score.soft_cross_entropy(pred, noise, teacher, temp, index, impl)
     if target is not None:
-        return dc_score.dc_cross_entropy(pred, noise, target, temp, reduction, index, impl)
-    e = dc_score.dc_errors(pred, noise, reduction, index, impl)
+        return dc_score.dc_cross_entropy(pred, noise, target, temp, index, impl)
+    e = dc_score.dc_errors(pred, noise, index, impl)
     return e.new_empty(0), e
 
 
@@ -44,8 +44,8 @@ def dc_loss_reference(*args, **kw):
     return dc_loss(*args, **kw, impl="reference")
 
 
-def dc_errors(pred, noise, reduction="sum", impl="auto", index=None):
-    return dc_score.dc_errors(pred, noise, reduction, index, impl)
+def dc_errors(pred, noise, impl="auto", index=None):
+    return dc_score.dc_errors(pred, noise, index, impl)
 
 
 def inputs(shape, dtype, device, seed=0, mode="column", noise_grad=True):
@@ -55,7 +55,7 @@ def inputs(shape, dtype, device, seed=0, mode="column", noise_grad=True):
     pred = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
     noise = torch.randn((B,) + shape[2:], generator=g).to(device, dtype).requires_grad_(noise_grad)
     teacher = torch.softmax(torch.randn(B, K, generator=g), -1).to(device, dtype)
-    kw = dict(errors=dict(reduction="sum"), column=dict(target=K - 1, temp=0.7),
+    kw = dict(errors=dict(), column=dict(target=K - 1, temp=0.7),
               targets=dict(target=torch.randint(0, K, (B,), generator=g).to(device), temp=0.3),
               teacher=dict(teacher=teacher, temp=0.5), teacher2=dict(teacher=2 * teacher, temp=0.05))[mode]
     return pred, noise, kw
@@ -119,7 +119,6 @@ def test_reference_is_the_formula():
         for k in range(3):
             d = pred[b, k] - noise[b]
             assert torch.allclose(e[b, k], (d * d).mean())
-            assert torch.allclose(dc_errors(pred, noise, "sum", "reference")[b, k], (d * d).sum())
         p = [torch.exp(-e[b, k] / temp) / torch.exp(-e[b] / temp).sum() for k in range(3)]
         assert torch.allclose(L_hard[b], -torch.log(p[[2, 0][b]]))
         assert torch.allclose(L_soft[b], -sum(teacher[b, k] * torch.log(p[k]) for k in range(3)))
@@ -160,7 +159,7 @@ def test_index_gathers_the_noise(device):
         pred, _, _ = inputs((len(index), K, 4, 3, 3), torch.float32, device)
         noise = torch.randn(3, 4, 3, 3, device=device, requires_grad=True)
         index = torch.tensor([[i, 9] for i in index], device=device)[:, 0]  # strided: read densely
-        for kw in (dict(reduction="mean"), dict(target=K - 1, temp=0.2)):
+        for kw in (dict(), dict(target=K - 1, temp=0.2)):
             got = run("triton", pred, noise, index=index, **kw)
             assert_matches(got, run("reference", pred, noise, index=index, **kw), torch.float32)
         assert torch.equal(dc_errors(pred, noise, index=index, impl="triton"),
@@ -252,9 +251,9 @@ def test_op_registration():
         pytest.skip("the op's kernel needs CUDA or TRITON_INTERPRET=1")
     pred, noise, kw = inputs((2, 3, 2, 3, 3), torch.float32, DEVICE, mode="targets")
     torch.library.opcheck(torch.ops.cp.dc_loss.default,
-                          (pred, noise, torch.tensor([1, 0], device=DEVICE), kw["target"], None, -1, 0.5, True))
+                          (pred, noise, torch.tensor([1, 0], device=DEVICE), kw["target"], None, -1, 0.5))
     teacher = inputs((2, 3, 2, 3, 3), torch.float32, DEVICE, mode="teacher")[2]["teacher"].requires_grad_()
-    torch.library.opcheck(torch.ops.cp.dc_loss.default, (pred, noise, None, None, teacher, -1, 0.5, False))
+    torch.library.opcheck(torch.ops.cp.dc_loss.default, (pred, noise, None, None, teacher, -1, 0.5))
 
 
 def test_compiles_whole_with_the_kernel():
@@ -345,7 +344,7 @@ def test_cuda_ragged_step_has_no_host_sync():
     def step():
         pred = dc_score.noise_predictions(net, x0, context, t, eps, ac, rows=(image, prompt))
         ce, e_dc = dc_loss(pred[:6].view(2, 3, 4, 8, 8), eps[:2], 0, 0.05, impl="triton")
-        e = dc_errors(pred[6:, None], eps[2:], "mean", impl="triton")[:, 0]
+        e = dc_errors(pred[6:, None], eps[2:], impl="triton")[:, 0]
         return torch.autograd.grad(torch.cat([e_dc[:, 0], e]).mean() + ce.mean(), conv.weight)
     step()  # compile the kernels
     torch.cuda.set_sync_debug_mode("error")
@@ -410,11 +409,11 @@ for dtype, acc, mode, index, target in (("bf16", "fp32", 1, False, False), ("fp1
                                         ("fp32", "fp32", 0, True, False), ("fp64", "fp64", 1, False, True)):
     given = {n for n, on in (("index", index), ("target", target), ("teacher", mode == 2)) if on}
     flags = dict(MODE=mode, HAS_INDEX=index, TARGET_PTR=target)
-    compile(_fwd_kernel, dtype, acc, given, MEAN=True, KP=8, BLOCK=1024, **flags)
+    compile(_fwd_kernel, dtype, acc, given, KP=8, BLOCK=1024, **flags)
     for gl, ge, ng in itertools.product({mode > 0, False}, (True, False), (True, False)):
         if gl or ge:
             compile(_bwd_kernel, dtype, acc, given | {n for n, on in (("g_loss", gl), ("g_e", ge)) if on},
-                    MEAN=False, HAS_GL=gl, HAS_GE=ge, NOISE_GRAD=ng, KP=4, BLOCK=512, **flags)
+                    HAS_GL=gl, HAS_GE=ge, NOISE_GRAD=ng, KP=4, BLOCK=512, **flags)
 print("compiled")
 """
 
@@ -457,7 +456,7 @@ def test_dispatch(monkeypatch):
 def test_bad_arguments():
     pred, noise, _ = inputs((2, 3, 4, 4, 4), torch.float32, "cpu")
     teacher = torch.full((2, 3), 1 / 3)
-    for kw in (dict(impl="cuda"), dict(reduction="max"), dict(target=3), dict(target=-1),
+    for kw in (dict(impl="cuda"), dict(target=3), dict(target=-1),
                dict(target=torch.tensor([0])), dict(teacher=teacher[:, :2]), dict(teacher=teacher, target=0),
                dict(index=torch.tensor([0]))):
         with pytest.raises(ValueError):

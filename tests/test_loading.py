@@ -1,6 +1,9 @@
 """Loading: diffusers folders, single-file LDM checkpoints (checked against diffusers' own converter), bad files."""
+import errno
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 
 import unet
+from conftest import writes_denied
 
 PRESET = unet.PRESETS["tiny"]
 
@@ -180,7 +184,7 @@ def touch(path):
 @pytest.mark.parametrize("net, suffix", [("unet", "conv_in.bias"), ("vae", "decoder.conv_out.bias"),
                                          ("text_encoder", "final_layer_norm.bias")])
 def test_fingerprint_covers_every_weight(tiny_model_dir, tmp_path, net, suffix):
-    """One bias ×1.01, in any of the three networks, is another base model (the old four-tensor hash misses it)."""
+    """One bias ×1.01, in any of the three networks, is another base model."""
     base = unet.load_model(tiny_model_dir)
     folder = copy_model(tiny_model_dir, tmp_path)
     path = os.path.join(folder, WEIGHTS[net])
@@ -191,7 +195,6 @@ def test_fingerprint_covers_every_weight(tiny_model_dir, tmp_path, net, suffix):
     changed = unet.load_model(folder)
     assert len(changed.fingerprint) == 32 and int(changed.fingerprint, 16) >= 0
     assert changed.fingerprint != base.fingerprint
-    assert changed.old_fingerprint == base.old_fingerprint
     assert unet.load_model(copy_model(tiny_model_dir, tmp_path / "same")).fingerprint == base.fingerprint
 
 
@@ -205,7 +208,7 @@ def test_fingerprint_does_not_depend_on_the_load_dtype(tiny_model_dir, tmp_path,
     monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "b"))
     model = unet.load_model(tiny_model_dir, dtype=dtype)
     assert model.dtype == dtype and len(hashed) == 2
-    assert (model.fingerprint, model.old_fingerprint) == (ref.fingerprint, ref.old_fingerprint)
+    assert model.fingerprint == ref.fingerprint
 
 
 def test_fingerprint_is_cached_by_path_size_and_mtime(tiny_model_dir, tmp_path, monkeypatch):
@@ -245,6 +248,44 @@ def test_a_cache_that_cannot_be_used_is_no_error(tiny_model_dir, tmp_path, monke
         assert "weights" in unet.read_json(entry)
 
 
+def test_a_read_only_or_full_cache_is_no_error(tiny_model_dir, tmp_path, monkeypatch):
+    """A cache folder that cannot be written (chmod 0o500; as root, the refusal simulated) or a full disk: the
+    fingerprint is computed, and no file is left in the cache."""
+    ref = unet.load_model(tiny_model_dir).fingerprint
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("CP_CACHE_DIR", str(cache))
+    os.chmod(cache, 0o500)
+    try:
+        with monkeypatch.context() as m:
+            if not writes_denied(cache):
+                m.setattr(unet.tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(
+                    PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(cache))))
+            assert unet.load_model(tiny_model_dir).fingerprint == ref
+    finally:
+        os.chmod(cache, 0o700)
+    assert list(cache.iterdir()) == []
+    real = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self.file = real(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(unet.os, "fdopen", FullDisk)
+        assert unet.load_model(tiny_model_dir).fingerprint == ref
+    assert list(cache.iterdir()) == []
+
+
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CP_CACHE_DIR", str(tmp_path / "mine"))
     assert unet.cache_dir() == str(tmp_path / "mine")
@@ -254,3 +295,86 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert unet.cache_dir() == str(tmp_path / "home" / ".cache" / "cp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a damaged diffusers folder (toy/model copied): one LoadError naming what is missing or malformed, before any weight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_toy(tmp_path):
+    """The shipped toy model, copied to be damaged."""
+    folder = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "toy", "model"), folder)
+    return folder
+
+
+def no_weights_read(monkeypatch):
+    def refuse(path):
+        raise AssertionError(f"{path} was read before the folder was checked")
+    monkeypatch.setattr(unet, "read_weights", refuse)
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "scheduler", "vae", "tokenizer"])
+def test_a_missing_part_folder_is_named(tmp_path, monkeypatch, part):
+    folder = copy_toy(tmp_path)
+    shutil.rmtree(folder / part)
+    no_weights_read(monkeypatch)
+    with pytest.raises(unet.LoadError) as e:
+        unet.load_model(folder)
+    assert str(e.value).startswith(f"{folder}: no {part}/ folder"), e.value
+
+
+@pytest.mark.parametrize("file", ["text_encoder/config.json", "scheduler/scheduler_config.json",
+                                  "vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json"])
+def test_a_missing_file_is_named(tmp_path, monkeypatch, file):
+    folder = copy_toy(tmp_path)
+    os.remove(folder / file)
+    no_weights_read(monkeypatch)
+    with pytest.raises(unet.LoadError) as e:
+        unet.load_model(folder)
+    assert os.path.dirname(str(folder / file)) in str(e.value), e.value
+
+
+@pytest.mark.parametrize("file, text, problem", [
+    ("unet/config.json", '{"in_channels": 4,', "not valid JSON"),
+    ("scheduler/scheduler_config.json", "", "not valid JSON"),
+    ("text_encoder/config.json", "[1, 2]", "not a JSON object"),
+    ("tokenizer/tokenizer_config.json", "{'single': 'quotes'}", "not valid JSON"),
+    ("tokenizer/vocab.json", "\xff\xfe", "not valid JSON")])
+def test_a_malformed_config_is_named(tmp_path, monkeypatch, file, text, problem):
+    folder = copy_toy(tmp_path)
+    (folder / file).write_bytes(text.encode("latin-1"))
+    no_weights_read(monkeypatch)
+    with pytest.raises(unet.LoadError) as e:
+        unet.load_model(folder)
+    assert str(e.value).startswith(f"{folder / file}: {problem}"), e.value
+
+
+def test_a_single_files_config_folder_is_checked_first(tiny_model_dir, tmp_path, monkeypatch):
+    """config= a diffusers folder without weights is enough; one without text_encoder/ is named before the file is
+    read."""
+    ldm, _, _ = to_ldm(tiny_model_dir)
+    save_file(ldm, str(tmp_path / "m.safetensors"))
+    config = tmp_path / "config"
+    shutil.copytree(tiny_model_dir, config)
+    for net in WEIGHTS.values():
+        os.remove(config / net)
+    assert unet.load_model(str(tmp_path / "m.safetensors"), config=str(config)).resolution == 16
+    shutil.rmtree(config / "text_encoder")
+    no_weights_read(monkeypatch)
+    with pytest.raises(unet.LoadError, match=f"{config}: no text_encoder/ folder"):
+        unet.load_model(str(tmp_path / "m.safetensors"), config=str(config))
+    with pytest.raises(unet.LoadError, match="nowhere: no such config folder"):
+        unet.load_model(str(tmp_path / "m.safetensors"), config=str(tmp_path / "nowhere"))
+
+
+def test_the_cli_says_one_line(tmp_path):
+    folder = copy_toy(tmp_path)
+    (folder / "unet" / "config.json").write_text("{")
+    r = subprocess.run([sys.executable, "sample.py", "--model", str(folder), "--prompt", "x",
+                        "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {folder / 'unet' / 'config.json'}: not valid JSON " \
+                               "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"

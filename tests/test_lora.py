@@ -1,6 +1,9 @@
 """LoRA (lora.py): diffusers reads our files and gives the same UNet output; merge, stacking, trainability, errors."""
 import copy
+import errno
+import os
 import re
+import signal
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from safetensors.torch import save_file
 
 import lora
 import unet as U
+from conftest import writes_denied
 
 CFG = U.PRESETS["tiny"]["unet"]
 KV_PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -243,3 +247,93 @@ def test_load_errors(tmp_path):
         save_file(bad, str(tmp_path / "bad.safetensors"))
         with pytest.raises(ValueError, match=re.escape(key)):
             lora.load_lora(make(), tmp_path / "bad.safetensors", "x")
+
+
+# ---- a full disk or a folder that cannot be written: an OSError (what callers catch), no partial file ------------
+
+LAYERS = {KV_PATH: (torch.randn(4, 32), torch.randn(32, 4))}
+VERA = {KV_PATH: (torch.randn(4), torch.randn(32))}
+PROJECTION = (torch.randn(4, 32), torch.randn(32, 4))
+WRITERS = {
+    "diffusers": lambda d: lora.write_lora_file(LAYERS, {KV_PATH: 2.0}, d / "a.safetensors"),
+    "kohya": lambda d: lora.write_lora_file(LAYERS, {KV_PATH: 2.0}, d / "a.safetensors", "kohya",
+                                            {"<x>": torch.randn(32)}),
+    "vera file": lambda d: lora.write_vera(VERA, str(d / "a.safetensors"), PROJECTION),
+    "vera folder": lambda d: lora.write_vera(VERA, str(d), PROJECTION)}
+
+
+class FullDisk:
+    """open() for lora.py on a full disk: the file is created, and every write to it fails with ENOSPC."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self.file = open(path, mode, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def denied(path, mode="r", *args, **kwargs):
+    """open() for lora.py in a folder that cannot be written (where chmod does not stop this user: root)."""
+    if set(mode) & set("wax+"):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return open(path, mode, *args, **kwargs)
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_full_disk_is_an_oserror(tmp_path, monkeypatch, writer):
+    monkeypatch.setattr(lora, "open", FullDisk, raising=False)
+    with pytest.raises(OSError) as e:
+        WRITERS[writer](tmp_path)
+    assert e.value.errno == errno.ENOSPC and "No space left" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # the half-written file is removed
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_read_only_folder_is_an_oserror(tmp_path, monkeypatch, writer):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    os.chmod(folder, 0o500)
+    try:
+        if not writes_denied(folder):
+            monkeypatch.setattr(lora, "open", denied, raising=False)
+        with pytest.raises(PermissionError) as e:
+            WRITERS[writer](folder)
+        assert e.value.errno == errno.EACCES and str(folder) in str(e.value)
+    finally:
+        os.chmod(folder, 0o700)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limit here (Windows); as simulated above")
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_write_the_os_refuses_is_an_oserror(tmp_path, writer):
+    """A real failed write, no open() replaced: files limited to 100 bytes (RLIMIT_FSIZE, signal ignored) fail with
+    EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(OSError) as e:
+            WRITERS[writer](tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert e.value.errno == errno.EFBIG
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writers_files_read_back(tmp_path):
+    WRITERS["diffusers"](tmp_path)
+    [(A, B, alpha)] = lora.read_lora_file(tmp_path / "a.safetensors").values()
+    assert torch.equal(A, LAYERS[KV_PATH][0]) and torch.equal(B, LAYERS[KV_PATH][1]) and alpha == 2.0
+    for writer, path in (("vera file", tmp_path / "a.safetensors"), ("vera folder", tmp_path)):
+        WRITERS[writer](tmp_path)
+        layers, projection, cfg = lora.read_vera(str(path))
+        assert torch.equal(layers[KV_PATH][1], VERA[KV_PATH][1]) and torch.equal(projection[0], PROJECTION[0])

@@ -42,7 +42,8 @@ def test_default_flags_train_as_the_explicit_plain_run(tiny_model_dir, tmp_path)
     for name in ("explicit", "checkpointed"):
         assert default.keys() == saved[name][0].keys()
         assert all(torch.equal(default[k], saved[name][0][k]) for k in default), name
-    assert m["history"][0]["run"] == {"device": "cpu", "precision": "fp32", "grad_accum": 1,
+    assert m["history"][0]["run"] == {"steps": 3, "batch_size": 4, "lr": 0.003, "token_lr": 0.05, "dsc_steps": 2,
+                                      "device": "cpu", "precision": "fp32", "grad_accum": 1,
                                       "gradient_checkpointing": False, "flip": False, "captions": 0}
     assert saved["checkpointed"][1]["history"][0]["run"]["gradient_checkpointing"] is True
     assert saved["accumulated"][1]["history"][0]["run"]["grad_accum"] == 2
@@ -85,7 +86,7 @@ def one_step_gradients(tiny_model_dir, monkeypatch, runs):
             size = 4 // run.grad_accum
             first = next(parts) * size
             s = slice(first, first + size)
-            e = dc_score.denoising_errors(model.unet, x0[s], context, t[s], eps[s], model.alphas_cumprod, "mean")
+            e = dc_score.denoising_errors(model.unet, x0[s], context, t[s], eps[s], model.alphas_cumprod)
             return {"denoise": e.mean(), "ewc": cp.ewc_penalty(model.unet, "current", fisher, anchor, 0.5)}
         task = types.SimpleNamespace(run=run, name="x", index=0)
         with cp.autocast("cpu", run.precision):
@@ -153,16 +154,15 @@ def test_captions_beside_images(tmp_path):
 def test_captions_drive_l_denoise_and_the_target_l_dc(tiny_model_dir, method, dc_weight):
     """Against every image scored under every prompt: L_denoise on each image's caption, L_DC on S (target first)."""
     model = unet.load_model(tiny_model_dir)
-    hp = cp.Hparams(method=method, dc_batch=2, dc_weight=dc_weight)
+    hp = cp.Hparams(method=method, dc_batch=2, dc_weight=dc_weight, dc_temp=0.05)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts, captions = ["a photo of a red star", "a photo", "a blue star"], ["a red star", "a star", "a blue photo"]
     if dc_weight:
-        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1), 0.05, captions)
+        terms = cp.denoise_and_dc_loss(model, x0, prompts, hp, torch.Generator().manual_seed(1), captions)
     else:
         terms = {"denoise": cp.denoise_loss(model, x0, captions, torch.Generator().manual_seed(1))}
     t, eps = cp.draw_noise(model, x0, torch.Generator().manual_seed(1))
-    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts + captions), t, eps, model.alphas_cumprod,
-                                  "mean")
+    e = dc_score.denoising_errors(model.unet, x0, model.encode_text(prompts + captions), t, eps, model.alphas_cumprod)
     captioned, target = e[[0, 1, 2], [3, 4, 5]].mean().item(), e[:, 0].mean().item()
     assert terms["denoise"].item() == pytest.approx(captioned, rel=1e-5)
     assert abs(captioned - target) > 1e-4 * target  # the check above tells the captions from the target

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,3 +89,33 @@ def test_out_makes_its_folder_and_replaces_only_with_overwrite(tiny_model_dir, t
     out.write_bytes(b"")
     sample.main([*argv, "--overwrite"])
     assert Image.open(out).format == "JPEG"
+
+
+def toy_with_pine_tree():
+    """toy/model with `<pine_tree>` learned (a random embedding row), as a state's tokens are added."""
+    model = unet.load_model(os.path.join(ROOT, "toy", "model"))
+    unet.add_tokens(model, {"<pine_tree>": torch.randn(model.text_encoder.get_input_embeddings().weight.shape[1])})
+    return model
+
+
+def test_a_token_is_known_by_its_ids_not_its_spelling():
+    """CLIP's tokenizer lowercases: `<PINE_TREE>` is the learned `<pine_tree>`; `<other>` is not learned."""
+    model, learned = toy_with_pine_tree(), ["<pine_tree>"]
+    assert unet.token_ids(model.tokenizer, "<PINE_TREE>") == unet.token_ids(model.tokenizer, "<pine_tree>")
+    assert sample.unknown_tokens("a photo of a <PINE_TREE> beside a <pine_tree>", learned, model.tokenizer) == []
+    assert sample.unknown_tokens("a <other> beside a <Pine_Tree>", learned, model.tokenizer) == ["<other>"]
+    assert sample.unknown_tokens("a <pine_tree>", [], model.tokenizer) == ["<pine_tree>"]
+    assert unet.reads_as(model.tokenizer, "<Pine_Tree>", ["<star>", *learned]) == "<pine_tree>"
+    assert unet.reads_as(model.tokenizer, "<other>", learned) is None
+
+
+def test_the_cli_warns_only_of_a_token_not_learned(tmp_path, monkeypatch, capsys):
+    import cp_state
+    model = toy_with_pine_tree()
+    state = SimpleNamespace(concepts=[{"name": "pine_tree", "token": "<pine_tree>"}])
+    monkeypatch.setattr(cp_state, "load_with_state", lambda *a: (model, state))
+    argv = ["--state", "any", "-n", "1", "--steps", "1", "--overwrite", "--out", str(tmp_path / "g.png")]
+    sample.main([*argv, "--prompt", "a photo of a <PINE_TREE>"])
+    assert "warning" not in capsys.readouterr().err
+    sample.main([*argv, "--prompt", "a photo of a <other>"])
+    assert "warning: <other> not learned: this state has <pine_tree>" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import lora
 import sample
 import train
 import unet
-from test_cp import fresh, write_concept
+from test_cp import FAST, fresh, write_concept
 from test_train_cli import ROOT, assert_one_line_error, digest
 
 FAST_FLAGS = ["--steps", "3", "--batch-size", "2", "--fisher-samples", "2", "--dsc-steps", "2", "--no-preview"]
@@ -35,7 +35,7 @@ def saved(tiny_model_dir, tmp_path_factory):
     alpha, beta, gamma = (write_concept(str(root / n), i) for i, n in enumerate(["alpha", "beta", "gamma"]))
     model, state = fresh(tiny_model_dir, "ewc-dc")
     cp_state.save_state(train.learn_folder(model, state, alpha), str(root / "state"))
-    return dict(state=str(root / "state"), beta=beta, gamma=gamma, model=tiny_model_dir)
+    return dict(state=str(root / "state"), alpha=alpha, beta=beta, gamma=gamma, model=tiny_model_dir)
 
 
 def copy_state(saved, tmp_path):
@@ -45,9 +45,9 @@ def copy_state(saved, tmp_path):
 
 
 def continue_state(folder, tiny_model_dir, concept, **hparams):
-    """Load a state into a fresh model and learn one more concept (not saved)."""
+    """Load a state into a fresh model and learn one more concept (not saved), at the fast run settings."""
     model, state = unet.load_model(tiny_model_dir), cp_state.load_state(folder)
-    state.hparams = dataclasses.replace(state.hparams, **hparams)
+    state.hparams = dataclasses.replace(state.hparams, **{**FAST, **hparams})
     cp.apply_state(model, state)
     return train.learn_folder(model, state, concept)
 
@@ -126,6 +126,7 @@ import cp, cp_state, train, unet
 folder, concept, model_dir = sys.argv[1:]
 model, state = unet.load_model(model_dir), cp_state.load_state(folder)
 state.hparams.lr *= 3  # this attempt's LoRA differs from the next one's
+state.hparams.steps, state.hparams.batch_size = 3, 2  # run settings, which a state does not store
 cp.apply_state(model, state)
 state = train.learn_folder(model, state, concept)
 write = cp_state._write_file
@@ -188,7 +189,7 @@ def reshape(folder, m):
 
 def not_json(folder, m):
     with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
-        f.write('{"format": "cp-state/1", "files": ')
+        f.write('{"format": "cp-state/4", "files": ')
     return cp_state.MANIFEST
 
 
@@ -212,25 +213,6 @@ def test_damaged_state_from_the_command_line(saved, tmp_path):
     r = subprocess.run([sys.executable, "sample.py", "--state", state, "--prompt", "a photo of a <alpha>"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, name, "is damaged")
-
-
-def test_a_state_with_the_old_fingerprint_loads_with_its_model(saved, tmp_path):
-    """A state recording the older four-tensor hash still loads with its own model, in any dtype, is refused with
-    another model, and its next save records the full fingerprint."""
-    from conftest import write_tiny_model
-    folder = copy_state(saved, tmp_path)
-    m, model = manifest(folder), unet.load_model(saved["model"])
-    m["model"]["fingerprint"] = model.old_fingerprint
-    with open(os.path.join(folder, cp_state.MANIFEST), "w") as f:
-        json.dump(m, f, indent=1)
-    loaded, state = cp_state.load_with_state(folder, dtype=torch.bfloat16)
-    assert loaded.dtype == torch.bfloat16 and state.model["fingerprint"] == model.fingerprint
-    with pytest.raises(cp.CPError, match=f"another base model .*fingerprint {model.old_fingerprint}"):
-        cp_state.load_with_state(folder, write_tiny_model(str(tmp_path / "other"), seed=1))
-    state = cp_state.load_state(folder)
-    cp_state.check_model(state, model)
-    cp_state.save_state(state, folder)
-    assert manifest(folder)["model"]["fingerprint"] == model.fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,20 +240,12 @@ def flip(path, part):
         f.write(data)
 
 
-def older(folder):
-    """Make a state what an older version wrote: format cp-state/1, no sums."""
-    m = manifest(folder)
-    m["format"] = "cp-state/1"
-    del m["sums"]
-    write_manifest(folder, m)
-
-
 def test_every_file_has_its_sha256_in_the_manifest(saved, tiny_model_dir, tmp_path, monkeypatch):
     """Written with each file; a kept pool entry keeps its sum (it is not hashed anew: carried from the old
     manifest); a new file gets its own."""
     state = copy_state(saved, tmp_path)
     m = manifest(state)
-    assert m["format"] == "cp-state/3" and list(m["sums"]) == cp_state._named(m["files"])
+    assert m["format"] == "cp-state/4" and list(m["sums"]) == cp_state._named(m["files"])
     assert all(m["sums"][n] == sha256(os.path.join(state, n)) for n in m["sums"])
     newer, hashed, sha = continue_state(state, tiny_model_dir, saved["beta"]), [], cp_state._sha256
     monkeypatch.setattr(cp_state, "_sha256", lambda path: hashed.append(os.path.relpath(path, state)) or sha(path))
@@ -298,59 +272,28 @@ def test_a_flipped_byte_is_refused_naming_the_file(saved, tmp_path, role, part):
     message = exit_message(sample.main, ["--state", state, "--prompt", "a photo", "--out", str(tmp_path / "o.png")])
     assert name in message and "is damaged" in message and "SHA-256" in message
     assert digest(state) == before and not (tmp_path / "o.png").exists()
-    if part == "data":  # unverified, the same flip is read as if nothing happened: the sums are what catch it
-        older(state)
-        cp_state.load_state(state)
 
 
-def test_a_state_from_before_the_error_units_samples_but_trains_no_dc_term_further(saved, tiny_model_dir, tmp_path):
-    """A cp-state/2 manifest (no hparams.dsc_targets; without another hparam it is damaged) loads; continuing it
-    with DSC or δ·L_DC, whose weights meant something else then, is refused through train.py with one line; with
-    `ewc-dc` (δ = 0) it continues."""
-    state, dsc = copy_state(saved, tmp_path), str(tmp_path / "dsc")
-    model, fresh_state = fresh(tiny_model_dir, "dsc")
-    cp_state.save_state(train.learn_folder(model, fresh_state, saved["gamma"]), dsc)
-    for folder in (state, dsc):
-        m = manifest(folder)
-        m["format"] = "cp-state/2"
-        del m["hparams"]["dsc_targets"]
-        write_manifest(folder, m)
-    assert cp_state.load_state(dsc).hparams.dsc_targets == "paper"
-    damaged = copy.deepcopy(m)  # a /2 manifest lacks dsc_targets only: without another hparam it is damaged
-    del damaged["hparams"]["dsc_first"]
-    write_manifest(dsc, damaged)
-    with pytest.raises(cp.CPError, match="is damaged: hparams lacks 'dsc_first'"):
-        cp_state.load_state(dsc)
-    write_manifest(dsc, m)
-    cp_state.load_with_state(dsc)  # it samples
-    for folder, flags in ((dsc, []), (state, ["--dc-weight", "0.1"])):
-        message = exit_message(train.main, ["--concept", saved["beta"], "--state", folder, *FAST_FLAGS, *flags])
-        assert message.startswith("error: this state (cp-state/2) weighed DSC's and δ·L_DC's DC terms in nats")
-    train.main(["--concept", saved["beta"], "--state", state, *FAST_FLAGS])
-    assert manifest(state)["format"] == "cp-state/3"
-
-
-def test_an_older_state_loads_with_a_note_and_gains_sums_at_its_next_save(saved, tiny_model_dir, tmp_path,
-                                                                          capsys):
+@pytest.mark.parametrize("old", ["cp-state/1", "cp-state/2", "cp-state/3"])
+def test_a_state_of_an_older_format_is_refused_naming_the_commit_that_reads_it(saved, tmp_path, old):
+    """The formats before cp-state/4 held other hparams (the run settings, switches since removed): refused in one
+    line that names the last commit of cp that reads them, the state untouched."""
     state = copy_state(saved, tmp_path)
-    reference = cp_state.load_state(state)
-    older(state)
-    capsys.readouterr()
-    loaded = cp_state.load_state(state)
-    note = capsys.readouterr().err
-    assert note == f"note: state {state} has no checksums (written by an older version): its files are not " \
-                   "verified; the next save adds them\n"
-    assert all(torch.equal(a, b) for a, b in zip(loaded.tokens.values(), reference.tokens.values()))
-    cp_state.save_state(continue_state(state, tiny_model_dir, saved["beta"]), state)
     m = manifest(state)
-    assert m["format"] == "cp-state/3" and m["sums"][m["files"]["pool"][0]] == sha256(
-        os.path.join(state, m["files"]["pool"][0]))  # the kept pool entry, hashed at this save
-    capsys.readouterr()
-    cp_state.load_state(state)
-    assert capsys.readouterr().err == ""
+    m["format"] = old
+    write_manifest(state, m)
+    before = digest(state)
+    line = f"{os.path.join(state, 'manifest.json')} has state format {old!r}; this version of cp reads cp-state/4 " \
+           f"only (commit {cp_state.LAST_READER} of cp reads it: check it out to sample or continue this state)"
+    with pytest.raises(cp.CPError) as e:
+        cp_state.load_state(state)
+    assert str(e.value) == line
+    assert exit_message(train.main, ["--concept", saved["beta"], "--state", state, *FAST_FLAGS]) == f"error: {line}"
+    assert exit_message(sample.main, ["--state", state, "--prompt", "a photo"]) == f"error: {line}"
+    assert digest(state) == before
 
 
-@pytest.mark.parametrize("found", [999, "cp-state/4", "nonsense", None, "missing"])
+@pytest.mark.parametrize("found", [999, "cp-state/5", "nonsense", None, "missing"])
 def test_a_manifest_of_an_unknown_format_is_refused(saved, tmp_path, found):
     state = copy_state(saved, tmp_path)
     m = manifest(state)
@@ -361,8 +304,8 @@ def test_a_manifest_of_an_unknown_format_is_refused(saved, tmp_path, found):
     write_manifest(state, m)
     before = digest(state)
     shown = None if found == "missing" else found
-    line = f"{os.path.join(state, 'manifest.json')} has state format {shown!r}, which this version of cp does " \
-           "not read (it reads cp-state/3, cp-state/2, cp-state/1)"
+    line = f"{os.path.join(state, 'manifest.json')} has state format {shown!r}; this version of cp reads " \
+           "cp-state/4 only"
     with pytest.raises(cp.CPError) as e:
         cp_state.load_state(state)
     assert str(e.value) == line
@@ -413,11 +356,14 @@ FIELD_CASES = [  # (field, value, the message after "manifest.json is damaged: "
     ("files.pool.0", "pool/../../x.safetensors", "files.pool[0] must be pool/task_000_<id>.safetensors, got "
                                                  "'pool/../../x.safetensors'"),
     ("files.lora", None, "files do not fit 1 concepts of method ewc-dc"),
+    ("files.tokens", "tokens_001.safetensors", "files.tokens must be tokens_001_<id>.safetensors"),
     ("hparams", [], "hparams must be an object, got list"),
-    ("hparams.lr", "fast", "hparams.lr must be a number, got str"),
+    ("hparams.ewc_lambda", "fast", "hparams.ewc_lambda must be a number, got str"),
+    ("hparams.steps", 600, "hparams has an unknown key 'steps'"),
     ("hparams.rank", 8.0, "hparams.rank must be an integer, got float"),
-    ("hparams.dc_temp", None, "hparams.dc_temp must be a string or a number, got null"),
-    ("hparams.lr", -1, "hparams: --lr -1: must be a finite number > 0"),
+    ("hparams.dc_temp", None, "hparams.dc_temp must be a number, got null"),
+    ("hparams.dc_temp", "auto", "hparams.dc_temp must be a number, got str"),
+    ("hparams.alpha", -1, "hparams: --alpha -1: must be a finite number > 0"),
     ("hparams.targets", "qkv", "hparams: --targets 'qkv': must be"),
     ("hparams.ewc_lamda", 1.0, "hparams has an unknown key 'ewc_lamda'"),
     ("hparams.seed", DELETE, "hparams lacks 'seed'"),
@@ -613,10 +559,11 @@ BAD_FLAGS = [["--steps", "-5"], ["--steps", "0"], ["--batch-size", "0"], ["--ran
              ["--dsc-steps", "-1"], ["--dc-batch", "-1"], ["--dc-k", "1"], ["--seed", "-1"], ["--lr", "nan"],
              ["--lr", "0"], ["--token-lr", "inf"], ["--alpha", "-1"], ["--dc-temp", "0"], ["--ewc-lambda", "-1"],
              ["--dc-weight", "nan"], ["--clora-lambda", "inf"], ["--dsc-w-h", "-1"], ["--dsc-w-n", "nan"],
-             ["--ewc-gamma", "1.5"], ["--dc-temp", "warm"], ["--fisher-norm", "all"], ["--dsc-first", "t1"],
-             ["--steps", "1.5"], ["--targets", "qkv"], ["--method", "lora"],
+             ["--ewc-gamma", "1.5"], ["--dc-temp", "warm"], ["--dc-temp", "auto"],
+             ["--steps", "1.5"], ["--steps", "1000000000"], ["--dsc-steps", "10000000"], ["--targets", "qkv"],
+             ["--method", "lora"],
              ["--precision", "fp8"], ["--grad-accum", "0"], ["--grad-accum", "3"], ["--sample-every", "-1"],
-             ["--name", "../../x"], ["--name", "my dog"]]
+             ["--name", "../../x"], ["--name", "my dog"], ["--name", "lora_kohya"]]
 BAD_SAMPLE_FLAGS = [["-n", "0"], ["--steps", "0"], ["--steps", "5000"], ["--guidance", "nan"], ["-n", "two"],
                     ["--lora-scale", "inf"]]
 
@@ -657,12 +604,12 @@ def test_every_flag_says_what_it_does_and_what_a_plain_run_uses(capsys, monkeypa
 def test_the_defaults_are_what_a_plain_run_uses(monkeypatch):
     """cp.Hparams() is the default method at its preset on the shipped toy model: what `python train.py` runs and
     what `-h` calls the defaults."""
-    import unet as unet_lib
     presets = train.load_presets()
-    model = unet_lib.load_model(os.path.join(ROOT, "toy", "model"))
-    kind, model_values = train.model_preset(presets, model.unet)
-    plain = train.resolve_hparams(train.parse_args([]), None, presets, model_values)
-    assert kind == "toy" and plain == cp.Hparams()
+    model = unet.load_model(os.path.join(ROOT, "toy", "model"))
+    assert train.unet_size(os.path.join(ROOT, "toy", "model")) == sum(p.numel() for p in model.unet.parameters())
+    kind, model_values = train.model_preset(presets, train.unet_size(os.path.join(ROOT, "toy", "model")))
+    plain, changed = train.resolve_hparams(train.parse_args([]), None, presets, model_values)
+    assert kind == "toy" and plain == cp.Hparams() and changed == {}
 
 
 def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
@@ -711,25 +658,64 @@ def test_a_bad_presets_file_is_a_one_line_error_before_any_work(saved, tmp_path,
 
 
 def test_new_state_takes_model_then_method_presets_then_flags_and_keeps_them(saved, tmp_path, monkeypatch, capsys):
+    """A new state: the model preset, under the method's, under the flags. The state records its method's settings;
+    the run settings (steps, batch size, learning rates) are recorded per task and never carried to the next run."""
     models = {"toy": {"max_unet_params": 10 ** 8, "steps": 3, "batch_size": 4, "lr": 0.002},
               "sd-v1": {"max_unet_params": None, "steps": 500, "lr": 1e-4}}
     path = write_presets(tmp_path / "presets.json", models=models, default_method="ewc",
-                         methods={"ewc": {"ewc_lambda": 0.5, "fisher_norm": "total", "batch_size": 2,
-                                          "fisher_samples": 5}, "seq": {}})
+                         methods={"ewc": {"ewc_lambda": 0.5, "batch_size": 2, "fisher_samples": 5}, "seq": {}})
     monkeypatch.setattr(train, "PRESETS_FILE", path)
     folder = str(tmp_path / "state")
     train.main(["--concept", saved["beta"], "--state", folder, "--model", saved["model"], "--no-preview",
                 "--fisher-samples", "2", "--lr", "0.004"])
-    hp = manifest(folder)["hparams"]
-    assert (hp["method"], hp["steps"], hp["batch_size"], hp["lr"], hp["ewc_lambda"], hp["fisher_norm"],
-            hp["fisher_samples"]) == ("ewc", 3, 2, 0.004, 0.5, "total", 2)
+    m = manifest(folder)
+    hp, ran = m["hparams"], m["history"][0]["run"]
+    assert (hp["method"], hp["ewc_lambda"], hp["fisher_samples"]) == ("ewc", 0.5, 2)
+    assert not set(cp.RUN_KNOBS) & set(hp) and (ran["steps"], ran["batch_size"], ran["lr"]) == (3, 2, 0.004)
     out = capsys.readouterr().out
     assert "model preset toy" in out and "ewc_lambda 0.5" in out and "flags given: lr, fisher_samples" in out
     write_presets(path, models=models, default_method="ewc", methods={"ewc": {"ewc_lambda": 0.9}, "seq": {}})
     train.main(["--concept", saved["gamma"], "--state", folder, "--no-preview"])
-    assert manifest(folder)["hparams"] == hp  # a continued state keeps what it was made with
-    big = type("UNet", (), {"parameters": lambda self: iter([torch.empty(1).expand(10 ** 8 + 1)])})()
-    assert train.model_preset(train.load_presets(path), big) == ("sd-v1", {"steps": 500, "lr": 1e-4})
+    m = manifest(folder)
+    assert m["hparams"] == hp  # a continued state keeps its method's settings ...
+    assert (m["history"][1]["run"]["batch_size"], m["history"][1]["run"]["lr"]) == (4, 0.002)  # ... not the run's
+    assert train.model_preset(train.load_presets(path), 10 ** 8 + 1) == ("sd-v1", {"steps": 500, "lr": 1e-4})
+
+
+def test_a_one_off_flag_applies_to_its_own_run_only(saved, tmp_path, monkeypatch, capsys):
+    """After a run with --steps 5, the next plain run trains as many steps as the run before it (the presets'); a
+    state setting given on the command line changes the state, with a note, and stays."""
+    models = {"toy": {"max_unet_params": 10 ** 8, "steps": 2, "batch_size": 2}}
+    monkeypatch.setattr(train, "PRESETS_FILE", write_presets(tmp_path / "presets.json", models=models))
+    folder, flags = str(tmp_path / "state"), ["--model", saved["model"], "--method", "seq", "--no-preview"]
+    train.main(["--concept", saved["alpha"], "--state", folder, *flags])
+    train.main(["--concept", saved["beta"], "--state", folder, "--steps", "5", "--ewc-lambda", "0.25", "--no-preview"])
+    assert "note: --ewc-lambda 0.25 changes this state's ewc_lambda" in capsys.readouterr().err
+    train.main(["--concept", saved["gamma"], "--state", folder, "--no-preview"])
+    m = manifest(folder)
+    assert [h["run"]["steps"] for h in m["history"]] == [2, 5, 2]
+    assert m["hparams"]["ewc_lambda"] == 0.25 and "changes this state's" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch, accum, ok", [(6, 3, True), (6, 4, False), (8, 3, False), (8, 4, True)])
+def test_grad_accum_is_checked_against_the_batch_that_will_run(saved, tmp_path, monkeypatch, batch, accum, ok):
+    """--grad-accum must divide the batch size this run trains with (its flag, else the presets'), checked before
+    the model loads."""
+    class Loaded(Exception):
+        pass
+
+    def load_model(*a, **k):
+        raise Loaded
+    folder = copy_state(saved, tmp_path)
+    flags = ["--concept", saved["beta"], "--state", folder, "--grad-accum", str(accum)]
+    flags += ["--batch-size", str(batch)] if batch != 8 else []  # 8: the toy model's preset
+    monkeypatch.setattr(unet, "load_model", load_model)
+    if ok:
+        with pytest.raises(Loaded):
+            train.main(flags)
+    else:
+        assert exit_message(train.main, flags) == f"error: --grad-accum {accum}: must be an integer ≥ 1 that " \
+                                                    f"divides --batch-size {batch}"
 
 
 def test_help_lists_every_presets_values(capsys, monkeypatch):

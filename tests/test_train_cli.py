@@ -122,7 +122,7 @@ def test_bad_inputs_one_line_error_state_unchanged(learned, tmp_path):
         (["--concept", str(corrupt)], ["broken.png"]),
         (["--concept", learned["second"], "--model", str(tmp_path)], ["not a diffusers model folder"]),
         (["--concept", learned["second"], "--name", "alpha"], ["already learned"]),
-        (["--concept", learned["second"], "--method", "seq"], ["method='ewc-dc'"]),
+        (["--concept", learned["second"], "--method", "seq"], ["--method 'seq': this state's method is 'ewc-dc'"]),
         (["--concept", learned["second"], "--lr", "1e30", "--token-lr", "1e30", "--steps", "20"], ["non-finite loss"]),
         (["--concept", learned["second"], "--steps", "-5"], ["--steps -5"]),  # every flag: tests/test_state.py
     ]
@@ -241,7 +241,8 @@ def test_unsafe_names_are_refused_before_any_work(learned, tmp_path):
 
 
 def test_export_refuses_a_name_that_cannot_be_a_file(learned, tmp_path):
-    """A state saved before names were checked may hold any name: nothing is written outside the export folder."""
+    """A manifest edited to hold a name that is no file name is damaged: nothing is written outside the export
+    folder."""
     state = str(tmp_path / "state")
     subprocess.run(["cp", "-r", learned["state"], state], check=True)
     path = os.path.join(state, "manifest.json")
@@ -251,7 +252,7 @@ def test_export_refuses_a_name_that_cannot_be_a_file(learned, tmp_path):
     with open(path, "w") as f:
         json.dump(m, f)
     r = run("train.py", "--state", state, "--export", str(tmp_path / "out" / "export"), check=False)
-    assert_one_line_error(r, "'../../evil'", "nothing was exported")
+    assert_one_line_error(r, "manifest.json is damaged: concepts[0] must have a name of letters")
     assert sorted(os.listdir(tmp_path)) == ["state"]
 
 

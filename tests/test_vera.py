@@ -197,7 +197,8 @@ def test_vera_cli_round_trip_sample_export_and_refusals(tiny_model_dir, tmp_path
     state = str(tmp_path / "state")
     run_cli("train.py", "--concept", a, "--state", state, "--model", tiny_model_dir, "--adapter", "vera",
             "--method", "ewc", *CLI_FAST, "--lr", "0.1")  # 3 steps at 0.1: b moves far enough to show in an image
-    r = run_cli("train.py", "--concept", b, "--state", state, *CLI_FAST, "--export", str(tmp_path / "export"))
+    r = run_cli("train.py", "--concept", b, "--state", state, *CLI_FAST, "--lr", "0.1", "--export",
+                str(tmp_path / "export"))
     assert "learned <beta>" in r.stdout and "2 concepts" in r.stdout
     loaded = cp_state.load_state(state)
     assert loaded.hparams.adapter == "vera"
@@ -228,7 +229,7 @@ def test_vera_cli_round_trip_sample_export_and_refusals(tiny_model_dir, tmp_path
     before = sorted(os.listdir(state))
     r = run_cli("train.py", "--concept", str(tmp_path / "alpha"), "--name", "gamma", "--state", state,
                 "--adapter", "lora", *CLI_FAST, check=False)
-    assert_one_line_error(r, "adapter='vera'")
+    assert_one_line_error(r, "this state's adapter is 'vera'")
     assert sorted(os.listdir(state)) == before
     r = run_cli("train.py", "--concept", a, "--state", str(tmp_path / "c"), "--model", tiny_model_dir,
                 "--adapter", "vera", "--method", "clora", *CLI_FAST, check=False)
