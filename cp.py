@@ -10,8 +10,9 @@ page"), each term is one function, in this order below:
     EWC       = (λ/2) Σ F*(φ − φ*)²                                                              ewc_penalty
                 F̂ = E_x[(∇_φ L)²] at the end of a task, rescaled to mean 1                       fisher_diagonal
                 F* ← γ F* + F̂, stored rescaled to mean 1                                         update_fisher
-                (L = L_denoise for `ewc` and `dsc-ewc`; L = L_DC for `ewc-dc` and `dsc-ewc-dc`) fisher_estimate
+                (L: L_denoise for `ewc`, `dsc-ewc`; L_DC for `*ewc-dc`; F̂ = 1 for `ewc-l2`)       fisher_estimate
     C-LoRA    = λ_c Σ_layers ‖(Σ_{m<n} B_m A_m) ⊙ (B_n A_n)‖²                                  clora_penalty
+    merge     = per element of ΔW the larger |ΔW| of the carried LoRA and the task's, rank r by SVD (lora.py)
     DSC       = w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
                 over S = {c_n, c₀, c_j}; T1 the task's adapter, T2 the stored one of c_j           dsc_loss
     e_i       = mean over dims ‖ε − ε_φ(x_t, t, c_i)‖², one (t, ε) per image shared by the prompts of S (dc_score.py)
@@ -20,6 +21,7 @@ Every DC cross-entropy is multiplied by τ, which puts it in the units of the er
 the margin e_y − min_k e_k; its gradient (q − p)·∂e is bounded whatever τ): w_h and δ are ratios to L_denoise. Every
 method trains on L_denoise plus its penalty; `ewc-dc` and `dsc-ewc-dc` can add δ·L_DC (δ = 0, as in the paper). The
 default, `dsc-ewc`, is DSC with the EWC penalty of the denoising Fisher; `dsc-ewc-dc` takes the DC-informed Fisher.
+`ewc-l2` (a uniform Fisher) and `merge` (each task's LoRA trained alone, then merged) are the controls.
 
 A task runs in four steps (learn_concept): train it, consolidate (DSC; the first task has no earlier concept and is
 not consolidated), update the Fisher (EWC), assemble the next state. Storing a state is cp_state.py's.
@@ -37,7 +39,7 @@ import dc_score
 import lora
 import unet
 
-METHODS = ("seq", "ti", "clora", "ewc", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
+METHODS = ("seq", "ti", "clora", "merge", "ewc", "ewc-l2", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a concept name: its token is <name>, its exported file name.safetensors
 MAX_STEPS = 100_000  # most steps of a task's training or consolidation
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype (None: no autocast)
@@ -83,20 +85,18 @@ class Hparams:
     seed: int = knob(0, "seed of task n is seed * 1000 + n (batches, noise, the DC subset)")
 
     def uses(self, part):
-        """Which ingredients the method combines: lora, ewc, dc_fisher (the DC-informed Fisher), dc_loss (δ·L_DC),
-        dsc, clora."""
+        """Which ingredients the method combines: lora, ewc, dc_fisher (the DC-informed Fisher), l2 (a uniform
+        Fisher), dc_loss (δ·L_DC), dsc, clora, merge (a fresh LoRA per task, merged into the carried one)."""
         m = self.method
-        return {"lora": m != "ti", "ewc": "ewc" in m, "dc_fisher": m.endswith("ewc-dc"),
+        return {"lora": m != "ti", "ewc": "ewc" in m, "dc_fisher": m.endswith("ewc-dc"), "l2": m == "ewc-l2",
                 "dc_loss": m.endswith("ewc-dc") and self.dc_weight > 0,
-                "dsc": m.startswith("dsc"), "clora": m == "clora"}[part]
+                "dsc": m.startswith("dsc"), "clora": m == "clora", "merge": m == "merge"}[part]
 
 
 RUN_KNOBS = tuple(f.name for f in fields(Hparams) if f.metadata["run"])
 
 
 # --- the losses, in the paper's order: L_denoise, L_DC (and δ·L_DC), EWC and its Fisher, C-LoRA, DSC -----------------
-
-
 def denoise_loss(model, x0, prompts, gen):
     """L_denoise = E ‖ε − ε_φ(x_t, t, c)‖², the mean squared error of the noise prediction: image i under prompts[i],
     or every image under prompts[0] when it is the only one."""
@@ -178,12 +178,8 @@ CJ = 2  # c_j's column in DSC's S = [c_n, c₀, c_j]
 
 
 def dsc_loss(model, x0, prompts, hp, gen):
-    """L_DSC over S = prompts = [c_n, c₀, c_j], the student the adapter "current", at temperature τ:
-
-        w_h τ [H(p_T1, p_S) + H(p_T2, p_S)] + w_n [‖ε_T1(c_n) − ε_S(c_n)‖² + ‖ε_T2(c_j) − ε_S(c_j)‖²]
-
-    T1 the adapter "teacher1", T2 the adapter "teacher2"; each H over all of S. All four terms share one (t, ε) per
-    image."""
+    """L_DSC over S = prompts = [c_n, c₀, c_j] (the module docstring), at temperature τ: the student the adapter
+    "current", T1 "teacher1", T2 "teacher2"; each H over all of S; all four terms share one (t, ε) per image."""
     t, eps = draw_noise(model, x0, gen)
     context = model.encode_text(prompts)
     teachers = []
@@ -203,8 +199,6 @@ def dsc_loss(model, x0, prompts, hp, gen):
 
 
 # --- what the losses draw: (t, ε), the DC subset S, the task's images as latents -------------------------------------
-
-
 def draw_noise(model, x0, gen, t=None):
     """(t, ε) for the images x0: t ~ U{0..T−1} unless given, ε ~ N(0, I)."""
     if t is None:
@@ -226,7 +220,6 @@ def dc_subset(state, target, c0, hp, rng):
 
 class Batches:
     """Random batches of current-task latents, sampled from the VAE posterior each time (held in memory only).
-
     `flip`: a generator of its own (the task's draws stay as they are) that picks, for each drawn image, the encoding
     of its mirror image with probability 1/2. A call given a generator `gen` draws everything, flips included, from
     it. `drawn` holds the images of the last batch drawn from the task's stream (for their captions)."""
@@ -254,8 +247,6 @@ class Batches:
 
 
 # --- one task: train it, consolidate (DSC), update the Fisher (EWC), assemble the next state -------------------------
-
-
 @dataclass
 class State:
     """Everything carried from task to task: no image, no latent, only weights and statistics."""
@@ -305,10 +296,9 @@ class Task:
 
 
 def learn_concept(model, state, images, name, class_word=None, captions=None, run=None):
-    """Learn concept `name` from its images [N, 3, R, R] in [−1, 1] (train.read_concept reads them from a folder) on
-    top of `state` (already applied to `model`); returns the new state (unsaved). captions: one prompt per image, the
-    concept's token in it, None where an image has none (None: the concept's prompt for every image). `run`: how
-    (precision, micro-batches, checkpointing, flips, previews, progress; the steps' losses land in run.trace)."""
+    """Learn concept `name` from its images [N, 3, R, R] in [−1, 1] (train.read_concept reads a folder) on top of
+    `state` (applied to `model`); returns the new state (unsaved). captions: one prompt per image with the concept's
+    token, None where an image has none (None: the concept's prompt for all). `run`: how (cp.Run)."""
     run, hp = run or Run(), state.hparams
     check_hparams(hp)
     check_run(run, hp)
@@ -319,7 +309,7 @@ def learn_concept(model, state, images, name, class_word=None, captions=None, ru
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     flip = torch.Generator().manual_seed(2 ** 32 + seed) if run.flip else None  # never the task's stream
-    adapter = (f"task{n}" if hp.uses("clora") else "current") if hp.uses("lora") else None
+    adapter = (f"task{n}" if hp.uses("clora") or hp.uses("merge") else "current") if hp.uses("lora") else None
     token, target = f"<{name}>", concept_prompt(f"<{name}>", class_word)
     # the state keeps the EWC statistics on the CPU: move them to the adapter's device once per task
     ewc = tuple({k: v.to(model.device) for k, v in stats.items()} for stats in (state.fisher, state.anchor))
@@ -358,6 +348,8 @@ def train_task(model, state, task):
         if task.adapter not in lora.adapter_names(model.unet):
             install_adapter(model.unet, task.adapter, None, hp)
         groups.append({"params": lora.set_trainable(model.unet, task.adapter), "lr": hp.lr})
+    if hp.uses("merge") and state.lora:  # the fresh LoRA learns alone, on the base model
+        lora.set_enabled(model.unet, "current", False)
 
     def loss():
         x0 = task.batches()
@@ -411,6 +403,9 @@ def fisher_estimate(model, state, task, n):
     S = {c_n, c₀, earlier concepts} (what tells c_n apart from what the model knew) over 2n single images at
     stratified timesteps, whose noisier estimates then agree as two denoising ones of n do (bench/RESULTS.md)."""
     hp = state.hparams
+    params = lora.lora_parameters(model.unet, [task.adapter])
+    if hp.uses("l2"):  # the uniform Fisher: the penalty is the plain L2 pull to φ*
+        return [torch.ones_like(p) for p in params]
     if hp.uses("dc_fisher"):
         n = 2 * n
         ts = iter(stratified_timesteps(n, len(model.alphas_cumprod), task.gen)[:, None])
@@ -419,7 +414,7 @@ def fisher_estimate(model, state, task, n):
     else:
         sample_loss = lambda: denoise_loss(model, task.batches(1), [task.target], task.gen)
     with torch.autocast(model.device.type, enabled=False):  # in fp32: unscaled fp16 gradients would underflow
-        return fisher_diagonal(lora.lora_parameters(model.unet, [task.adapter]), sample_loss, n)
+        return fisher_diagonal(params, sample_loss, n)
 
 
 def update_fisher(model, state, task, final):
@@ -446,21 +441,26 @@ def next_state(model, state, task, row, final, fisher, anchor, metrics):
     with torch.no_grad():  # ‖ΔW‖ of the task's adapter; 0 for `ti`, which trains none
         deltas = lora.deltas(model.unet, task.adapter).values() if task.adapter else []
         metrics["lora_norm"] = float(sum(w.square().sum() for w in deltas) ** 0.5)
+    carried = final
+    if hp.uses("merge"):  # the task's LoRA merged into the carried one, which the model holds from now on
+        carried = lora.magnitude_merge(state.lora, final, hp.alpha / hp.rank, hp.rank)
+        lora.remove(model.unet)
+        install_adapter(model.unet, "current", carried, hp)
     concept = {"name": task.name, "token": task.token, "prompt": task.target, "class_word": task.class_word,
                "task": task.index}
     projection = lora.get_projection(model.unet)
     return State(model=state.model, hparams=hp, concepts=state.concepts + [concept],
                  history=state.history + [metrics],
-                 lora=None if hp.uses("clora") or not task.adapter else final,
+                 lora=None if hp.uses("clora") or not task.adapter else carried,
                  pool=state.pool + ([final] if task.adapter else []), tokens={**state.tokens, task.token: row},
                  fisher=fisher, anchor=anchor, base=state.base,
                  projection=tuple(P.cpu() for P in projection) if projection else None)
 
 
 def optimize(params_groups, steps, loss_fn, phase, task, preview=None):
-    """AdamW over the given parameter groups; each step's gradient is the mean over `task.run.grad_accum` calls of
-    loss_fn() (micro-batches), scaled against fp16 underflow when the run is fp16. Stops with CPError on a non-finite
-    loss. Every step's loss terms (means over its micro-batches) go to `task.run.trace`; returns the last step's."""
+    """AdamW; each step's gradient the mean over `task.run.grad_accum` calls of loss_fn() (micro-batches), scaled
+    against fp16 underflow in fp16. A non-finite loss is a CPError. Every step's loss terms (means over its
+    micro-batches) go to `task.run.trace`; returns the last step's."""
     run, label = task.run, f"[{task.name}] {phase}"
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     scaler = torch.amp.GradScaler(params_groups[0]["params"][0].device.type, enabled=run.precision == "fp16")
@@ -495,8 +495,6 @@ def autocast(device_type, precision):
 
 
 # --- putting a state's weights into the model ------------------------------------------------------------------------
-
-
 def new_state(model, hp):
     check_hparams(hp)
     return State(model={"path": model.path, "fingerprint": model.fingerprint}, hparams=hp)
@@ -536,8 +534,6 @@ def base_prompt(class_word=None):
 
 
 # --- checks, made before any work ------------------------------------------------------------------------------------
-
-
 def check_hparams(hp):
     """Refuse, naming the flag, any value that cannot work."""
     def bad(name, need):
@@ -548,8 +544,8 @@ def check_hparams(hp):
         raise bad("targets", " or ".join(lora.TARGETS))
     if hp.adapter not in lora.ADAPTERS:
         raise bad("adapter", " or ".join(lora.ADAPTERS))
-    if hp.adapter == "vera" and hp.uses("clora"):
-        raise CPError("clora's penalty is defined on per-task LoRAs; use --adapter lora with --method clora")
+    if hp.adapter == "vera" and (hp.uses("clora") or hp.uses("merge")):
+        raise CPError(f"{hp.method} works on per-task LoRAs; use --adapter lora with --method {hp.method}")
     for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("fisher_samples", 1), ("dc_k", 2),
                       ("dc_batch", 0), ("dsc_steps", 0), ("seed", 0)):
         if type(getattr(hp, name)) is not int or getattr(hp, name) < low:

@@ -387,6 +387,25 @@ def read_lora_file(path):
     return {p: (A, B, alpha) for p, (A, B, alpha, _) in mods.items()}
 
 
+@torch.no_grad()
+def magnitude_merge(old, new, scale, rank):
+    """Two LoRAs {path: (A, B)}, each ΔW = scale·B·A, as one of rank `rank` (magnitude merging, after Staniszewski et
+    al., "Low-Rank Continual Personalization of Diffusion Models", arXiv 2410.04891): per element of each layer's ΔW
+    the one of larger magnitude (`old`'s on a tie), re-factored by a truncated SVD, ΔW ≈ U_r S_r V_rᵀ as
+    B = U_r √(S_r/scale), A = √(S_r/scale) V_rᵀ. `old` None: `new` alone, re-factored."""
+    out = {}
+    for p, (A, B) in new.items():
+        d_new = scale * B.double() @ A.double()
+        d_old = scale * old[p][1].double() @ old[p][0].double() if old else torch.zeros_like(d_new)
+        U, S, Vh = torch.linalg.svd(torch.where(d_old.abs() >= d_new.abs(), d_old, d_new), full_matrices=False)
+        k = min(rank, len(S))
+        root = (S[:k] / scale).sqrt()
+        A_m, B_m = A.new_zeros(rank, A.shape[1]), B.new_zeros(B.shape[0], rank)
+        A_m[:k], B_m[:, :k] = root[:, None] * Vh[:k], U[:, :k] * root
+        out[p] = (A_m, B_m)
+    return out
+
+
 def stack(adapters):
     """Several adapters of equal rank and alpha as one: Σ_m B_m A_m = [B_1 … B_n][A_1; …; A_n] (rank n·r)."""
     return {p: (torch.cat([a[p][0] for a in adapters]), torch.cat([a[p][1] for a in adapters], dim=1))

@@ -500,16 +500,16 @@ def execute(args):
     try:
         if args.concept:
             cp_state.check_writable(args.state)
-        learn_and_export(args, manifest, hparams, model_path, run, device)
+        learn_and_export(args, name, manifest, hparams, model_path, run, device)
     except BaseException:
         if lock:  # a run that saved nothing leaves no folder it created
             cp_state.unlock_unsaved(args.state, lock, created)
         raise
 
 
-def learn_and_export(args, manifest, hparams, model_path, run, device):
-    """The work of `execute` once the settings are resolved: --concept learned into the locked --state and saved,
-    then --export."""
+def learn_and_export(args, name, manifest, hparams, model_path, run, device):
+    """The work of `execute` once the settings are resolved: --concept (as `name`) learned into the locked --state
+    and saved, then --export."""
     state = cp_state.load_state(args.state) if manifest else None
     if state and state.base != manifest:
         raise cp.CPError(f"the state in {args.state} changed while this run started (another run saved to it); run "
@@ -524,8 +524,8 @@ def learn_and_export(args, manifest, hparams, model_path, run, device):
     if args.concept:
         cp_state.check_space(args.state, state, model)
         if run.sample_every:
-            run.preview = previewer(model, state, args)
-        state = learn_folder(model, state, args.concept, args.name, args.class_word, run=run)
+            run.preview = previewer(model, state, args, name)
+        state = learn_folder(model, state, args.concept, name, args.class_word, run=run)
         cp_state.save_state(state, args.state)
         last = state.history[-1]
         print(f"learned {state.concepts[-1]['token']} in {last['seconds']}s; state saved to {args.state} "
@@ -546,9 +546,8 @@ def plural(n, word):
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def previewer(model, state, args):
+def previewer(model, state, args, name):
     """preview(step): the new concept during training, one row from the grids' noise, in grids/."""
-    name = concept_name(args.concept, args.name)
     prompt, n = cp.concept_prompt(f"<{name}>", args.class_word), len(state.concepts) + 1
 
     def preview(step):

@@ -60,6 +60,8 @@ GRID = {
     "clora": [{"clora_lambda": v} for v in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)],
     "ewc": [{"ewc_lambda": v} for v in LAMBDAS],
     "ewc-dc": [{"ewc_lambda": v} for v in LAMBDAS],
+    "ewc-l2": [{"ewc_lambda": v} for v in LAMBDAS],
+    "merge": [{"rank": r} for r in (2, 3, 4, 6, 8, 12, 16, 24)],  # the rank of each LoRA and of their merge
     "dsc": [{"dsc_w_h": v} for v in W_H],
 }
 # two knobs, the same budget: λ over the middle of LAMBDAS × w_h at `dsc`'s chosen value and the step below it

@@ -17,9 +17,9 @@ import sys
 
 # Most prompts per image the kernel takes (the rows of one tile); more go to the reference.
 KMAX = 64
-# The kernel serves CUDA tensors with at least this many elements (more than 64 SD latents of 4x64x64): at and below
-# that size an earlier errors-only kernel was slower than the reference (bench/GPU.md); `python bench/speed.py --only
-# kernel` prints the crossover of this kernel on a GPU, from which it is set.
+# The kernel serves CUDA tensors with more elements than 64 SD latents of 4x64x64: below that size the reference was
+# the faster path on the last GPU measured (bench/GPU.md names the kernel and commit); `python bench/speed.py --only
+# kernel` prints the crossover on a GPU, from which to set it.
 KERNEL_MIN_NUMEL = 64 * 4 * 64 * 64 + 1
 
 _fused = None  # dc_kernels.fused once imported, or the exception that stopped it

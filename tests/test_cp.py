@@ -505,3 +505,38 @@ def test_teacher1_stays_frozen_while_the_student_trains(tiny_model_dir, concepts
         assert not any(grads)
         assert all(torch.equal(teacher[k], trained[k]) for k in trained)
     assert any(not torch.equal(flat[-1][1][k], trained[k]) for k in trained)  # the student did move
+
+
+def test_ewc_l2_is_the_plain_l2_pull_to_the_anchor(tiny_model_dir, concepts):
+    """`ewc-l2`, the control any Fisher must beat: F* is uniform, so the penalty is (λ/2)‖φ − φ*‖²."""
+    model, state = fresh(tiny_model_dir, "ewc-l2", ewc_lambda=0.4)
+    state = train.learn_folder(model, state, concepts[0])
+    assert state.fisher and all(torch.equal(f, torch.ones_like(f)) for f in state.fisher.values())
+    randomize(model.unet, "current", 3)
+    live = cp.flat(lora.get_adapter(model.unet, "current"))
+    by_hand = sum(float((live[k].detach() - state.anchor[k]).square().sum()) for k in live)
+    got = cp.ewc_penalty(model.unet, "current", state.fisher, state.anchor, 0.4).item()
+    assert got == pytest.approx(0.2 * by_hand, rel=1e-5) and by_hand > 0
+
+
+def test_merge_trains_each_lora_alone_and_carries_their_magnitude_merge(tiny_model_dir, concepts, monkeypatch):
+    """`merge`: each task trains a fresh LoRA on the base model alone (the carried one switched off); after it, the
+    carried LoRA is the magnitude merge of the carried one and the task's, which the model then holds alone."""
+    on, real = [], cp.denoise_loss
+
+    def recording(model, *a):
+        layer = next(m for _, m in model.unet.named_modules() if isinstance(m, lora.LoRALinear))
+        on.append(set(layer.names()) - layer.disabled)
+        return real(model, *a)
+    monkeypatch.setattr(cp, "denoise_loss", recording)
+    model, state = fresh(tiny_model_dir, "merge")
+    first = train.learn_folder(model, state, concepts[0])
+    second = train.learn_folder(model, first, concepts[1])
+    assert on == [{"task0"}] * 3 + [{"task1"}] * 3 and lora.adapter_names(model.unet) == ["current"]
+    scale = first.hparams.alpha / first.hparams.rank
+    for carried, want in ((first.lora, lora.magnitude_merge(None, first.pool[0], scale, 8)),
+                          (second.lora, lora.magnitude_merge(first.lora, second.pool[1], scale, 8))):
+        assert all(torch.equal(carried[p][i], want[p][i]) for p in want for i in (0, 1))
+    live = lora.snapshot(model.unet, "current")
+    assert all(torch.equal(live[p][i], second.lora[p][i]) for p in live for i in (0, 1))
+    assert not torch.equal(*[cp.flat(w)[next(iter(cp.flat(w)))] for w in (first.lora, second.lora)])

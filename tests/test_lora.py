@@ -337,3 +337,20 @@ def test_the_writers_files_read_back(tmp_path):
         WRITERS[writer](tmp_path)
         layers, projection, cfg = lora.read_vera(str(path))
         assert torch.equal(layers[KV_PATH][1], VERA[KV_PATH][1]) and torch.equal(projection[0], PROJECTION[0])
+
+
+def test_magnitude_merge_by_hand():
+    """Per element of ΔW the larger magnitude (the old one on a tie), then the best rank-r approximation: exact at
+    full rank; at rank 1 its squared error is the smaller eigenvalue of MᵀM (Eckart–Young), worked out by hand."""
+    s = 0.5
+    old = {"m": (torch.tensor([[2.0, -3.0]]), torch.tensor([[2.0], [0.0]]))}  # ΔW_old = s·B·A = [[2, -3], [0, 0]]
+    new = {"m": (torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0], [2.0]]))}  # ΔW_new = [[1, 3], [1, 3]]
+    merged = torch.tensor([[2.0, -3.0], [1.0, 3.0]])  # the tie at (0, 1) keeps the old −3
+    A, B = lora.magnitude_merge(old, new, s, 2)["m"]
+    assert A.shape == (2, 2) and B.shape == (2, 2)
+    torch.testing.assert_close(s * B @ A, merged)
+    A, B = lora.magnitude_merge(old, new, s, 1)["m"]  # MᵀM = [[5, −3], [−3, 18]]: eigenvalues (23 ± √205) / 2
+    assert float((merged - s * B @ A).square().sum()) == pytest.approx((23 - 205 ** 0.5) / 2, rel=1e-5)
+    A, B = lora.magnitude_merge(None, new, s, 3)["m"]  # nothing merged yet: the new LoRA, padded to rank 3
+    assert A.shape == (3, 2) and B.shape == (2, 3) and not A[2].any() and not B[:, 2].any()
+    torch.testing.assert_close(s * B @ A, s * new["m"][1] @ new["m"][0])
