@@ -147,9 +147,11 @@ def presets_help(presets):
     lines = [f"Defaults: a plain run is the default method, {presets['default_method']}, at its tuned preset on the "
              "shipped toy model: the defaults above. Another --method takes its own preset, and a larger base model "
              f"its own run settings (both from {PRESETS_FILE}, chosen by bench/tune.py on the tuning concepts); "
-             "flags win.", "model presets:"]
+             "a continued state keeps its method's settings; flags win.", "model presets:"]
     lines += [f"  {kind}: {show(v)}" for kind, v in presets["models"].items()]
     lines += ["method presets:"] + [f"  {m}: {show(v)}" for m, v in presets["methods"].items()]
+    untuned = [m for m in cp.METHODS if m not in presets["methods"]]
+    lines += [f"  not tuned yet, at the defaults above: {', '.join(untuned)}"] if untuned else []
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Test setup: the repo root on sys.path, markers, a tiny random SD model written in diffusers layout, and the child
 processes of a process (through /proc) for the tests that stop a benchmark with SIGTERM."""
+import errno
 import json
 import os
 import signal
@@ -167,3 +168,20 @@ def writes_denied(folder):
         return True
     os.remove(os.path.join(folder, "probe"))
     return False
+
+
+def full_disk(opener):
+    """A stand-in for `opener` (open, os.fdopen) on a full disk: the file is opened, and every write fails."""
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self.file = opener(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return FullDisk

@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 
 import unet
-from conftest import writes_denied
+from conftest import full_disk, writes_denied
 
 PRESET = unet.PRESETS["tiny"]
 
@@ -265,23 +265,8 @@ def test_a_read_only_or_full_cache_is_no_error(tiny_model_dir, tmp_path, monkeyp
     finally:
         os.chmod(cache, 0o700)
     assert list(cache.iterdir()) == []
-    real = os.fdopen
-
-    class FullDisk:
-        def __init__(self, fd, *args, **kwargs):
-            self.file = real(fd, *args, **kwargs)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     with monkeypatch.context() as m:
-        m.setattr(unet.os, "fdopen", FullDisk)
+        m.setattr(unet.os, "fdopen", full_disk(os.fdopen))
         assert unet.load_model(tiny_model_dir).fingerprint == ref
     assert list(cache.iterdir()) == []
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import lora
 import unet as U
-from conftest import writes_denied
+from conftest import full_disk, writes_denied
 
 CFG = U.PRESETS["tiny"]["unet"]
 KV_PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -262,20 +262,7 @@ WRITERS = {
     "vera folder": lambda d: lora.write_vera(VERA, str(d), PROJECTION)}
 
 
-class FullDisk:
-    """open() for lora.py on a full disk: the file is created, and every write to it fails with ENOSPC."""
-
-    def __init__(self, path, mode="r", *args, **kwargs):
-        self.file = open(path, mode, *args, **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+FullDisk = full_disk(open)  # open() for lora.py on a full disk
 
 
 def denied(path, mode="r", *args, **kwargs):
