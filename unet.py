@@ -637,11 +637,6 @@ class Model:
         return self.vae.decode(z / self.scaling_factor)
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_config(path):
     """A JSON object from a model's config file; a missing, unreadable or malformed file is a LoadError naming it."""
     try:
@@ -822,7 +817,7 @@ def hash_weights(nets):
 def _cached_digest(file, stamp):
     """The digest a cache file holds if it was made for `stamp`; None for another stamp, or no readable file."""
     try:
-        entry = read_json(file)
+        entry = read_config(file)
         return entry["weights"] if entry["stamp"] == stamp and re.fullmatch("[0-9a-f]{64}", entry["weights"]) else None
     except Exception:  # missing, unreadable, or not a cache entry: the digest is computed
         return None

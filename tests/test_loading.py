@@ -62,8 +62,8 @@ def test_diffusers_folder_loads_and_matches(tiny_model_dir):
 
 def test_rule_table_agrees_with_diffusers_converter(tiny_model_dir):
     ldm, unet_sd, vae_sd = to_ldm(tiny_model_dir)
-    unet_back = convert_ldm_unet_checkpoint(ldm, unet.read_json(os.path.join(tiny_model_dir, "unet", "config.json")))
-    vae_back = convert_ldm_vae_checkpoint(ldm, unet.read_json(os.path.join(tiny_model_dir, "vae", "config.json")))
+    unet_back = convert_ldm_unet_checkpoint(ldm, unet.read_config(os.path.join(tiny_model_dir, "unet", "config.json")))
+    vae_back = convert_ldm_vae_checkpoint(ldm, unet.read_config(os.path.join(tiny_model_dir, "vae", "config.json")))
     for ours, theirs in ((unet_sd, unet_back), (vae_sd, vae_back)):
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k].reshape(ours[k].shape)) for k in ours)
@@ -245,7 +245,7 @@ def test_a_cache_that_cannot_be_used_is_no_error(tiny_model_dir, tmp_path, monke
         [entry] = cache.iterdir()
         entry.write_text(damage)
         assert unet.load_model(tiny_model_dir).fingerprint == ref
-        assert "weights" in unet.read_json(entry)
+        assert "weights" in unet.read_config(entry)
 
 
 def test_a_read_only_or_full_cache_is_no_error(tiny_model_dir, tmp_path, monkeypatch):
